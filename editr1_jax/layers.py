@@ -1,0 +1,152 @@
+"""Building blocks shared by the ported networks.
+
+Normalisation statistics, softmax and rotary math run in float32 whatever the compute dtype.
+`Dense` can hold LoRA adapters: `lora_a` (n, in, r) / `lora_b` (n, r, out) are `nnx.LoRAParam`s, so
+`nnx.split(model, nnx.LoRAParam, ...)` separates the trainable adapters from the frozen base, and
+`AdapterRows` picks, per batch row, which of the n stacked adapters applies and at what scale.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+
+@flax.struct.dataclass
+class AdapterRows:
+  """Per-row adapter choice: row b uses adapter `index[b]` scaled by `scale[b]` (0 = base model)."""
+
+  index: jax.Array  # (B,) int32
+  scale: jax.Array  # (B,) float32
+
+  @classmethod
+  def uniform(cls, batch: int, index: int = 0, scale: float = 1.0) -> "AdapterRows":
+    return cls(jnp.full((batch,), index, jnp.int32), jnp.full((batch,), scale, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  rank: int
+  alpha: float
+  targets: tuple[str, ...]
+
+  def __post_init__(self):
+    if self.rank <= 0:
+      raise ValueError(f"lora rank must be positive, got {self.rank}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def matches(self, module_name: str) -> bool:
+    """peft's rule: the key equals the module name or is a dotted suffix of it."""
+    return any(module_name == t or module_name.endswith("." + t) for t in self.targets)
+
+
+def lora_init(key: jax.Array, kind: str, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+  """peft's "gaussian" init: A ~ N(0, 1/rank^2) (std 1/rank), B = 0, so a new adapter is a no-op."""
+  if kind == "lora_a":
+    return (jax.random.normal(key, shape, jnp.float32) / shape[-1]).astype(dtype)
+  if kind == "lora_b":
+    return jnp.zeros(shape, dtype)
+  raise ValueError(f"unknown LoRA parameter kind {kind!r}")
+
+
+class Dense(nnx.Module):
+  """y = x W + b (+ per-row LoRA). W is (in, out) with logical axes `axes`."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
+               rngs: nnx.Rngs, use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+               lora: LoraSpec | None = None):
+    init = nnx.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype), logical_axes=axes)
+    self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],))
+                 if use_bias else None)
+    self.dtype = dtype
+    if lora is not None:
+      a_shape, b_shape = (1, in_features, lora.rank), (1, lora.rank, out_features)
+      self.lora_a = nnx.LoRAParam(lora_init(rngs.params(), "lora_a", a_shape, param_dtype),
+                                  logical_axes=("adapters", axes[0], "lora_rank"))
+      self.lora_b = nnx.LoRAParam(lora_init(rngs.params(), "lora_b", b_shape, param_dtype),
+                                  logical_axes=("adapters", "lora_rank", axes[1]))
+      self.lora_scale = lora.scale
+    else:
+      self.lora_a = self.lora_b = None
+      self.lora_scale = 0.0
+
+  def __call__(self, x: jax.Array, adapters: AdapterRows | None = None) -> jax.Array:
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    if self.lora_a is None:
+      return y
+    a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+    if adapters is None:  # the single (first) adapter at full scale
+      return y + self.lora_scale * jnp.dot(jnp.dot(x, a[0]), b[0])
+    a, b = a[adapters.index], b[adapters.index]  # (B, in, r), (B, r, out)
+    h = jnp.einsum("b...i,bir->b...r", x, a)
+    delta = jnp.einsum("b...r,bro->b...o", h, b)
+    scale = (adapters.scale * self.lora_scale).astype(self.dtype)
+    return y + delta * scale.reshape((-1,) + (1,) * (delta.ndim - 1))
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * w, statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, axes=(None,), param_dtype=jnp.float32, dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=axes)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm without affine parameters, in float32 (returns float32)."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return (x32 - mean) * jax.lax.rsqrt(var + eps)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+              implementation: str = "xla") -> jax.Array:
+  """Softmax attention on (B, L, H, D) tensors; logits and softmax in float32.
+
+  `mask` is boolean, broadcastable to (B, H, Lq, Lk), True where attention is allowed.
+  `implementation="cudnn"` hands the work to jax.nn.dot_product_attention's fused kernel.
+  """
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+  if implementation != "xla":
+    raise ValueError(f"attention implementation must be 'xla' or 'cudnn', got {implementation!r}")
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def remat_policy(name: str, saved_names: Sequence[str] = ()):
+  """'none' -> None (no remat); 'full' -> recompute everything; 'names' -> keep the named activations."""
+  if name == "none":
+    return None
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  if name == "names":
+    return jax.checkpoint_policies.save_only_these_names(*saved_names)
+  raise ValueError(f"remat policy must be 'none', 'full' or 'names', got {name!r}")
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  return jax.nn.gelu(x, approximate=True)
+

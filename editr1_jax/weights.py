@@ -1,0 +1,285 @@
+"""Checkpoint I/O: safetensors folders (single file or sharded with an index json), streamed.
+
+A model declares one table of `WeightRule`s that turns each of its parameter paths into the
+reference (PyTorch) tensor name and layout. Loading walks the abstract model, reads each tensor
+lazily from a memory map, lays it out, casts it and places it into its target sharding; nothing
+is zero-filled: every missing, unexpected or mis-shaped tensor is reported together.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import struct
+from typing import Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, SingleDeviceSharding
+
+from editr1_jax import sharding as shd
+
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint does not match the model: names every offending tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  file: str
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  start: int
+  end: int
+
+
+def _read_header(path: str) -> tuple[dict, int]:
+  with open(path, "rb") as f:
+    raw = f.read(8)
+    if len(raw) != 8:
+      raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", raw)
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{path}: unreadable safetensors header: {e}") from e
+  return header, 8 + n
+
+
+class SafetensorsReader:
+  """Lazy name -> numpy view over one or more safetensors files."""
+
+  def __init__(self, files: Iterable[str]):
+    self._entries: dict[str, _Entry] = {}
+    self._maps: dict[str, np.memmap] = {}
+    for path in files:
+      if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: safetensors file not found")
+      header, base = _read_header(path)
+      for name, info in header.items():
+        if name == "__metadata__":
+          continue
+        if info["dtype"] not in _DTYPES:
+          raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        if name in self._entries:
+          raise CheckpointError(f"{path}: tensor {name!r} also stored in {self._entries[name].file}")
+        s, e = info["data_offsets"]
+        self._entries[name] = _Entry(path, np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"]), base + s, base + e)
+
+  @classmethod
+  def from_folder(cls, folder: str) -> "SafetensorsReader":
+    """A diffusers/transformers weight folder: an index json naming shards, or every *.safetensors."""
+    if not os.path.isdir(folder):
+      raise CheckpointError(f"{folder}: checkpoint folder not found")
+    indexes = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors.index.json"))
+    if len(indexes) > 1:
+      raise CheckpointError(f"{folder}: several safetensors index files: {indexes}")
+    if indexes:
+      with open(os.path.join(folder, indexes[0])) as f:
+        weight_map = json.load(f)["weight_map"]
+      files = sorted({os.path.join(folder, v) for v in weight_map.values()})
+      reader = cls(files)
+      listed, stored = set(weight_map), set(reader.names())
+      if listed != stored:
+        raise CheckpointError(
+            f"{os.path.join(folder, indexes[0])}: index and shards disagree; listed but not stored: "
+            f"{sorted(listed - stored)[:20]}, stored but not listed: {sorted(stored - listed)[:20]}")
+      return reader
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+      raise CheckpointError(f"{folder}: no *.safetensors files and no index json")
+    return cls(files)
+
+  def names(self) -> list[str]:
+    return list(self._entries)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._entries[name].shape
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._entries
+
+  def read(self, name: str) -> np.ndarray:
+    """A read-only view backed by the memory map: only what is sliced gets read."""
+    e = self._entries[name]
+    if e.file not in self._maps:
+      self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
+    buf = self._maps[e.file][e.start:e.end]
+    return buf.view(e.dtype).reshape(e.shape)
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None) -> None:
+  """Write one safetensors file (no torch): used by export and by tests."""
+  header: dict = {}
+  if metadata:
+    header["__metadata__"] = dict(metadata)
+  offset = 0
+  arrays = []
+  for name in sorted(tensors):
+    a = np.ascontiguousarray(np.asarray(tensors[name]))
+    if a.dtype not in _DTYPE_NAMES:
+      raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors")
+    header[name] = {"dtype": _DTYPE_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+    offset += a.nbytes
+    arrays.append(a)
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for a in arrays:
+      f.write(a.tobytes())
+  os.replace(tmp, path)
+
+
+# Layout changes between a reference tensor and ours.
+def _identity(a):
+  return a
+
+
+def _linear(a):  # torch (out, in) -> ours (in, out)
+  return a.T
+
+
+def _conv2d(a):  # torch (O, I, kh, kw) -> ours (kh, kw, I, O)
+  return a.transpose(2, 3, 1, 0)
+
+
+def _lora(a):  # peft lora_A (r, in) / lora_B (out, r) -> ours (1, in, r) / (1, r, out)
+  return a.T[None]
+
+
+LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "identity": _identity,
+    "linear": _linear,
+    "conv2d": _conv2d,
+    "lora": _lora,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRule:
+  """`ours` is a regex over our dotted parameter path; `theirs` its reference name template."""
+
+  ours: str
+  theirs: str
+  layout: str = "identity"
+
+
+def path_str(path: tuple) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def reference_name(path: str, table: Iterable[WeightRule]) -> tuple[str, str]:
+  for rule in table:
+    m = re.fullmatch(rule.ours, path)
+    if m:
+      return m.expand(rule.theirs), rule.layout
+  raise CheckpointError(f"parameter {path!r} has no rule in the weight table")
+
+
+def reference_shapes(abstract_state, table: Iterable[WeightRule]) -> dict[str, tuple[tuple[int, ...], str, str]]:
+  """{reference name: (reference shape, our path, layout)} for every Variable of the state."""
+  out = {}
+  for path, var in nnx.to_flat_state(abstract_state):
+    ours = path_str(path)
+    theirs, layout = reference_name(ours, table)
+    shape = tuple(var.get_value().shape)
+    ref_shape = _invert_shape(layout, shape)
+    if theirs in out:
+      raise CheckpointError(f"weight table maps both {out[theirs][1]!r} and {ours!r} to {theirs!r}")
+    out[theirs] = (ref_shape, ours, layout)
+  return out
+
+
+def _invert_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  if layout == "identity":
+    return shape
+  if layout == "linear":
+    return shape[::-1]
+  if layout == "conv2d":  # ours (kh, kw, I, O) -> torch (O, I, kh, kw)
+    return (shape[3], shape[2], shape[0], shape[1])
+  if layout == "lora":  # ours (n, x, y) -> torch (y, x), one adapter only
+    if shape[0] != 1:
+      raise CheckpointError(f"a LoRA file holds one adapter; the model slot has {shape[0]}")
+    return (shape[2], shape[1])
+  raise KeyError(layout)
+
+
+def load_state(abstract_state, reader: SafetensorsReader, table: Iterable[WeightRule], *, source: str,
+               mesh=None, rules=shd.DEFAULT_RULES, dtype=None, strip_prefixes: tuple[str, ...] = (),
+               allow_unused: Callable[[str], bool] | None = None):
+  """Fill an abstract nnx.State from a checkpoint, tensor by tensor.
+
+  `strip_prefixes` lets one table serve several naming schemes (e.g. `transformer.`).
+  Raises CheckpointError listing every missing, unexpected and mis-shaped tensor.
+  """
+  table = tuple(table)
+  expected = reference_shapes(abstract_state, table)
+  stored: dict[str, str] = {}
+  for name in reader.names():
+    key = name
+    for p in strip_prefixes:
+      if key.startswith(p):
+        key = key[len(p):]
+        break
+    stored[key] = name
+  missing = sorted(set(expected) - set(stored))
+  unexpected = sorted(k for k in set(stored) - set(expected) if not (allow_unused and allow_unused(k)))
+  misshaped = sorted(f"{k}: checkpoint {reader.shape(stored[k])}, model expects {expected[k][0]}"
+                     for k in set(expected) & set(stored) if tuple(reader.shape(stored[k])) != expected[k][0])
+  if missing or unexpected or misshaped:
+    lines = [f"{source}: checkpoint does not match the model"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+      if items:
+        lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:50]) + (" ..." if len(items) > 50 else ""))
+    raise CheckpointError("\n".join(lines))
+
+  by_ours = {v[1]: (k, v[2]) for k, v in expected.items()}
+
+  def fill(path, var):
+    theirs, layout = by_ours[path_str(path)]
+    target = var.get_value()
+    want = jnp.dtype(dtype or target.dtype)
+    host = LAYOUTS[layout](reader.read(stored[theirs]))
+    if mesh is None:
+      sharding = SingleDeviceSharding(jax.devices()[0])
+    else:
+      sharding = NamedSharding(mesh, shd.variable_spec(var, rules, mesh))
+    value = jax.make_array_from_callback(
+        target.shape, sharding, lambda idx: np.asarray(host[idx]).astype(want))
+    return var.replace(value)
+
+  flat = [(path, fill(path, var)) for path, var in nnx.to_flat_state(abstract_state)]
+  return nnx.from_flat_state(flat)
+
+
+def read_config(folder: str, name: str = "config.json") -> dict:
+  path = os.path.join(folder, name)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: config file not found")
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path}: not valid JSON: {e}") from e
