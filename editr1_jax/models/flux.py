@@ -6,6 +6,7 @@ dtype. Module and parameter names follow diffusers so the weight table below sta
 """
 
 import dataclasses
+import functools
 import os
 from typing import Sequence
 
@@ -319,8 +320,15 @@ class SingleStreamBlock(nnx.Module):
     return h[:, :n_txt], h[:, n_txt:]
 
 
-def _call_block(block, x, context, temb, rope, adapters):
-  return block(x, context, temb, rope, adapters)
+def _rematted(block: nnx.Module, policy):
+  """The block as a pure function under jax.checkpoint (plain JAX, so it composes with jax.jit/grad)."""
+  graphdef, state = nnx.split(block)
+
+  @functools.partial(jax.checkpoint, policy=policy)
+  def run(state, *args):
+    return nnx.merge(graphdef, state)(*args)
+
+  return functools.partial(run, state)
 
 
 class FluxTransformer(nnx.Module):
@@ -356,12 +364,10 @@ class FluxTransformer(nnx.Module):
     temb = self.time_text_embed(t, g, pooled_projections.astype(jnp.dtype(cfg.dtype)), adapters)
     rope = rope_tables(jnp.concatenate([txt_ids, img_ids], axis=-2), cfg.axes_dims_rope, cfg.rope_theta)
 
-    policy = {"none": None, "full": remat_policy("full"), "flux": remat_policy("names", _SAVED_BY_FLUX_POLICY)}
-    run = _call_block if cfg.remat == "none" else nnx.remat(_call_block, policy=policy[cfg.remat])
-    for block in self.transformer_blocks:
-      context, x = run(block, x, context, temb, rope, adapters)
-    for block in self.single_transformer_blocks:
-      context, x = run(block, x, context, temb, rope, adapters)
+    policy = {"full": remat_policy("full"), "flux": remat_policy("names", _SAVED_BY_FLUX_POLICY)}.get(cfg.remat)
+    for block in list(self.transformer_blocks) + list(self.single_transformer_blocks):
+      run = block if cfg.remat == "none" else _rematted(block, policy)
+      context, x = run(x, context, temb, rope, adapters)
     scale, shift = self.norm_out(temb, adapters)
     return self.proj_out(_modulate(x, shift, scale, jnp.dtype(cfg.dtype)), adapters)
 

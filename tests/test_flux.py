@@ -1,0 +1,283 @@
+"""FLUX transformer: parity with diffusers through our loader, LoRA, full-size shapes, errors, sharding."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from helpers import max_rel_err, perturb_
+
+from editr1_jax import sharding as shd
+from editr1_jax import weights as wio
+from editr1_jax.layers import AdapterRows, LoraSpec
+from editr1_jax.models import flux
+
+TINY = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
+LORA = LoraSpec(rank=4, alpha=8.0, targets=flux.DEFAULT_LORA_TARGETS)
+
+
+def _grid_ids(first: int, rows: int, cols: int) -> np.ndarray:
+  r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+  return np.stack([np.full(r.size, first), r.ravel(), c.ravel()], -1).astype(np.float32)
+
+
+def make_inputs(t, g, batch=2, txt=7, seed=0):
+  """Kontext layout: 3x4 target grid then a 2x5 reference grid (non-square, different sizes)."""
+  rng = np.random.default_rng(seed)
+  img_ids = np.concatenate([_grid_ids(0, 3, 4), _grid_ids(1, 2, 5)])
+  return dict(
+      hidden_states=rng.standard_normal((batch, len(img_ids), TINY["in_channels"])).astype(np.float32),
+      encoder_hidden_states=rng.standard_normal((batch, txt, TINY["joint_attention_dim"])).astype(np.float32),
+      pooled_projections=rng.standard_normal((batch, TINY["pooled_projection_dim"])).astype(np.float32),
+      timestep=np.resize(np.asarray(t, np.float32), batch), guidance=np.resize(np.asarray(g, np.float32), batch),
+      img_ids=img_ids, txt_ids=np.zeros((txt, 3), np.float32))
+
+
+# Small sinusoid arguments: t * 1000 * freq stays below ~2 rad, where float32 sin/cos are exact to
+# 1 ulp in both frameworks, so everything else can be held to 1e-5.
+EXACT = dict(t=[7e-4, 1.3e-3], g=[2.1e-3, 9e-4])
+# Real values: t * 1000 and guidance * 1000 reach 2,500 rad; a float32 argument that large has an
+# ulp of 2.4e-4, and torch and XLA round the frequency table and the product differently (measured
+# 6e-5 on the embedding itself), so two correct float32 implementations differ at ~4e-5 here.
+REAL = dict(t=[0.3, 0.9], g=[2.5, 3.5])
+
+
+def torch_forward(model, inputs):
+  with torch.no_grad():
+    out = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}).sample
+  return out.numpy()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  from diffusers import FluxTransformer2DModel
+  torch.manual_seed(0)
+  model = FluxTransformer2DModel(**TINY).eval()
+  perturb_(model)
+  folder = str(tmp_path_factory.mktemp("flux") / "transformer")
+  model.save_pretrained(folder)
+  return model, folder
+
+
+@pytest.fixture(scope="module")
+def ours(reference):
+  return flux.load_flux_transformer(reference[1])
+
+
+@pytest.mark.parametrize("regime,bound", [(EXACT, 1e-5), (REAL, 1e-4)], ids=["exact", "real_timesteps"])
+def test_forward_parity(reference, ours, regime, bound):
+  inputs = make_inputs(**regime)
+  ref = torch_forward(reference[0], inputs)
+  out = np.asarray(ours(**inputs))
+  assert out.shape == ref.shape == (2, 22, TINY["in_channels"])
+  assert max_rel_err(out, ref) <= bound
+
+
+def test_batched_ids_equal_shared_ids(ours):
+  inputs = make_inputs(**EXACT)
+  shared = ours(**inputs)
+  batched = dict(inputs, img_ids=np.stack([inputs["img_ids"]] * 2), txt_ids=np.stack([inputs["txt_ids"]] * 2))
+  np.testing.assert_allclose(np.asarray(ours(**batched)), np.asarray(shared), rtol=0, atol=1e-6)
+
+
+def test_pipeline_folder_layout(reference):
+  pipeline_root = os.path.dirname(reference[1])
+  model = flux.load_flux_transformer(pipeline_root)
+  assert model.cfg.num_layers == TINY["num_layers"]
+
+
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_reference(reference, tmp_path_factory):
+  """The same base with a peft adapter (B perturbed so it is not a no-op), saved as diffusers does."""
+  from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+  from peft import LoraConfig
+  from peft.utils import get_peft_model_state_dict
+  model = FluxTransformer2DModel.from_pretrained(reference[1]).eval()
+  model.add_adapter(LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, init_lora_weights="gaussian",
+                               target_modules=list(LORA.targets)))
+  g = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_" in name:
+        p.add_(0.2 * torch.randn(p.shape, generator=g))
+  folder = str(tmp_path_factory.mktemp("lora"))
+  FluxKontextPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model))
+  return model, os.path.join(folder, "pytorch_lora_weights.safetensors")
+
+
+def test_lora_targets_match_peft(lora_reference, ours):
+  peft_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in lora_reference[0].named_parameters() if ".lora_A." in n}
+  abstract = nnx.eval_shape(lambda: flux.FluxTransformer(ours.cfg.replace(lora=LORA), rngs=nnx.Rngs(0)))
+  _, adapters, _ = flux.split_params(abstract)
+  ours_modules = {wio.reference_name(wio.path_str(p), flux.FLUX_LORA_WEIGHTS)[0].rsplit(".lora_", 1)[0]
+                  for p, _ in nnx.to_flat_state(adapters)}
+  assert ours_modules == peft_modules
+  # single-stream blocks have to_q/k/v adapted, no to_out
+  assert "single_transformer_blocks.0.attn.to_q" in ours_modules
+  assert not any(m.startswith("single_transformer_blocks.0.attn.to_out") for m in ours_modules)
+
+
+def test_lora_parity(reference, lora_reference):
+  model = flux.load_flux_transformer(reference[1], lora=LORA, lora_weights=lora_reference[1])
+  inputs = make_inputs(**EXACT)
+  ref = torch_forward(lora_reference[0], inputs)
+  assert max_rel_err(ours_out := np.asarray(model(**inputs)), ref) <= 1e-5
+  # and the adapter really changes the output
+  assert max_rel_err(torch_forward(reference[0], inputs), ref) > 1e-3
+  del ours_out
+
+
+def test_fresh_adapter_is_identity(reference, ours):
+  model = flux.load_flux_transformer(reference[1], lora=LORA, seed=3)
+  inputs = make_inputs(**EXACT)
+  np.testing.assert_array_equal(np.asarray(model(**inputs)), np.asarray(ours(**inputs)))
+
+
+def test_per_row_adapters_equal_separate_calls(reference, lora_reference):
+  model = flux.load_flux_transformer(reference[1], lora=LORA, lora_weights=lora_reference[1])
+  graphdef, adapters, base = flux.split_params(model)
+  other = jax.tree.map(lambda a: 0.5 * a[::-1] if a.ndim == 3 else a, adapters)  # a second, different adapter
+  stacked = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), adapters, other)
+  inputs = make_inputs(**EXACT, batch=3)
+
+  def run(adapter_state, rows):
+    return np.asarray(nnx.merge(graphdef, adapter_state, base)(**inputs, adapters=rows))
+
+  mixed = run(stacked, AdapterRows(jnp.array([0, 1, 1]), jnp.array([1.0, 1.0, 0.0])))
+  np.testing.assert_allclose(mixed[0], run(adapters, None)[0], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(mixed[1], run(other, None)[1], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(mixed[2], np.asarray(nnx.merge(graphdef, adapters, base)(
+      **inputs, adapters=AdapterRows.uniform(3, scale=0.0)))[2], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(mixed[2], torch_forward(reference[0], inputs)[2], rtol=0, atol=1e-5 * np.abs(mixed).max())
+
+
+def test_remat_policies_keep_values_and_gradients(reference, lora_reference):
+  inputs = make_inputs(**EXACT)
+
+  def grads(remat):
+    model = flux.load_flux_transformer(reference[1], lora=LORA, lora_weights=lora_reference[1], remat=remat)
+    graphdef, adapters, base = flux.split_params(model)
+
+    def loss(a, b):
+      return jnp.mean(jnp.square(nnx.merge(graphdef, a, b)(**inputs)))
+
+    return jax.jit(jax.value_and_grad(loss))(adapters, base)
+
+  (v0, g0) = grads("none")
+  for remat in ("full", "flux"):
+    v, g = grads(remat)
+    np.testing.assert_allclose(v, v0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+def test_full_size_without_memory():
+  from diffusers import FluxTransformer2DModel
+  with torch.device("meta"):
+    ref = FluxTransformer2DModel(guidance_embeds=True)
+  ref_shapes = {n: tuple(p.shape) for n, p in ref.state_dict().items()}
+  abstract = nnx.eval_shape(lambda: flux.FluxTransformer(flux.kontext_dev(), rngs=nnx.Rngs(0)))
+  _, adapters, base = flux.split_params(abstract)
+  assert not jax.tree.leaves(adapters)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
+  assert n_params == 11_901_408_320 == sum(int(np.prod(s)) for s in ref_shapes.values())
+  ours = {k: v[0] for k, v in wio.reference_shapes(base, flux.FLUX_WEIGHTS).items()}
+  assert len(ref_shapes) == 1160
+  assert ours == ref_shapes
+
+
+def test_kontext_dev_lora_count():
+  cfg = flux.kontext_dev(lora=LoraSpec(rank=32, alpha=64.0, targets=flux.DEFAULT_LORA_TARGETS))
+  _, adapters, _ = flux.split_params(nnx.eval_shape(lambda: flux.FluxTransformer(cfg, rngs=nnx.Rngs(0))))
+  # 19 double blocks x 8 projections + 38 single blocks x 3 (to_q/k/v), each 3072 -> 3072, rank 32
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters)) == (19 * 8 + 38 * 3) * 2 * 3072 * 32
+
+
+# --------------------------------------------------------------------------------------------------
+def _rewrite(folder, dst, edit):
+  reader = wio.SafetensorsReader.from_folder(folder)
+  tensors = {n: np.array(reader.read(n)) for n in reader.names()}
+  edit(tensors)
+  os.makedirs(dst)
+  wio.save_safetensors(tensors, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
+  with open(os.path.join(folder, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+    g.write(f.read())
+  return dst
+
+
+@pytest.mark.parametrize("kind", ["missing", "extra", "misshaped"])
+def test_loader_errors_name_the_tensor(reference, tmp_path, kind):
+  name = "transformer_blocks.1.attn.add_k_proj.weight"
+
+  def edit(t):
+    if kind == "missing":
+      del t[name]
+    elif kind == "extra":
+      t["transformer_blocks.1.attn.bogus.weight"] = np.zeros((2, 2), np.float32)
+    else:
+      t[name] = t[name][:, :-1]
+
+  folder = _rewrite(reference[1], str(tmp_path / kind), edit)
+  with pytest.raises(wio.CheckpointError) as e:
+    flux.load_flux_transformer(folder)
+  msg = str(e.value)
+  assert folder in msg
+  assert {"missing": name, "extra": "transformer_blocks.1.attn.bogus.weight", "misshaped": name}[kind] in msg
+  assert {"missing": "missing (1)", "extra": "unexpected (1)", "misshaped": "mis-shaped (1)"}[kind] in msg
+
+
+def test_sharded_index_folder_loads(reference, ours, tmp_path):
+  """A checkpoint split over two shards with an index json, as save_pretrained writes large models."""
+  reader = wio.SafetensorsReader.from_folder(reference[1])
+  names = sorted(reader.names())
+  halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+  for file, part in halves.items():
+    wio.save_safetensors({n: np.array(reader.read(n)) for n in part}, str(tmp_path / file))
+  with open(tmp_path / "diffusion_pytorch_model.safetensors.index.json", "w") as f:
+    json.dump({"weight_map": {n: file for file, part in halves.items() for n in part}}, f)
+  with open(os.path.join(reference[1], "config.json")) as f, open(tmp_path / "config.json", "w") as g:
+    g.write(f.read())
+  model = flux.load_flux_transformer(str(tmp_path))
+  inputs = make_inputs(**EXACT)
+  np.testing.assert_array_equal(np.asarray(model(**inputs)), np.asarray(ours(**inputs)))
+
+
+def test_lora_file_without_lora_spec_is_an_error(reference, lora_reference):
+  with pytest.raises(ValueError, match="LoraSpec"):
+    flux.load_flux_transformer(reference[1], lora_weights=lora_reference[1])
+
+
+# --------------------------------------------------------------------------------------------------
+def test_bf16_forward_close_to_float32(reference, ours):
+  model = flux.load_flux_transformer(reference[1], dtype="bfloat16")
+  inputs = make_inputs(**REAL)
+  out = np.asarray(model(**inputs).astype(jnp.float32))
+  assert model(**inputs).dtype == jnp.bfloat16
+  assert np.isfinite(out).all()
+  assert max_rel_err(out, np.asarray(ours(**inputs))) <= 3e-2
+
+
+def test_sharded_forward_equals_single_device(reference, ours):
+  assert len(jax.devices()) >= 8, "conftest sets 8 host devices"
+  mesh = shd.make_mesh((2, 2, 2))
+  model = flux.load_flux_transformer(reference[1], mesh=mesh, lora=LORA)
+  kernel = model.transformer_blocks[0].attn.to_q.kernel[...]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert {s.data.shape for s in kernel.addressable_shards} == {(16, 16)}
+  fc2 = model.single_transformer_blocks[1].proj_out.kernel[...]
+  assert fc2.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  lora_a = model.transformer_blocks[0].attn.to_q.lora_a[...]
+  assert lora_a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+
+  inputs = make_inputs(**EXACT, batch=4)
+  with shd.use_mesh(mesh):
+    out = jax.jit(lambda m, x: m(**x))(model, inputs)
+  # sharded reductions sum in another order: equal up to float32 rounding
+  assert max_rel_err(out, ours(**inputs)) <= 1e-6
