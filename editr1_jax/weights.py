@@ -71,12 +71,14 @@ class SafetensorsReader:
   def __init__(self, files: Iterable[str]):
     self._entries: dict[str, _Entry] = {}
     self._maps: dict[str, np.memmap] = {}
+    self.metadata: dict[str, str] = {}  # the files' `__metadata__`, merged
     for path in files:
       if not os.path.isfile(path):
         raise CheckpointError(f"{path}: safetensors file not found")
       header, base = _read_header(path)
       for name, info in header.items():
         if name == "__metadata__":
+          self.metadata.update(info or {})
           continue
         if info["dtype"] not in _DTYPES:
           raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
@@ -209,6 +211,25 @@ def reference_shapes(abstract_state, table: Iterable[WeightRule]) -> dict[str, t
     if theirs in out:
       raise CheckpointError(f"weight table maps both {out[theirs][1]!r} and {ours!r} to {theirs!r}")
     out[theirs] = (ref_shape, ours, layout)
+  return out
+
+
+# Ours -> reference layout, the inverse of LAYOUTS (used by export).
+REFERENCE_LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "identity": _identity,
+    "linear": _linear,
+    "conv2d": lambda a: a.transpose(3, 2, 0, 1),
+    "lora": lambda a: a[0].T,
+}
+
+
+def to_reference(state, table: Iterable[WeightRule]) -> dict[str, np.ndarray]:
+  """{reference name: host array in the reference layout} for every Variable of a concrete state."""
+  table = tuple(table)
+  out = {}
+  for path, var in nnx.to_flat_state(state):
+    name, layout = reference_name(path_str(path), table)
+    out[name] = np.ascontiguousarray(REFERENCE_LAYOUTS[layout](np.asarray(jax.device_get(var.get_value()))))
   return out
 
 

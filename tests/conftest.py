@@ -9,3 +9,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Shared fixtures (tiny reference models written to disk once per test module that uses them).
+pytest_plugins = ["flux_fixtures"]

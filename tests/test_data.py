@@ -1,6 +1,5 @@
 """Dataset folder validation, the tfds array_record builder (no TensorFlow), the grouped sampler."""
 
-import json
 import os
 import shutil
 import sys

@@ -9,64 +9,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import max_rel_err, perturb_
+from flux_fixtures import EXACT, LORA, REAL, TINY, make_inputs, torch_forward
+from helpers import max_rel_err
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
 from editr1_jax.layers import AdapterRows, LoraSpec
 from editr1_jax.models import flux
-
-TINY = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
-LORA = LoraSpec(rank=4, alpha=8.0, targets=flux.DEFAULT_LORA_TARGETS)
-
-
-def _grid_ids(first: int, rows: int, cols: int) -> np.ndarray:
-  r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-  return np.stack([np.full(r.size, first), r.ravel(), c.ravel()], -1).astype(np.float32)
-
-
-def make_inputs(t, g, batch=2, txt=7, seed=0):
-  """Kontext layout: 3x4 target grid then a 2x5 reference grid (non-square, different sizes)."""
-  rng = np.random.default_rng(seed)
-  img_ids = np.concatenate([_grid_ids(0, 3, 4), _grid_ids(1, 2, 5)])
-  return dict(
-      hidden_states=rng.standard_normal((batch, len(img_ids), TINY["in_channels"])).astype(np.float32),
-      encoder_hidden_states=rng.standard_normal((batch, txt, TINY["joint_attention_dim"])).astype(np.float32),
-      pooled_projections=rng.standard_normal((batch, TINY["pooled_projection_dim"])).astype(np.float32),
-      timestep=np.resize(np.asarray(t, np.float32), batch), guidance=np.resize(np.asarray(g, np.float32), batch),
-      img_ids=img_ids, txt_ids=np.zeros((txt, 3), np.float32))
-
-
-# Small sinusoid arguments: t * 1000 * freq stays below ~2 rad, where float32 sin/cos are exact to
-# 1 ulp in both frameworks, so everything else can be held to 1e-5.
-EXACT = dict(t=[7e-4, 1.3e-3], g=[2.1e-3, 9e-4])
-# Real values: t * 1000 and guidance * 1000 reach 2,500 rad; a float32 argument that large has an
-# ulp of 2.4e-4, and torch and XLA round the frequency table and the product differently (measured
-# 6e-5 on the embedding itself), so two correct float32 implementations differ at ~4e-5 here.
-REAL = dict(t=[0.3, 0.9], g=[2.5, 3.5])
-
-
-def torch_forward(model, inputs):
-  with torch.no_grad():
-    out = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}).sample
-  return out.numpy()
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  from diffusers import FluxTransformer2DModel
-  torch.manual_seed(0)
-  model = FluxTransformer2DModel(**TINY).eval()
-  perturb_(model)
-  folder = str(tmp_path_factory.mktemp("flux") / "transformer")
-  model.save_pretrained(folder)
-  return model, folder
-
-
-@pytest.fixture(scope="module")
-def ours(reference):
-  return flux.load_flux_transformer(reference[1])
 
 
 @pytest.mark.parametrize("regime,bound", [(EXACT, 1e-5), (REAL, 1e-4)], ids=["exact", "real_timesteps"])
@@ -92,25 +41,6 @@ def test_pipeline_folder_layout(reference):
 
 
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def lora_reference(reference, tmp_path_factory):
-  """The same base with a peft adapter (B perturbed so it is not a no-op), saved as diffusers does."""
-  from diffusers import FluxKontextPipeline, FluxTransformer2DModel
-  from peft import LoraConfig
-  from peft.utils import get_peft_model_state_dict
-  model = FluxTransformer2DModel.from_pretrained(reference[1]).eval()
-  model.add_adapter(LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, init_lora_weights="gaussian",
-                               target_modules=list(LORA.targets)))
-  g = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "lora_" in name:
-        p.add_(0.2 * torch.randn(p.shape, generator=g))
-  folder = str(tmp_path_factory.mktemp("lora"))
-  FluxKontextPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model))
-  return model, os.path.join(folder, "pytorch_lora_weights.safetensors")
-
-
 def test_lora_targets_match_peft(lora_reference, ours):
   peft_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in lora_reference[0].named_parameters() if ".lora_A." in n}
   abstract = nnx.eval_shape(lambda: flux.FluxTransformer(ours.cfg.replace(lora=LORA), rngs=nnx.Rngs(0)))

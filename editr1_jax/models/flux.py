@@ -7,6 +7,7 @@ dtype. Module and parameter names follow diffusers so the weight table below sta
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Sequence
 
@@ -70,14 +71,20 @@ class FluxConfig:
   def replace(self, **kw) -> "FluxConfig":
     return dataclasses.replace(self, **kw)
 
+  _DIFFUSERS_KEYS = ("in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                     "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
+                     "patch_size")
+
   @classmethod
   def from_diffusers_config(cls, config: dict, **runtime) -> "FluxConfig":
-    keys = ("in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
-            "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "patch_size")
-    kw = {k: config[k] for k in keys if k in config}
+    kw = {k: config[k] for k in cls._DIFFUSERS_KEYS if k in config}
     if "axes_dims_rope" in config:
       kw["axes_dims_rope"] = tuple(config["axes_dims_rope"])
     return cls(**kw, **runtime)
+
+  def to_diffusers_config(self) -> dict:
+    config = {k: getattr(self, k) for k in self._DIFFUSERS_KEYS}
+    return {"_class_name": "FluxTransformer2DModel", **config, "axes_dims_rope": list(self.axes_dims_rope)}
 
 
 def kontext_dev(**runtime) -> FluxConfig:
@@ -418,14 +425,29 @@ def load_flux_transformer(folder: str, *, dtype: str = "float32", param_dtype: s
   if lora_weights is not None:
     if lora is None:
       raise ValueError(f"{lora_weights}: pass `lora=LoraSpec(...)` to say the rank, alpha and targets to load into")
-    adapters = load_lora_weights(abstract_adapters, lora_weights, mesh=mesh, rules=rules)
+    adapters = load_lora_weights(abstract_adapters, lora_weights, lora.scale, mesh=mesh, rules=rules)
   else:
     adapters = init_adapters(abstract_adapters, jax.random.key(seed), mesh=mesh, rules=rules)
   return nnx.merge(graphdef, adapters, base)
 
 
-def load_lora_weights(abstract_adapters, path: str, *, mesh=None, rules=shd.DEFAULT_RULES):
+def _check_lora_metadata(metadata: dict, abstract_adapters, scale: float, path: str) -> None:
+  """A file that records its rank/alpha (diffusers' `lora_adapter_metadata`) must agree with ours."""
+  if "lora_adapter_metadata" not in metadata:
+    return
+  config = json.loads(metadata["lora_adapter_metadata"])
+  rank, alpha = config.get("transformer.r"), config.get("transformer.lora_alpha")
+  if rank is None or alpha is None:
+    return
+  ours = {int(v.get_value().shape[-1]) for p, v in nnx.to_flat_state(abstract_adapters) if p[-1] == "lora_a"}
+  if ours != {int(rank)} or abs(alpha / rank - scale) > 1e-9 * scale:
+    raise wio.CheckpointError(f"{path}: adapter has rank {rank}, alpha {alpha}; the model was built with rank(s) "
+                              f"{sorted(ours)} and scale alpha/rank = {scale}")
+
+
+def load_lora_weights(abstract_adapters, path: str, scale: float, *, mesh=None, rules=shd.DEFAULT_RULES):
   """A diffusers (`transformer.` prefix) or peft (`base_model.model.` prefix) LoRA file -> adapter state."""
   reader = wio.SafetensorsReader([path])
+  _check_lora_metadata(reader.metadata, abstract_adapters, scale, path)
   return wio.load_state(abstract_adapters, reader, FLUX_LORA_WEIGHTS, source=path, mesh=mesh, rules=rules,
                         strip_prefixes=LORA_PREFIXES)

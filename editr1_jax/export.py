@@ -1,0 +1,81 @@
+"""Export to PyTorch: diffusers LoRA files and merged diffusers transformer folders (no torch needed)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from editr1_jax import weights as wio
+from editr1_jax.layers import LoraSpec
+from editr1_jax.models import flux
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+SHARD_BYTES = 5 * 1024**3  # diffusers' default max shard size
+
+
+def lora_tensors(adapters, spec: LoraSpec) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """Adapter state -> (diffusers LoRA tensors with the `transformer.` prefix, safetensors metadata).
+
+  The metadata carries rank and alpha the way diffusers' `save_lora_weights` writes them, so
+  `load_lora_weights` applies the same alpha / rank scale we trained with.
+  """
+  tensors = {f"transformer.{k}": v for k, v in wio.to_reference(adapters, flux.FLUX_LORA_WEIGHTS).items()}
+  modules = sorted({k[len("transformer."):].rsplit(".lora_", 1)[0] for k in tensors})
+  config = {"transformer.r": spec.rank, "transformer.lora_alpha": spec.alpha,
+            "transformer.target_modules": modules, "transformer.init_lora_weights": "gaussian"}
+  return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
+
+
+def save_lora(adapters, spec: LoraSpec, out_dir: str) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  tensors, metadata = lora_tensors(adapters, spec)
+  path = os.path.join(out_dir, LORA_FILE)
+  wio.save_safetensors(tensors, path, metadata=metadata)
+  return path
+
+
+def merge_adapters(adapters, base, spec: LoraSpec):
+  """Base state with W <- W + (alpha / rank) A B folded in (adapter 0), for every adapted Dense."""
+  merged = dict(nnx.to_flat_state(base))
+  lora = dict(nnx.to_flat_state(adapters))
+  for path, a in lora.items():
+    if path[-1] != "lora_a":
+      continue
+    kernel_path = path[:-1] + ("kernel",)
+    a0 = np.asarray(jax.device_get(a.get_value()))[0].astype(np.float64)
+    b0 = np.asarray(jax.device_get(lora[path[:-1] + ("lora_b",)].get_value()))[0].astype(np.float64)
+    w = merged[kernel_path]
+    value = np.asarray(jax.device_get(w.get_value()))
+    merged[kernel_path] = w.replace((value.astype(np.float64) + spec.scale * a0 @ b0).astype(value.dtype))
+  return nnx.from_flat_state(list(merged.items()))
+
+
+def save_transformer(base, cfg: flux.FluxConfig, out_dir: str) -> str:
+  """A diffusers `FluxTransformer2DModel` folder: config.json + safetensors shards + index json."""
+  os.makedirs(out_dir, exist_ok=True)
+  tensors = wio.to_reference(base, flux.FLUX_WEIGHTS)
+  shards, current, size = [], {}, 0
+  for name in sorted(tensors):
+    if current and size + tensors[name].nbytes > SHARD_BYTES:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = tensors[name]
+    size += tensors[name].nbytes
+  shards.append(current)
+  if len(shards) == 1:
+    wio.save_safetensors(shards[0], os.path.join(out_dir, "diffusion_pytorch_model.safetensors"),
+                         metadata={"format": "pt"})
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+      file = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
+      wio.save_safetensors(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
+      weight_map.update({n: file for n in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    with open(os.path.join(out_dir, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(cfg.to_diffusers_config(), f, indent=2)
+  return out_dir
