@@ -1,0 +1,104 @@
+"""Every knob of a training run, with its default and what it means.
+
+Other configs start from `get_config()` here and change what differs. Override any field from the
+command line the ml-collections way: `--config.num_epochs=4 --config.rollout.num_steps=6`.
+"""
+
+import ml_collections
+
+from editr1_jax.models.flux import DEFAULT_LORA_TARGETS
+from editr1_jax.sharding import DEFAULT_RULES
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_epochs = 100
+  c.checkpoint_every = 5  # epochs; a checkpoint is also written after the last epoch
+  c.keep_checkpoints = 3
+  c.eval_every = 10  # epochs; evaluation on the test split with the EMA weights (0: never)
+  c.eval_samples = 16  # test records evaluated (the first N)
+  c.log_images_every = 1  # epochs; TensorBoard image grid of the first groups (0: never)
+  c.max_nonfinite_updates = 3  # consecutive refused (non-finite) updates before the run stops
+
+  # Models. `tiny` builds small random models in code (CPU demo, tests); otherwise weights are read from
+  # `pipeline_dir`, a diffusers FLUX.1-Kontext folder (transformer/, vae/, text_encoder/, text_encoder_2/,
+  # tokenizer/, tokenizer_2/).
+  c.model = ml_collections.ConfigDict()
+  c.model.tiny = False
+  c.model.pipeline_dir = ""
+  c.model.dtype = "bfloat16"  # compute dtype of the transformer, VAE and text encoders
+  c.model.param_dtype = "bfloat16"  # storage dtype of the frozen base weights
+  c.model.adapter_dtype = "float32"  # adapters, EMA, old policy and optimizer state
+  c.model.remat = "flux"  # none | full | flux (keep q/k/v and attention outputs)
+  c.model.attention_impl = "xla"  # xla | cudnn
+  c.model.init_lora = ""  # optional diffusers/peft LoRA file to start from
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 32
+  c.lora.alpha = 64.0
+  c.lora.targets = DEFAULT_LORA_TARGETS
+
+  # Reward: "mllm" scores with Qwen2.5-VL from its digit logits; "colour" is a programmatic reward
+  # (closeness of the edit's mean colour to the colour named in the instruction) for demos and tests.
+  c.reward = ml_collections.ConfigDict()
+  c.reward.kind = "mllm"
+  c.reward.model_dir = ""  # a transformers Qwen2.5-VL folder
+  c.reward.tiny = False  # a small random Qwen2.5-VL built in code with the shipped tiny tokenizer
+  c.reward.template_file = ""  # judging prompt with {instruction} and {requirement}; empty: ours
+  c.reward.dtype = "bfloat16"
+  c.reward.batch_size = 8  # pairs per scoring call
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset_dir = ""  # Edit-R1 folder: images/, train_metadata.jsonl, test_metadata.jsonl
+  c.data.tfds_dir = ""  # where the array_record copy is written (default: <workdir>/tfds)
+  c.data.groups_per_epoch = 24  # G: distinct records per epoch, independent of the device count
+  c.data.group_size = 12  # k: rollouts per record
+  c.data.resolution = 512  # square training resolution (center crop + Lanczos)
+  c.data.t5_max_length = 128
+  c.data.ban_filtered = False  # filtered records never come back in later epochs
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.sampler = "dpm2"  # dpm2 (deterministic DPM-Solver++(2M)) | euler | sde
+  c.rollout.num_steps = 6
+  c.rollout.guidance = 2.5  # FLUX guidance embedding (no CFG)
+  c.rollout.sde_noise = 0.7  # noise level a of the flow SDE sampler
+  c.rollout.batch_size = 4  # rollouts per device per sampling call
+  c.rollout.eval_steps = 28
+  c.rollout.eval_guidance = 3.5
+  c.rollout.eval_sampler = "euler"
+
+  c.advantage = ml_collections.ConfigDict()
+  c.advantage.std = "global"  # global | group
+  c.advantage.rloo = False
+  c.advantage.clip = 5.0  # c in the NFT loss
+  c.advantage.mode = "all"  # all | positive | negative | binary
+
+  c.filter = ml_collections.ConfigDict()
+  c.filter.enabled = True
+  c.filter.semantics = "paper"  # paper: drop mean > tau_mu AND std < tau_sigma | code: keep std > tau_sigma AND mean < tau_mu
+  c.filter.tau_mu = 0.9
+  c.filter.tau_sigma = 0.05
+
+  c.nft = ml_collections.ConfigDict()
+  c.nft.beta = 1.0  # NFT mixing coefficient (not the KL weight)
+  c.nft.kl_weight = 1e-4
+  c.nft.timestep_fraction = 0.99  # T = int(num_steps * fraction) training timesteps per sample
+  c.nft.micro_batch = 3  # samples per device per micro-batch
+  c.nft.old_policy_schedule = 1  # 0 | 1 | 2 (REFERENCE.md section 7)
+  c.nft.ema_max_decay = 0.9
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 1e-4
+  c.optim.eps = 1e-8
+  c.optim.grad_clip = 1.0
+  c.optim.full_finetune = False  # train every transformer weight instead of the adapter
+
+  # Mesh axes (data, fsdp, tensor); -1 takes the remaining devices. Rules map logical axis names to them.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)
+  c.mesh.rules = DEFAULT_RULES
+  return c

@@ -1,0 +1,33 @@
+"""The paper's FLUX.1-Kontext-dev run (REFERENCE.md section 7).
+
+  python launch/train.py --config=configs/kontext.py --workdir=gs://... \
+    --config.model.pipeline_dir=/ckpt/FLUX.1-Kontext-dev --config.reward.model_dir=/ckpt/Qwen2.5-VL-32B-Instruct \
+    --config.data.dataset_dir=/data/edit_r1
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.num_epochs = 300
+  c.model.pipeline_dir = ""  # required: the FLUX.1-Kontext-dev diffusers folder
+  c.reward.kind = "mllm"
+  c.reward.model_dir = ""  # required: Qwen2.5-VL-32B-Instruct
+  c.data.dataset_dir = ""  # required
+  c.data.resolution = 512
+  c.data.groups_per_epoch = 24
+  c.data.group_size = 12
+  c.data.t5_max_length = 128
+  c.rollout.sampler = "dpm2"
+  c.rollout.num_steps = 6
+  c.rollout.guidance = 2.5
+  c.lora.rank, c.lora.alpha = 32, 64.0
+  c.optim.learning_rate = 3e-4
+  c.nft.beta, c.nft.kl_weight = 1.0, 1e-4
+  c.nft.micro_batch = 3
+  c.nft.old_policy_schedule = 1
+  c.nft.ema_max_decay = 0.9
+  c.filter.semantics, c.filter.tau_mu, c.filter.tau_sigma = "paper", 0.9, 0.05
+  c.mesh.shape = (1, -1, 1)  # FSDP over every device
+  return c
