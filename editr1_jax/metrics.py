@@ -1,0 +1,63 @@
+"""Run metrics: TensorBoard scalars and image grids, and one console line per epoch (process 0 only)."""
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+class MetricsWriter:
+
+  def __init__(self, logdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._writer = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
+      os.makedirs(logdir, exist_ok=True)
+      self._writer = SummaryWriter(logdir)
+
+  def scalars(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    for k, v in values.items():
+      self._writer.add_scalar(k, float(v), step)
+    self._writer.flush()
+
+  def image(self, step: int, tag: str, grid: np.ndarray) -> None:
+    if self.enabled:
+      self._writer.add_image(tag, grid, step, dataformats="HWC")
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8."""
+  return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def group_grid(sources: np.ndarray, edits: np.ndarray, scores: np.ndarray, group_size: int) -> np.ndarray:
+  """One row per group: the source, then its k edits, each captioned with its score (NaN: invalid)."""
+  n_groups = len(edits) // group_size
+  h, w = edits.shape[1:3]
+  label = 12
+  grid = Image.new("RGB", ((group_size + 1) * w, n_groups * (h + label)), (255, 255, 255))
+  draw = ImageDraw.Draw(grid)
+  for g in range(n_groups):
+    y = g * (h + label)
+    grid.paste(Image.fromarray(to_uint8(sources[g * group_size])).resize((w, h)), (0, y + label))
+    draw.text((2, y), "source", fill=(0, 0, 0))
+    for j in range(group_size):
+      i = g * group_size + j
+      grid.paste(Image.fromarray(to_uint8(edits[i])), ((j + 1) * w, y + label))
+      draw.text(((j + 1) * w + 2, y), f"{scores[i]:.3f}", fill=(0, 0, 0))
+  return np.asarray(grid)
+
+
+def summary_line(epoch: int, num_epochs: int, m: dict) -> str:
+  return (f"epoch {epoch}/{num_epochs} | reward {m['reward/mean']:.4f} ± {m['reward/std']:.4f} | "
+          f"kept {m['filter/kept_fraction']:.2f} | loss {m['train/loss']:.4g} kl {m['train/kl']:.3g} | "
+          f"grad {m['train/grad_norm']:.3g} | rollout {m['time/rollout_s']:.1f}s reward {m['time/reward_s']:.1f}s "
+          f"train {m['time/train_s']:.1f}s")
