@@ -143,7 +143,11 @@ class Conv(nnx.Module):
 
 
 class GroupNorm(nnx.Module):
-  """torch.nn.GroupNorm over the channel axis (last), eps 1e-6, statistics in float32."""
+  """torch.nn.GroupNorm over the channel axis (last), eps 1e-6, two-pass statistics in float32.
+
+  Each pass reduces over positions per channel, then sums the channels of a group: a plain
+  axis-1 reduction that XLA runs ~3x faster on CPU than one over a (positions, group) reshape.
+  """
 
   def __init__(self, channels: int, groups: int, *, dtype, param_dtype, eps: float = 1e-6):
     self.scale = nnx.Param(jnp.ones((channels,), param_dtype), logical_axes=("conv_out",))
@@ -151,12 +155,19 @@ class GroupNorm(nnx.Module):
     self.groups, self.eps, self.dtype = groups, eps, dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape = x.shape
-    g = x.astype(jnp.float32).reshape(shape[0], -1, self.groups, shape[-1] // self.groups)
-    mean = jnp.mean(g, axis=(1, 3), keepdims=True)
-    var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
-    y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
-    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+    b, c = x.shape[0], x.shape[-1]
+    flat = x.astype(jnp.float32).reshape(b, -1, c)
+    per_group = c // self.groups
+    count = flat.shape[1] * per_group
+
+    def group_mean(channel_sums):  # (B, C) -> (B, 1, C): the mean of each channel's group
+      means = channel_sums.reshape(b, self.groups, per_group).sum(-1) / count
+      return jnp.repeat(means, per_group, axis=-1)[:, None]
+
+    centered = flat - group_mean(flat.sum(axis=1))
+    y = centered * jax.lax.rsqrt(group_mean(jnp.square(centered).sum(axis=1)) + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.reshape(x.shape).astype(self.dtype)
 
 
 class ResnetBlock(nnx.Module):
