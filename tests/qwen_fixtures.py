@@ -1,0 +1,127 @@
+"""Tiny Qwen2.5-VL folders for the tests: a byte-level BPE tokenizer trained in code with the Qwen2
+pre-tokenizer and special tokens, the Qwen2.5-VL chat template, a random perturbed
+`Qwen2_5_VLForConditionalGeneration` saved with `save_pretrained`, and a `preprocessor_config.json`.
+
+Use `write_tokenizer`, `write_preprocessor_config` and `write_model` to build a folder, or the
+`qwen_reference` fixture (import it into the test module) for one shared per module.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import perturb_
+from PIL import Image
+
+# The special tokens of the Qwen2.5-VL vocabulary, in its order (151643 ...), appended after the trained BPE.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                     r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# The Qwen2.5-VL-Instruct chat template (system default, images as vision_start/image_pad/vision_end).
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = ("You are a helpful assistant. The first image is the source, the second the edited result. "
+          "Instruction: replace the cat with a fox; make the sky red; remove the car. Requirement: keep the "
+          "background unchanged. Rate the edit from 0 to 5 and answer with the digit only.")
+# Preprocessing bounds that make the test images resize (min 2x2 merged patches, max 20).
+MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 20
+
+
+def special_ids(vocab_size: int) -> dict[str, int]:
+  return {t: vocab_size + i for i, t in enumerate(SPECIAL_TOKENS)}
+
+
+def write_tokenizer(folder: str, chat_template: str = QWEN_CHAT_TEMPLATE, bpe_size: int = 320) -> dict[str, int]:
+  """A Qwen2-style tokenizer folder (tokenizer.json, tokenizer_config.json naming Qwen2Tokenizer, the
+  template); returns {special token: id}. Digits are single byte-level tokens (ids 15..20, as in Qwen2)."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+  tok.normalizer = normalizers.NFC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator([CORPUS] * 4, trainers.BpeTrainer(
+      vocab_size=bpe_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  n = tok.get_vocab_size()
+  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+  fast.chat_template = chat_template
+  fast.save_pretrained(folder)
+  path = os.path.join(folder, "tokenizer_config.json")
+  with open(path) as f:
+    config = json.load(f)
+  config["tokenizer_class"] = "Qwen2Tokenizer"  # as on the hub: transformers rebuilds its Qwen2 pipeline
+  with open(path, "w") as f:
+    json.dump(config, f, indent=2)
+  ids = special_ids(n)
+  assert all(tok.token_to_id(t) == i for t, i in ids.items())
+  return ids
+
+
+def write_preprocessor_config(folder: str, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, **extra) -> None:
+  """The hub's Qwen2.5-VL preprocessor_config.json fields, with the given pixel bounds."""
+  config = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
+            "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": "Qwen2_5_VLProcessor", **extra}
+  with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+
+def tiny_config(ids: dict[str, int], **text):
+  """Two vision blocks (block 1 full attention, block 0 windowed), two decoder layers, GQA, M-RoPE (1, 1, 2)."""
+  from transformers import Qwen2_5_VLConfig
+  vocab = max(ids.values()) + 1
+  text_config = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+                     bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], **text)
+  vision_config = dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=32,
+                       window_size=112, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
+                       temporal_patch_size=2)
+  return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config,
+                          image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                          vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                          tie_word_embeddings=False)
+
+
+def write_model(folder: str, seed: int = 0, **preprocessor):
+  """Tokenizer, preprocessor config and a perturbed tiny Qwen2_5_VLForConditionalGeneration in one folder."""
+  from transformers import Qwen2_5_VLForConditionalGeneration
+  ids = write_tokenizer(folder)
+  write_preprocessor_config(folder, **preprocessor)
+  torch.manual_seed(seed)
+  model = Qwen2_5_VLForConditionalGeneration(tiny_config(ids)).eval()
+  perturb_(model, seed=seed)
+  model.save_pretrained(folder)
+  # Reloaded, so the rotary tables (non-persistent buffers perturb_ also touched) come from the config again.
+  return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+
+
+def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
+  rng = np.random.default_rng(seed)
+  return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")
+
+
+@pytest.fixture(scope="module")
+def qwen_reference(tmp_path_factory):
+  """(torch model, folder) of a tiny perturbed Qwen2.5-VL with tokenizer and preprocessor config."""
+  folder = str(tmp_path_factory.mktemp("qwen2_5_vl"))
+  return write_model(folder), folder
