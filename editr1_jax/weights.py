@@ -171,11 +171,16 @@ def _lora(a):  # peft lora_A (r, in) / lora_B (out, r) -> ours (1, in, r) / (1, 
   return a.T[None]
 
 
+def _conv3d(a):  # torch (O, I, kt, kh, kw) -> ours (kt, kh, kw, I, O)
+  return a.transpose(2, 3, 4, 1, 0)
+
+
 LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "identity": _identity,
     "linear": _linear,
     "conv2d": _conv2d,
     "lora": _lora,
+    "conv3d": _conv3d,
 }
 
 
@@ -220,6 +225,7 @@ REFERENCE_LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": _linear,
     "conv2d": lambda a: a.transpose(3, 2, 0, 1),
     "lora": lambda a: a[0].T,
+    "conv3d": lambda a: a.transpose(4, 3, 0, 1, 2),
 }
 
 
@@ -240,6 +246,8 @@ def _invert_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape[::-1]
   if layout == "conv2d":  # ours (kh, kw, I, O) -> torch (O, I, kh, kw)
     return (shape[3], shape[2], shape[0], shape[1])
+  if layout == "conv3d":  # ours (kt, kh, kw, I, O) -> torch (O, I, kt, kh, kw)
+    return (shape[4], shape[3], shape[0], shape[1], shape[2])
   if layout == "lora":  # ours (n, x, y) -> torch (y, x), one adapter only
     if shape[0] != 1:
       raise CheckpointError(f"a LoRA file holds one adapter; the model slot has {shape[0]}")
