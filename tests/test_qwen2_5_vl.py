@@ -156,13 +156,13 @@ def test_logits_at_equals_gathered_logits(ours):
                              atol=1e-6 * np.abs(full).max())
 
 
-def test_jit_and_sharded_equal_eager(reference, ours):
-  """The host/jit split: prepare_batch on the host, one jitted prefill, here on a (2, 2, 2) mesh."""
+def test_jit_sharded_remat_equal_eager(reference, ours):
+  """The host/jit split: prepare_batch on the host, one jitted prefill, on a (2, 2, 2) mesh, under remat."""
   inputs = make_inputs("left")
   positions = np.array([[33], [30]])
   eager = np.asarray(ours.logits_at(**inputs, positions=positions))
   mesh = shd.make_mesh((2, 2, 2))
-  model = qv.load_qwen2_5_vl(reference[1], mesh=mesh)
+  model = qv.load_qwen2_5_vl(reference[1], mesh=mesh, remat="full")
   batch = qv.prepare_batch(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                            inputs["image_grid_thw"], model.cfg)
 
@@ -175,6 +175,15 @@ def test_jit_and_sharded_equal_eager(reference, ours):
   np.testing.assert_allclose(np.asarray(out), eager, rtol=0, atol=1e-5 * np.abs(eager).max())
   embedding = model.language_model.embed_tokens.embedding[...]
   assert embedding.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+def test_bf16_close_to_float32(reference, ours):
+  inputs = make_inputs("left")
+  positions = np.array([[33], [30]])
+  model = qv.load_qwen2_5_vl(reference[1], dtype="bfloat16")
+  out = np.asarray(model.logits_at(**inputs, positions=positions))
+  assert out.dtype == np.float32 and np.isfinite(out).all()
+  assert max_rel_err(out, np.asarray(ours.logits_at(**inputs, positions=positions))) <= 3e-2
 
 
 def test_tied_embeddings_text_only(tmp_path):
