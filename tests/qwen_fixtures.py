@@ -115,6 +115,18 @@ def write_model(folder: str, seed: int = 0, **preprocessor):
   return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
 
 
+def reference_chat_ids(tokenizer, text: str, grids) -> list[int]:
+  """transformers' way: apply_chat_template (one user turn: the images, then the text), each
+  <|image_pad|> expanded to t*h*w/4 pads as Qwen2_5_VLProcessor does, then the tokenizer."""
+  content = [{"type": "image"}] * len(grids) + [{"type": "text", "text": text}]
+  rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                           add_generation_prompt=True)
+  parts = rendered.split("<|image_pad|>")
+  assert len(parts) == len(grids) + 1
+  expanded = parts[0] + "".join("<|image_pad|>" * (int(np.prod(g)) // 4) + p for g, p in zip(grids, parts[1:]))
+  return tokenizer(expanded)["input_ids"]
+
+
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
   rng = np.random.default_rng(seed)
   return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")

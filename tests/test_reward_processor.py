@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-from qwen_fixtures import random_image, write_preprocessor_config, write_tokenizer
+from qwen_fixtures import random_image, reference_chat_ids, write_preprocessor_config, write_tokenizer
 
 from editr1_jax.reward import processor as proc
 
@@ -104,19 +104,6 @@ def chat_folder(tmp_path_factory):
   return folder
 
 
-def reference_ids(folder, text, grids):
-  """transformers: apply_chat_template, then each image pad expanded as Qwen2_5_VLProcessor does, then tokenise."""
-  from transformers import AutoTokenizer
-  tokenizer = AutoTokenizer.from_pretrained(folder)
-  content = [{"type": "image"}] * len(grids) + [{"type": "text", "text": text}]
-  rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                           add_generation_prompt=True)
-  parts = rendered.split(proc.IMAGE_TOKEN)
-  assert len(parts) == len(grids) + 1
-  expanded = parts[0] + "".join(proc.IMAGE_TOKEN * (int(np.prod(g)) // 4) + p for g, p in zip(grids, parts[1:]))
-  return tokenizer(expanded)["input_ids"]
-
-
 @pytest.mark.parametrize("text", ["Replace the cat with a fox.\nRequirement: keep  the sky, 12 345!",
                                   "  leading spaces, émoji 🦊 and tabs\t"])
 def test_chat_ids_equal_transformers(chat_folder, text):
@@ -124,7 +111,8 @@ def test_chat_ids_equal_transformers(chat_folder, text):
   chat = proc.ChatFormatter(chat_folder, cfg)
   grids = [(1, 6, 10), (1, 4, 4)]
   ids = chat.encode(text, grids)
-  assert ids.tolist() == reference_ids(chat_folder, text, grids)
+  from transformers import AutoTokenizer
+  assert ids.tolist() == reference_chat_ids(AutoTokenizer.from_pretrained(chat_folder), text, grids)
   assert (ids == chat.image_token_id).sum() == 15 + 4
 
 

@@ -1,0 +1,206 @@
+"""The MLLM logit reward (REFERENCE.md section 4): Qwen2.5-VL judges (source, edit, instruction,
+requirement) in one prefill; the reward is the expected digit, sum_k k * softmax(z_"0".."z_"5")_k / 5,
+read at the first answer position.
+
+Scoring is its own jitted step (never fused with a policy step). Pairs are grouped by their two image
+sizes so every call has static shapes: the batch is padded to `batch_size` (a smaller remainder to a
+power of two) and the sequence, padded on the left, to a multiple of `length_multiple`. A sample whose
+digit logits or score are not finite is masked: its score and probabilities are NaN, `valid` is False
+and it is counted; it never becomes a 0 reward.
+"""
+
+import dataclasses
+import os
+import string
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from editr1_jax import sharding as shd
+from editr1_jax.models import qwen2_5_vl
+from editr1_jax.reward import processor as proc
+
+DIGITS = tuple(str(k) for k in range(6))
+PLACEHOLDERS = ("instruction", "requirement")
+DEFAULT_PROMPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt")
+
+
+class TemplateError(ValueError):
+  """A judging prompt template is unusable; the message names its file."""
+
+
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class JudgePrompt:
+  """The judging text with `{instruction}` and `{requirement}` placeholders (str.format syntax)."""
+
+  text: str
+  source: str
+
+  @classmethod
+  def from_file(cls, path: str | None = None) -> "JudgePrompt":
+    """`path`, or the packaged `judge_prompt.txt`. Trailing whitespace of the file is dropped."""
+    path = DEFAULT_PROMPT if path is None else path
+    try:
+      with open(path, encoding="utf-8") as f:
+        text = f.read().rstrip()
+    except (OSError, UnicodeDecodeError) as e:
+      raise TemplateError(f"{path}: cannot read the judging prompt: {e}") from e
+    return cls.validated(text, path)
+
+  @classmethod
+  def validated(cls, text: str, source: str) -> "JudgePrompt":
+    try:
+      fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+    except ValueError as e:
+      raise TemplateError(f"{source}: malformed placeholder ({e}); write literal braces as {{{{ and }}}}") from e
+    unknown = sorted({name for name, _, _ in fields if name not in PLACEHOLDERS})
+    if unknown:
+      raise TemplateError(f"{source}: unknown placeholder(s) {unknown}; allowed: {list(PLACEHOLDERS)}")
+    missing = [p for p in PLACEHOLDERS if p not in {name for name, _, _ in fields}]
+    if missing:
+      raise TemplateError(f"{source}: missing placeholder(s) {['{' + p + '}' for p in missing]}")
+    if any(spec or conv for _, spec, conv in fields):
+      raise TemplateError(f"{source}: placeholders take no format spec or conversion")
+    return cls(text, source)
+
+  def format(self, instruction: str, requirement: str) -> str:
+    return self.text.format(instruction=instruction, requirement=requirement)
+
+
+# --------------------------------------------------------------------------------------------------
+def digit_scores(digit_logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(B, 6) logits of "0".."5" -> score (B,), probabilities (B, 6), valid (B,), in float32.
+  Invalid rows (a non-finite logit or score) hold NaN, never a number that looks like a reward."""
+  z = digit_logits.astype(jnp.float32)
+  probs = jax.nn.softmax(z, axis=-1)
+  score = probs @ (jnp.arange(len(DIGITS), dtype=jnp.float32) / (len(DIGITS) - 1))
+  valid = jnp.isfinite(z).all(axis=-1) & jnp.isfinite(score)
+  return jnp.where(valid, score, jnp.nan), jnp.where(valid[:, None], probs, jnp.nan), valid
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardResult:
+  scores: np.ndarray  # (N,) float32 in [0, 1]; NaN where not valid
+  probs: np.ndarray  # (N, 6) float32, the probabilities of "0".."5"; NaN rows where not valid
+  valid: np.ndarray  # (N,) bool
+
+  @property
+  def num_invalid(self) -> int:
+    return int((~self.valid).sum())
+
+
+def _bucket(n: int, batch_size: int, multiple: int) -> int:
+  """Rows of one call: `batch_size`, or the remainder rounded up to a power of two; a multiple of the
+  data-parallel width so the batch splits evenly."""
+  rows = batch_size if n >= batch_size else 1 << (n - 1).bit_length()
+  return -(-rows // multiple) * multiple
+
+
+class MllmJudge:
+  """Qwen2.5-VL as a training-free reward model, loaded from one transformers folder (weights,
+  tokenizer, chat template, preprocessor_config.json)."""
+
+  def __init__(self, folder: str, *, template_file: str | None = None, dtype: str = "float32", mesh=None,
+               rules=shd.DEFAULT_RULES, batch_size: int = 8, length_multiple: int = 64, model=None):
+    """`model`: an already loaded model (anything with `cfg` and `logits_at_batch`), else it is read from `folder`."""
+    if batch_size < 1 or length_multiple < 1:
+      raise ValueError(f"batch_size {batch_size} and length_multiple {length_multiple} must be positive")
+    self.image_cfg = proc.ImageProcessorConfig.from_folder(folder)
+    self.chat = proc.ChatFormatter(folder, self.image_cfg)
+    self.prompt = JudgePrompt.from_file(template_file)
+    self.digit_ids = np.asarray([self.chat.single_token_id(d) for d in DIGITS], np.int32)
+    if model is None:
+      model = qwen2_5_vl.load_qwen2_5_vl(folder, dtype=dtype, mesh=mesh, rules=rules)
+    self.cfg = model.cfg
+    self._check_agreement(folder)
+    self.mesh, self.rules = mesh, rules
+    self.batch_size, self.length_multiple = batch_size, length_multiple
+    self._row_multiple = 1
+    if mesh is not None:
+      self._row_multiple = int(np.prod([mesh.shape[a] for a in _mesh_axes(rules, "batch")]))
+    self._graphdef, self._state = nnx.split(model)
+    self._step = jax.jit(self._score_step)
+
+  def _check_agreement(self, folder: str) -> None:
+    """The tokenizer, the preprocessor and config.json must describe the same model."""
+    v = self.cfg.vision
+    pairs = {"image_token_id": (self.cfg.image_token_id, self.chat.image_token_id),
+             "vision_config.patch_size": (v.patch_size, self.image_cfg.patch_size),
+             "vision_config.spatial_merge_size": (v.spatial_merge_size, self.image_cfg.merge_size),
+             "vision_config.temporal_patch_size": (v.temporal_patch_size, self.image_cfg.temporal_patch_size)}
+    bad = [f"{k} {ours} vs {theirs}" for k, (ours, theirs) in pairs.items() if ours != theirs]
+    if bad:
+      raise ValueError(f"{folder}: config.json disagrees with the tokenizer / preprocessor_config.json: {bad}")
+
+  def _score_step(self, state, batch, positions):
+    model = nnx.merge(self._graphdef, state)
+    with shd.use_mesh(self.mesh, self.rules):
+      logits = model.logits_at_batch(batch, positions)[:, 0]  # (B, V) at the first answer position
+    return digit_scores(logits[:, self.digit_ids])
+
+  # ------------------------------------------------------------------------------------------------
+  def encode_pair(self, source, edited, instruction: str, requirement: str):
+    """(token ids, pixel_values (n, patch_dim), image_grid_thw (2, 3)) of one judged pair."""
+    pixel_values, grids = proc.preprocess_images([source, edited], self.image_cfg)
+    ids = self.chat.encode(self.prompt.format(instruction, requirement), grids.tolist())
+    return ids, pixel_values, grids
+
+  def score(self, sources: Sequence, edits: Sequence, instructions: Sequence[str],
+            requirements: Sequence[str]) -> RewardResult:
+    """Images are PIL images or uint8 (H, W, 3) arrays (see `processor.read_image` for files)."""
+    n = len(sources)
+    if not (len(edits) == len(instructions) == len(requirements) == n):
+      raise ValueError(f"got {n} sources, {len(edits)} edits, {len(instructions)} instructions and "
+                       f"{len(requirements)} requirements; they must pair up")
+    pairs = [self.encode_pair(*args) for args in zip(sources, edits, instructions, requirements)]
+    groups: dict[bytes, list[int]] = {}
+    for i, (_, _, grids) in enumerate(pairs):
+      groups.setdefault(grids.tobytes(), []).append(i)
+    scores = np.full(n, np.nan, np.float32)
+    probs = np.full((n, len(DIGITS)), np.nan, np.float32)
+    valid = np.zeros(n, bool)
+    for members in groups.values():
+      for start in range(0, len(members), self.batch_size):
+        rows = members[start:start + self.batch_size]
+        s, p, v = self._score_rows([pairs[i] for i in rows])
+        scores[rows], probs[rows], valid[rows] = s, p, v
+    return RewardResult(scores, probs, valid)
+
+  def _score_rows(self, pairs):
+    """One jitted call on pairs of equal image sizes, padded to a bucketed batch and length."""
+    rows = _bucket(len(pairs), self.batch_size, self._row_multiple)
+    padded = list(pairs) + [pairs[0]] * (rows - len(pairs))  # repeated rows: computed, then dropped
+    longest = max(len(ids) for ids, _, _ in padded)
+    input_ids, mask, positions = proc.pad_left([ids for ids, _, _ in padded],
+                                               length=-(-longest // self.length_multiple) * self.length_multiple)
+    batch = qwen2_5_vl.prepare_batch(input_ids, mask, np.concatenate([pv for _, pv, _ in padded]),
+                                     np.concatenate([g for _, _, g in padded]), self.cfg)
+    s, p, v = self._step(self._state, self._place(batch), self._split(positions[:, None]))
+    k = len(pairs)
+    return np.asarray(s)[:k], np.asarray(p)[:k], np.asarray(v)[:k]
+
+  def _place(self, batch: qwen2_5_vl.Batch) -> qwen2_5_vl.Batch:
+    """Batch-major inputs split over the data-parallel mesh axes; the vision layout replicated."""
+    if self.mesh is None:
+      return batch
+    replicated = jax.tree.map(lambda x: self._split(x, axes=()), batch)
+    return replicated.replace(input_ids=self._split(batch.input_ids), attention_mask=self._split(batch.attention_mask),
+                              position_ids=self._split(batch.position_ids, axes=(None, "batch")),
+                              pixel_values=self._split(batch.pixel_values))
+
+  def _split(self, x, axes=("batch",)):
+    if self.mesh is None:
+      return jnp.asarray(x)
+    x = np.asarray(x)
+    axes = tuple(axes) + (None,) * (x.ndim - len(axes))
+    return jax.device_put(x, NamedSharding(self.mesh, shd.logical_to_spec(axes, self.rules, x.shape, self.mesh)))
+
+
+def _mesh_axes(rules, name: str) -> tuple[str, ...]:
+  target = dict(rules).get(name)
+  return () if target is None else (target,) if isinstance(target, str) else tuple(target)
