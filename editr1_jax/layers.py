@@ -109,6 +109,33 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias (torch nn.LayerNorm), statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, axes=(None,), param_dtype=jnp.float32, dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=axes)
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=axes)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = layer_norm(x, self.eps) * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Token/position lookup table (torch nn.Embedding): `embedding` is (num, dim)."""
+
+  def __init__(self, num: int, dim: int, *, axes: tuple[str | None, str | None], rngs: nnx.Rngs,
+               param_dtype=jnp.float32, dtype=jnp.float32):
+    init = nnx.initializers.normal(0.02)
+    self.embedding = nnx.Param(init(rngs.params(), (num, dim), param_dtype), logical_axes=axes)
+    self.dtype = dtype
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """LayerNorm without affine parameters, in float32 (returns float32)."""
   x32 = x.astype(jnp.float32)
@@ -118,18 +145,23 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-              implementation: str = "xla") -> jax.Array:
+              implementation: str = "xla", bias: jax.Array | None = None, scale: float | None = None) -> jax.Array:
   """Softmax attention on (B, L, H, D) tensors; logits and softmax in float32.
 
   `mask` is boolean, broadcastable to (B, H, Lq, Lk), True where attention is allowed.
+  `bias` (broadcastable to (B, H, Lq, Lk)) is added to the scaled logits (T5's relative positions);
+  `scale` defaults to head_dim ** -0.5 (T5 uses 1.0).
   `implementation="cudnn"` hands the work to jax.nn.dot_product_attention's fused kernel.
   """
   if implementation == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    bias = None if bias is None else bias.astype(q.dtype)  # the fused kernel wants one dtype
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
   if implementation != "xla":
     raise ValueError(f"attention implementation must be 'xla' or 'cudnn', got {implementation!r}")
-  scale = q.shape[-1] ** -0.5
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -1,0 +1,159 @@
+"""CLIP text encoder: parity with transformers through our loader, pooling rules, full-size shapes, errors."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from helpers import max_rel_err
+from text_fixtures import CLIP_MAX_LENGTH, CLIP_TINY, write_clip_model
+
+from editr1_jax import weights as wio
+from editr1_jax.models import clip
+
+VOCAB = 100
+BOS, EOS = VOCAB - 2, VOCAB - 1  # CLIP's layout: the special tokens have the highest ids
+
+
+def make_ids(eos_positions, eos=EOS, pad=EOS, seed=0):
+  """[bos, words..., eos, pad...] rows of CLIP's length, end-of-text at the given positions."""
+  rng = np.random.default_rng(seed)
+  ids = np.full((len(eos_positions), CLIP_MAX_LENGTH), pad, np.int64)
+  for row, pos in enumerate(eos_positions):
+    ids[row, 0] = BOS
+    ids[row, 1:pos] = rng.integers(2, 80, pos - 1)  # word ids below every special id
+    ids[row, pos] = eos
+  return ids
+
+
+def torch_forward(model, ids):
+  with torch.no_grad():
+    out = model(torch.from_numpy(ids))
+  return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory):
+  """FLUX's config: eos_token_id 2, so transformers pools at the highest id."""
+  folder = str(tmp_path_factory.mktemp("clip") / "text_encoder")
+  return write_clip_model(folder, VOCAB, eos_token_id=2), folder
+
+
+@pytest.fixture(scope="module")
+def modern(tmp_path_factory):
+  """A config with the real end-of-text id (transformers >= 4.31): pools at its first occurrence."""
+  folder = str(tmp_path_factory.mktemp("clip_modern"))
+  return write_clip_model(folder, VOCAB, eos_token_id=EOS - 10, seed=3), folder
+
+
+def test_parity_eos_at_different_positions(legacy):
+  ids = make_ids([5, 17, 76])
+  ref_hidden, ref_pooled = torch_forward(legacy[0], ids)
+  hidden, pooled = clip.load_clip_text(legacy[1])(ids)
+  assert hidden.shape == ref_hidden.shape == (3, CLIP_MAX_LENGTH, CLIP_TINY["hidden_size"])
+  assert max_rel_err(hidden, ref_hidden) <= 1e-5
+  assert max_rel_err(pooled, ref_pooled) <= 1e-5
+  # the pooled row is the end-of-text token's hidden state, and the three rows differ
+  np.testing.assert_array_equal(np.asarray(pooled), np.asarray(hidden)[np.arange(3), [5, 17, 76]])
+
+
+def test_modern_eos_id_pools_first_occurrence(modern):
+  eos = EOS - 10
+  ids = make_ids([4, 30], eos=eos, pad=0)
+  ids[0, 10] = eos  # a second end-of-text later on: the first one counts
+  ids[1, 40] = EOS  # a higher id after it: the legacy argmax rule would pick this one
+  ref_hidden, ref_pooled = torch_forward(modern[0], ids)
+  model = clip.load_clip_text(modern[1])
+  assert model.cfg.eos_token_id == eos
+  hidden, pooled = model(ids)
+  assert max_rel_err(hidden, ref_hidden) <= 1e-5
+  assert max_rel_err(pooled, ref_pooled) <= 1e-5
+  np.testing.assert_array_equal(np.asarray(clip.pooled_positions(ids, eos)), [4, 30])
+
+
+def test_legacy_pooling_is_argmax_of_ids():
+  ids = np.array([[5, 9, 3, 9], [1, 2, 7, 0]])
+  np.testing.assert_array_equal(np.asarray(clip.pooled_positions(ids, clip.LEGACY_EOS_TOKEN_ID)), [1, 2])
+
+
+def test_jit_and_bfloat16(legacy):
+  ids = make_ids([6, 40])
+  _, ref_pooled = torch_forward(legacy[0], ids)
+  model = clip.load_clip_text(legacy[1], dtype="bfloat16")
+  hidden, pooled = nnx.jit(lambda m, x: m(x))(model, ids)
+  assert hidden.dtype == pooled.dtype == np.dtype("bfloat16")
+  # bf16 weights and activations over 2 layers: measured 4e-3
+  assert max_rel_err(np.asarray(pooled, np.float32), ref_pooled) <= 2e-2
+
+
+def test_transformers4_prefix_and_pipeline_layout(legacy, tmp_path):
+  """FLUX's checkpoint (saved by transformers 4) names tensors `text_model.*`; a pipeline folder holds text_encoder/."""
+  reader = wio.SafetensorsReader.from_folder(legacy[1])
+  folder = tmp_path / "text_encoder"
+  folder.mkdir()
+  shutil.copy(os.path.join(legacy[1], "config.json"), folder)
+  wio.save_safetensors({f"text_model.{n}": reader.read(n) for n in reader.names()}, str(folder / "model.safetensors"))
+  ids = make_ids([8, 20])
+  expected = clip.load_clip_text(legacy[1])(ids)
+  got = clip.load_clip_text(str(tmp_path))(ids)
+  for a, b in zip(got, expected):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --------------------------------------------------------------------------------------------------
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+              bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def test_full_size_shapes_and_count():
+  from transformers import CLIPTextConfig, CLIPTextModel
+  with torch.device("meta"):
+    ref = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+  ref_shapes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
+  cfg = clip.CLIPTextConfig.from_transformers_config(CLIP_L)
+  assert cfg == clip.clip_l()
+  abstract = nnx.eval_shape(lambda: clip.CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
+  ours = {k: v[0] for k, v in wio.reference_shapes(nnx.state(abstract), clip.CLIP_WEIGHTS).items()}
+  assert ours == ref_shapes
+  count = sum(int(np.prod(s)) for s in ours.values())
+  assert count == sum(p.numel() for p in ref.parameters()) == 123_060_480
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="hidden_act 'gelu'"):
+    clip.CLIPTextConfig.from_transformers_config(dict(CLIP_L, hidden_act="gelu"), source="x/config.json")
+  model = clip.CLIPTextModel(clip.tiny(), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="17 tokens; the model has 16 positions"):
+    model(np.zeros((1, 17), np.int32))
+
+
+@pytest.mark.parametrize("change,message", [
+    ("missing", r"missing \(1\): encoder.layers.1.mlp.fc2.bias"),
+    ("extra", r"unexpected \(1\): encoder.layers.1.mlp.fc3.weight"),
+    ("misshaped", r"mis-shaped \(1\): final_layer_norm.weight: checkpoint \(31,\), model expects \(32,\)"),
+])
+def test_loader_errors(legacy, tmp_path, change, message):
+  reader = wio.SafetensorsReader.from_folder(legacy[1])
+  tensors = {n: reader.read(n) for n in reader.names()}
+  if change == "missing":
+    del tensors["encoder.layers.1.mlp.fc2.bias"]
+  elif change == "extra":
+    tensors["encoder.layers.1.mlp.fc3.weight"] = np.zeros((2, 2), np.float32)
+  else:
+    tensors["final_layer_norm.weight"] = tensors["final_layer_norm.weight"][:31]
+  shutil.copy(os.path.join(legacy[1], "config.json"), tmp_path)
+  wio.save_safetensors(tensors, str(tmp_path / "model.safetensors"))
+  with pytest.raises(wio.CheckpointError, match=message):
+    clip.load_clip_text(str(tmp_path))
+
+
+def test_missing_config(tmp_path):
+  with pytest.raises(wio.CheckpointError, match="config.json: config file not found"):
+    clip.load_clip_text(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps(dict(CLIP_L, hidden_act="relu")))
+  with pytest.raises(ValueError, match="config.json: hidden_act 'relu'"):
+    clip.load_clip_text(str(tmp_path))
