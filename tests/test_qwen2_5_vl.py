@@ -291,6 +291,8 @@ def test_input_errors(ours):
     ours(**dict(inputs, pixel_values=inputs["pixel_values"][:-4]))
   with pytest.raises(ValueError, match="multiples of spatial_merge_size"):
     ours(**dict(inputs, image_grid_thw=inputs["image_grid_thw"] + [0, 1, 0]))
+  with pytest.raises(ValueError, match="vocab_size"):
+    ours(**dict(inputs, input_ids=np.where(ids == PAD, TINY.vocab_size, ids)))
   with pytest.raises(ValueError, match="positions must lie"):
     ours.logits_at(**inputs, positions=np.array([[ids.shape[1]], [0]]))
 

@@ -389,10 +389,12 @@ class Batch:
 def prepare_batch(input_ids, attention_mask, pixel_values, image_grid_thw, config: Qwen25VLConfig) -> Batch:
   """Host step before the jitted forward: checks the inputs agree and builds the static structure."""
   ids = np.asarray(input_ids)
+  if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+    raise ValueError(f"input_ids must lie in [0, vocab_size {config.vocab_size}), got {ids.min()}..{ids.max()}")
   mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
   position_ids, _ = get_rope_index(ids, mask, image_grid_thw, config)
   n_tokens = int((ids == config.image_token_id).sum())
-  if (mask == 0).any() and (ids[~mask] == config.image_token_id).any():
+  if (ids[~mask] == config.image_token_id).any():
     raise ValueError("input_ids hold <|image_pad|> tokens at padded positions (attention_mask 0)")
   if image_grid_thw is None or len(np.asarray(image_grid_thw).reshape(-1, 3)) == 0:
     if pixel_values is not None or n_tokens:
