@@ -23,7 +23,7 @@ from flax import nnx
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
-from editr1_jax.layers import Dense, RMSNorm, attention, remat_policy
+from editr1_jax.layers import Dense, Embed, RMSNorm, attention, remat_policy
 
 REMAT_POLICIES = ("none", "full")
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -574,17 +574,6 @@ class VisionTransformer(nnx.Module):
 _HIDDEN = ("batch", "seq", "act_embed")
 
 
-class Embed(nnx.Module):
-
-  def __init__(self, f: _Factory, vocab: int, dim: int):
-    init = nnx.initializers.normal(0.02)
-    self.embedding = nnx.Param(init(f.rngs.params(), (vocab, dim), f.param_dtype), logical_axes=("vocab", "embed"))
-    self.dtype = f.dtype
-
-  def __call__(self, ids):
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
-
-
 class DecoderAttention(nnx.Module):
   """GQA with q/k/v biases; kv heads repeated as transformers' repeat_kv (head h uses kv head h // groups)."""
 
@@ -628,7 +617,8 @@ class TextModel(nnx.Module):
   def __init__(self, f: _Factory):
     c = f.cfg
     self.cfg = c
-    self.embed_tokens = Embed(f, c.vocab_size, c.hidden_size)
+    self.embed_tokens = Embed(c.vocab_size, c.hidden_size, axes=("vocab", "embed"), rngs=f.rngs,
+                              param_dtype=f.param_dtype, dtype=f.dtype)
     self.layers = nnx.List([DecoderLayer(f) for _ in range(c.num_hidden_layers)])
     self.norm = f.rms(c.hidden_size, c.rms_norm_eps)
 
