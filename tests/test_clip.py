@@ -32,7 +32,7 @@ def make_ids(eos_positions, eos=EOS, pad=EOS, seed=0):
 def torch_forward(model, ids):
   with torch.no_grad():
     out = model(torch.from_numpy(ids))
-  return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+  return out.last_hidden_state.float().numpy(), out.pooler_output.float().numpy()
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +80,16 @@ def test_legacy_pooling_is_argmax_of_ids():
 
 
 def test_jit_and_bfloat16(legacy):
-  ids = make_ids([6, 40])
-  _, ref_pooled = torch_forward(legacy[0], ids)
+  """bf16 rounding, not a bug, separates ours from float32: by as much as transformers' own bf16 run."""
+  from transformers import CLIPTextModel
+  ids = make_ids([6, 40, 76])
+  _, exact = torch_forward(legacy[0], ids)
+  _, theirs = torch_forward(CLIPTextModel.from_pretrained(legacy[1], dtype=torch.bfloat16).eval(), ids)
   model = clip.load_clip_text(legacy[1], dtype="bfloat16")
   hidden, pooled = nnx.jit(lambda m, x: m(x))(model, ids)
   assert hidden.dtype == pooled.dtype == np.dtype("bfloat16")
-  # bf16 weights and activations over 2 layers: measured 4e-3
-  assert max_rel_err(np.asarray(pooled, np.float32), ref_pooled) <= 2e-2
+  # measured: transformers bf16 9.2e-3, ours 9.2e-3 from float32
+  assert max_rel_err(pooled, exact) <= 2 * max_rel_err(theirs, exact)
 
 
 def test_transformers4_prefix_and_pipeline_layout(legacy, tmp_path):
