@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.group_size = 12  # k: rollouts per record
   c.data.resolution = 512  # square training resolution (center crop + Lanczos)
   c.data.t5_max_length = 128
+  c.data.prompt_cache_entries = 4096  # instruction embeddings kept (least recently used dropped beyond)
   c.data.ban_filtered = False  # filtered records never come back in later epochs
 
   c.rollout = ml_collections.ConfigDict()
@@ -75,8 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.advantage.mode = "all"  # all | positive | negative | binary
 
   c.filter = ml_collections.ConfigDict()
-  c.filter.enabled = True
-  c.filter.semantics = "paper"  # paper: drop mean > tau_mu AND std < tau_sigma | code: keep std > tau_sigma AND mean < tau_mu
+  # paper: drop a group when mean > tau_mu AND std < tau_sigma | public (the public code): keep a group only
+  # when std > tau_sigma AND mean < tau_mu | none
+  c.filter.semantics = "paper"
   c.filter.tau_mu = 0.9
   c.filter.tau_sigma = 0.05
 

@@ -42,5 +42,8 @@ class Checkpointer:
                                                                     meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def restore_meta(self, epoch: int) -> dict:
+    return self._manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def close(self) -> None:
     self._manager.close()

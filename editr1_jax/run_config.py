@@ -16,12 +16,13 @@ CHOICES = {
     "rollout.eval_sampler": ("dpm2", "euler", "sde"),
     "advantage.std": ("global", "group"),
     "advantage.mode": ("all", "positive", "negative", "binary"),
-    "filter.semantics": ("paper", "code"),
+    "filter.semantics": ("paper", "public", "none"),
     "nft.old_policy_schedule": (0, 1, 2),
 }
 POSITIVE_INTS = ("num_epochs", "checkpoint_every", "data.groups_per_epoch", "data.resolution", "data.t5_max_length",
                  "rollout.num_steps", "rollout.batch_size", "rollout.eval_steps", "nft.micro_batch",
-                 "reward.batch_size", "lora.rank", "max_nonfinite_updates", "keep_checkpoints")
+                 "reward.batch_size", "lora.rank", "max_nonfinite_updates", "keep_checkpoints",
+                 "data.prompt_cache_entries")
 NON_NEGATIVE_INTS = ("eval_every", "eval_samples", "log_images_every")
 UNIT_INTERVAL = ("filter.tau_mu", "filter.tau_sigma", "nft.timestep_fraction", "nft.ema_max_decay")
 
