@@ -46,7 +46,8 @@ def special_ids(vocab_size: int) -> dict[str, int]:
   return {t: vocab_size + i for i, t in enumerate(SPECIAL_TOKENS)}
 
 
-def write_tokenizer(folder: str, chat_template: str = QWEN_CHAT_TEMPLATE, bpe_size: int = 320) -> dict[str, int]:
+def write_tokenizer(folder: str, chat_template: str = QWEN_CHAT_TEMPLATE, bpe_size: int = 320,
+                    corpus: str = CORPUS) -> dict[str, int]:
   """A Qwen2-style tokenizer folder (tokenizer.json, tokenizer_config.json naming Qwen2Tokenizer, the
   template); returns {special token: id}. Digits are single byte-level tokens (ids 15..20, as in Qwen2)."""
   from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -57,7 +58,7 @@ def write_tokenizer(folder: str, chat_template: str = QWEN_CHAT_TEMPLATE, bpe_si
       pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator([CORPUS] * 4, trainers.BpeTrainer(
+  tok.train_from_iterator([corpus] * 4, trainers.BpeTrainer(
       vocab_size=bpe_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
   n = tok.get_vocab_size()
   tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
@@ -85,17 +86,18 @@ def write_preprocessor_config(folder: str, min_pixels: int = MIN_PIXELS, max_pix
     json.dump(config, f, indent=2)
 
 
-def tiny_config(ids: dict[str, int], **text):
-  """Two vision blocks (block 1 full attention, block 0 windowed), two decoder layers, GQA, M-RoPE (1, 1, 2)."""
+def tiny_config(ids: dict[str, int], text: dict | None = None, vision: dict | None = None):
+  """Two vision blocks (block 1 full attention, block 0 windowed), two decoder layers, GQA, M-RoPE (1, 1, 2);
+  `text` / `vision` override fields (the benchmark uses real widths)."""
   from transformers import Qwen2_5_VLConfig
   vocab = max(ids.values()) + 1
   text_config = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                      rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
-                     bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], **text)
+                     bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]) | (text or {})
   vision_config = dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2, out_hidden_size=32,
                        window_size=112, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
-                       temporal_patch_size=2)
+                       temporal_patch_size=2) | (vision or {})
   return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config,
                           image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],

@@ -200,3 +200,9 @@ def test_pairs_must_line_up(judge):
   sources, edits, instructions, requirements = make_pairs()
   with pytest.raises(ValueError, match="must pair up"):
     judge.score(sources, edits[:2], instructions, requirements)
+
+
+def test_batch_buckets_are_few_and_split_evenly():
+  assert [mllm._bucket(n, 8, 1) for n in (1, 2, 3, 5, 8, 20)] == [1, 2, 4, 8, 8, 8]
+  assert mllm._bucket(5, 6, 1) == 6  # never above batch_size
+  assert mllm._bucket(1, 8, 4) == 4  # a multiple of the data-parallel width

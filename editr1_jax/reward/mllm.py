@@ -97,7 +97,7 @@ class RewardResult:
 def _bucket(n: int, batch_size: int, multiple: int) -> int:
   """Rows of one call: `batch_size`, or the remainder rounded up to a power of two; a multiple of the
   data-parallel width so the batch splits evenly."""
-  rows = batch_size if n >= batch_size else 1 << (n - 1).bit_length()
+  rows = min(batch_size, 1 << (n - 1).bit_length())
   return -(-rows // multiple) * multiple
 
 
