@@ -32,10 +32,13 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  judge = mllm.MllmJudge(FLAGS.model, template_file=FLAGS.template_file, dtype=FLAGS.dtype, batch_size=1,
-                         length_multiple=1)
-  result = judge.score([processor.read_image(FLAGS.source)], [processor.read_image(FLAGS.edited)],
-                       [FLAGS.instruction], [FLAGS.requirement])
+  try:
+    source, edited = processor.read_image(FLAGS.source), processor.read_image(FLAGS.edited)
+    judge = mllm.MllmJudge(FLAGS.model, template_file=FLAGS.template_file, dtype=FLAGS.dtype, batch_size=1,
+                           length_multiple=1)
+    result = judge.score([source], [edited], [FLAGS.instruction], [FLAGS.requirement])
+  except ValueError as e:  # bad folder, image or template: the message names it
+    sys.exit(f"error: {e}")
   if not result.valid[0]:
     sys.exit(f"{FLAGS.edited}: the judge's digit logits are not finite; no score")
   score, probs = float(result.scores[0]), [float(p) for p in result.probs[0]]

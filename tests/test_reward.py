@@ -101,6 +101,15 @@ def test_cli_json_prints_the_score(qwen_reference, expected, tmp_path):
   assert max_rel_err(printed["probs"], expected[1][0]) <= 1e-5
 
 
+def test_cli_names_a_missing_image(qwen_reference, tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "score.py"), f"--model={qwen_reference[1]}",
+       f"--source={tmp_path / 'none.png'}", f"--edited={tmp_path / 'none.png'}", "--instruction=x", "--json"],
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and out.stdout == ""
+  assert f"{tmp_path / 'none.png'}: image not found" in out.stderr
+
+
 def test_runtime_imports_no_torch():
   code = ("import sys, runpy; import editr1_jax.reward.mllm, editr1_jax.reward.processor; "
           "runpy.run_path(sys.argv[1], run_name='not_main'); "
@@ -196,10 +205,13 @@ def test_mismatched_folder_is_an_error(qwen_reference, tmp_path):
     mllm.MllmJudge(str(folder))
 
 
-def test_pairs_must_line_up(judge):
+def test_pairs_must_line_up_and_bad_pairs_are_named(judge):
   sources, edits, instructions, requirements = make_pairs()
   with pytest.raises(ValueError, match="must pair up"):
     judge.score(sources, edits[:2], instructions, requirements)
+  edits[1] = random_image(2, 500)  # aspect ratio above 200
+  with pytest.raises(ValueError, match="pair 1 \\(instruction 'Make the sky red'\\): image of 2x500"):
+    judge.score(sources, edits, instructions, requirements)
 
 
 def test_batch_buckets_are_few_and_split_evenly():

@@ -157,7 +157,12 @@ class MllmJudge:
     if not (len(edits) == len(instructions) == len(requirements) == n):
       raise ValueError(f"got {n} sources, {len(edits)} edits, {len(instructions)} instructions and "
                        f"{len(requirements)} requirements; they must pair up")
-    pairs = [self.encode_pair(*args) for args in zip(sources, edits, instructions, requirements)]
+    pairs = []
+    for i, args in enumerate(zip(sources, edits, instructions, requirements)):
+      try:
+        pairs.append(self.encode_pair(*args))
+      except proc.ProcessorError as e:
+        raise proc.ProcessorError(f"pair {i} (instruction {args[2]!r}): {e}") from e
     groups: dict[bytes, list[int]] = {}
     for i, (_, _, grids) in enumerate(pairs):
       groups.setdefault(grids.tobytes(), []).append(i)
