@@ -35,7 +35,6 @@ class CLIPTextConfig:
   # runtime, not architecture
   dtype: str = "float32"
   param_dtype: str = "float32"
-  attention_impl: str = "xla"
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -143,8 +142,7 @@ class SelfAttention(nnx.Module):
       h = h.reshape(h.shape[:-1] + (self.cfg.num_attention_heads, self.cfg.head_dim))
       return shd.constrain(h, ("batch", "seq", "heads", "kv"))
 
-    out = attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask=mask,
-                    implementation=self.cfg.attention_impl)
+    out = attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask=mask)
     return self.out_proj(out.reshape(out.shape[:2] + (-1,)))
 
 
@@ -208,12 +206,11 @@ def clip_folder(folder: str) -> str:
 
 
 def load_clip_text(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                   attention_impl: str = "xla", mesh=None, rules=shd.DEFAULT_RULES) -> CLIPTextModel:
+                   mesh=None, rules=shd.DEFAULT_RULES) -> CLIPTextModel:
   """Read a transformers CLIPTextModel folder (or a pipeline's text_encoder/) into its target sharding."""
   folder = clip_folder(folder)
   cfg = CLIPTextConfig.from_transformers_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),
-                                                dtype=dtype, param_dtype=param_dtype or dtype,
-                                                attention_impl=attention_impl)
+                                                dtype=dtype, param_dtype=param_dtype or dtype)
   abstract = nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   state = wio.load_state(abstract_state, wio.SafetensorsReader.from_folder(folder), CLIP_WEIGHTS, source=folder,

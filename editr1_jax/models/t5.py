@@ -33,7 +33,6 @@ class T5Config:
   # runtime, not architecture
   dtype: str = "float32"
   param_dtype: str = "float32"
-  attention_impl: str = "xla"
 
   def __post_init__(self):
     if "float16" in (self.dtype, self.param_dtype):
@@ -138,8 +137,7 @@ class T5Attention(nnx.Module):
       h = h.reshape(h.shape[:-1] + (self.cfg.num_heads, self.cfg.d_kv))
       return shd.constrain(h, ("batch", "seq", "heads", "kv"))
 
-    out = attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask=mask, bias=bias, scale=1.0,
-                    implementation=self.cfg.attention_impl)
+    out = attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask=mask, bias=bias, scale=1.0)
     return self.o(out.reshape(out.shape[:2] + (-1,)))
 
 
@@ -241,11 +239,11 @@ def t5_folder(folder: str) -> str:
 
 
 def load_t5_encoder(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                    attention_impl: str = "xla", mesh=None, rules=shd.DEFAULT_RULES) -> T5EncoderModel:
+                    mesh=None, rules=shd.DEFAULT_RULES) -> T5EncoderModel:
   """Read a transformers T5EncoderModel folder (or a pipeline's text_encoder_2/) into its target sharding."""
   folder = t5_folder(folder)
   cfg = T5Config.from_transformers_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),
-                                          dtype=dtype, param_dtype=param_dtype or dtype, attention_impl=attention_impl)
+                                          dtype=dtype, param_dtype=param_dtype or dtype)
   abstract = nnx.eval_shape(lambda: T5EncoderModel(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   reader = wio.SafetensorsReader.from_folder(folder)
