@@ -129,6 +129,11 @@ def test_full_size_shapes_and_count():
 def test_config_errors():
   with pytest.raises(ValueError, match="hidden_act 'gelu'"):
     clip.CLIPTextConfig.from_transformers_config(dict(CLIP_L, hidden_act="gelu"), source="x/config.json")
+  with pytest.raises(ValueError, match=r"x/config.json: missing \['layer_norm_eps'\]"):
+    clip.CLIPTextConfig.from_transformers_config({k: v for k, v in CLIP_L.items() if k != "layer_norm_eps"},
+                                                 source="x/config.json")
+  with pytest.raises(ValueError, match="eos_token_id must be one integer"):
+    clip.CLIPTextConfig.from_transformers_config(dict(CLIP_L, eos_token_id=[2, 3]))
   model = clip.CLIPTextModel(clip.tiny(), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="17 tokens; the model has 16 positions"):
     model(np.zeros((1, 17), np.int32))

@@ -145,12 +145,14 @@ def test_loader_errors(reference, tmp_path, change, message):
     t5.load_t5_encoder(_rewrite(reference[1], tmp_path, edit))
 
 
-def test_config_errors(reference, tmp_path):
+def test_config_errors():
   base = dict(T5_TINY, vocab_size=VOCAB)
   for field, value, message in (("feed_forward_proj", "relu", "feed_forward_proj 'relu'"),
                                 ("is_decoder", True, "is_decoder is true")):
     with pytest.raises(ValueError, match=message):
       t5.T5Config.from_transformers_config(dict(base, **{field: value}), source="x/config.json")
+  with pytest.raises(ValueError, match=r"x/config.json: missing \['d_kv'\]"):
+    t5.T5Config.from_transformers_config({k: v for k, v in base.items() if k != "d_kv"}, source="x/config.json")
 
 
 # --------------------------------------------------------------------------------------------------
