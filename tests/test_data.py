@@ -69,6 +69,10 @@ def test_builder_round_trip_without_tensorflow(dataset, tmp_path):
     assert (ex["id"], ex["prompt"], ex["requirement"], ex["category"]) == (r.id, r.prompt, r.requirement, r.category)
     np.testing.assert_array_equal(np.asarray(ex["image"]), np.asarray(Image.open(r.image_path).convert("RGB")))
   assert len(builder.Split(b, "test")) == len(folder.read_records(str(dataset), "test"))
+  ids = [5, 0, 5, 3]
+  read = builder.read(split, ids, num_threads=3)
+  assert [r["id"] for r in read] == ids
+  np.testing.assert_array_equal(np.asarray(read[0]["image"]), np.asarray(split[5]["image"]))
 
 
 def test_builder_refuses_invalid_folder(dataset, tmp_path):

@@ -6,6 +6,7 @@ Images are stored as their original file bytes (lossless) and decoded with PIL o
 
 import os
 
+import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -75,6 +76,12 @@ class Split:
     where = f"{self._where}[{record_id}] ({_text(ex['image_path'])})"
     return {"id": int(ex["id"]), "prompt": _text(ex["prompt"]), "requirement": _text(ex["requirement"]),
             "category": _text(ex["category"]), "image": folder_format.decode_image(ex["image_bytes"], where)}
+
+
+def read(split: "Split", record_ids, num_threads: int = 8) -> list[dict]:
+  """The records `record_ids` (in that order), read and decoded by grain's threaded iterator."""
+  ds = grain.MapDataset.source(np.asarray(record_ids, np.int64)).map(lambda i: split[int(i)])
+  return list(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)))
 
 
 def _text(x) -> str:
