@@ -186,7 +186,8 @@ class EditCondition:
   img_ids: jax.Array  # (L + Lr, 3): target ids, then reference ids
   txt_ids: jax.Array  # (Lt, 3)
 
-  def logical_axes(self) -> "EditCondition":
+  @staticmethod
+  def logical_axes() -> "EditCondition":
     """Logical axis names per field, for shardings."""
     return EditCondition(("batch", "seq", None), ("batch", "seq", None), ("batch", None), ("batch",), (None, None),
                          (None, None))
