@@ -17,6 +17,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -223,6 +224,21 @@ class TrainBatch:
   def logical_axes() -> "TrainBatch":
     return TrainBatch(("batch", "seq", None), EditCondition.logical_axes(), ("batch", None), ("batch",), ("batch",),
                       ("batch",))
+
+
+def gather_batch(x0: jax.Array, cond: EditCondition, sigmas, indices, advantages, mask) -> TrainBatch:
+  """The micro-batch of rollouts `indices` (one row of `EpochAdvantages.micro_batches`) from an epoch's arrays:
+  `x0` (n, L, C), `cond` with n rows, `sigmas` the rollouts' (N + 1,) schedule ending in 0."""
+  sigmas = np.asarray(sigmas, np.float32)
+  if sigmas.ndim != 1 or sigmas[-1] != 0:
+    raise ValueError(f"sigmas must be the rollout's (N + 1,) schedule ending in 0, got shape {sigmas.shape}")
+  indices = np.asarray(indices)
+  take = lambda x: jnp.take(x, indices, axis=0)
+  rows = cond.replace(reference=take(cond.reference), text=take(cond.text), pooled=take(cond.pooled),
+                      guidance=take(cond.guidance))
+  steps = np.broadcast_to(sigmas[:-1], (len(indices), len(sigmas) - 1))
+  return TrainBatch(x0=take(x0), cond=rows, sigmas=jnp.asarray(steps), advantages=jnp.asarray(advantages, jnp.float32),
+                    mask=jnp.asarray(mask, jnp.float32), index=jnp.asarray(indices, jnp.int32))
 
 
 def draw_terms(key: jax.Array, index: jax.Array, sigmas: jax.Array, latent_shape: tuple[int, ...],

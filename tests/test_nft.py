@@ -185,14 +185,11 @@ def make_batch(cfg, b=B, seed=0, index_offset=0):
                         index=jnp.arange(index_offset, index_offset + b, dtype=jnp.int32))
 
 
-def rows(batch, index, mask=None):
-  """The batch rows at `index` (a slice or an index array), optionally with a new mask."""
-  take = lambda x: x[index]
-  cond = batch.cond.replace(reference=take(batch.cond.reference), text=take(batch.cond.text),
-                            pooled=take(batch.cond.pooled), guidance=take(batch.cond.guidance))
-  return batch.replace(x0=take(batch.x0), cond=cond, sigmas=take(batch.sigmas), advantages=take(batch.advantages),
-                       mask=take(batch.mask) if mask is None else jnp.asarray(mask, jnp.float32),
-                       index=take(batch.index))
+def rows(batch, index, mask):
+  """A micro-batch of the epoch `batch` (rollout i = row i), as the training loop gathers one."""
+  sigmas = np.append(np.asarray(batch.sigmas[0]), 0.0)
+  mask = np.asarray(mask, np.float32)
+  return nft.gather_batch(batch.x0, batch.cond, sigmas, index, np.asarray(batch.advantages)[index] * mask, mask)
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +214,20 @@ KEY = jax.random.key(42)
 def to_float64(tree):
   return jax.tree.map(lambda x: jnp.asarray(np.asarray(x, np.float64)) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                       tree)
+
+
+def test_gather_batch(lora_setup):
+  batch = lora_setup["batch"]
+  same = rows(batch, np.arange(B), np.ones(B))
+  for a, b in zip(jax.tree.leaves(same.replace(mask=batch.mask)), jax.tree.leaves(batch)):
+    np.testing.assert_array_equal(a, b)
+  part = rows(batch, np.array([3, 1]), [1, 0])
+  np.testing.assert_array_equal(part.x0, batch.x0[np.array([3, 1])])
+  np.testing.assert_array_equal(part.cond.text, batch.cond.text[np.array([3, 1])])
+  np.testing.assert_array_equal(part.index, [3, 1])
+  np.testing.assert_array_equal(part.advantages, [batch.advantages[3], 0.0])
+  with pytest.raises(ValueError, match="ending in 0"):
+    nft.gather_batch(batch.x0, batch.cond, np.asarray(batch.sigmas[0]), [0], [0.0], [1.0])
 
 
 def test_step_gradient_equals_the_loss_through_three_separate_calls(lora_setup):
@@ -347,7 +358,7 @@ def test_sharded_step_equals_single_device(lora_setup):
   assert to_q["lora_a"][...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
   assert to_q["lora_b"][...].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
   with pytest.raises(ValueError, match="data x fsdp"):
-    sharded.place(rows(s["batch"], slice(0, 3)), "batch")  # 3 rows over 4 devices
+    sharded.place(rows(s["batch"], np.arange(3), np.ones(3)), "batch")  # 3 rows over 4 devices
 
 
 def test_full_finetune_step():
