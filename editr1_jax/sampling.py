@@ -212,9 +212,18 @@ def kontext_velocity(model, z: jax.Array, sigma: jax.Array, cond: EditCondition,
   return out[:, :n]
 
 
-@functools.partial(jax.jit, static_argnames=("solver",))
+@functools.partial(jax.jit, static_argnames=("solver", "progress"))
 def kontext_rollout(model, cond: EditCondition, noise: jax.Array, sigmas: jax.Array, keys: jax.Array | None = None, *,
-                    solver: str = "dpm2", noise_level: float = 0.7) -> Rollout:
-  """Rollouts of an (nnx) Kontext transformer from explicit initial noise (B, L, C); see `sample`."""
-  return sample(lambda z, sigma: kontext_velocity(model, z, sigma, cond), noise, sigmas, solver=solver, keys=keys,
-                noise_level=noise_level)
+                    solver: str = "dpm2", noise_level: float = 0.7,
+                    progress: Callable[[jax.Array], None] | None = None) -> Rollout:
+  """Rollouts of an (nnx) Kontext transformer from explicit initial noise (B, L, C); see `sample`.
+
+  `progress(sigma)` (a host function, e.g. a progress bar's update) runs after each velocity evaluation.
+  """
+  def velocity(z, sigma):
+    v = kontext_velocity(model, z, sigma, cond)
+    if progress is not None:  # depends on v, so it fires once the step's transformer call is done
+      jax.debug.callback(lambda s, _: progress(s), sigma, v[0, 0, 0])
+    return v
+
+  return sample(velocity, noise, sigmas, solver=solver, keys=keys, noise_level=noise_level)

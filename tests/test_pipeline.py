@@ -1,0 +1,140 @@
+"""The Kontext pipeline against diffusers' FluxKontextPipeline on a tiny pipeline folder written here."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+from helpers import max_rel_err, perturb_
+from PIL import Image
+from test_autoencoder import save_reference as save_vae
+from text_fixtures import text_pipeline  # noqa: F401
+
+from editr1_jax import export, latents, pipeline, sampling
+from editr1_jax import sharding as shd
+from editr1_jax.layers import LoraSpec
+from editr1_jax.models import flux
+
+# The tiny VAE has 4 latent channels (16-wide packed tokens) and downsamples by 4; the text fixtures'
+# T5 and CLIP both have width 32.
+TRANSFORMER = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                   joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6])
+SCHEDULER = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15, shift=3.0,
+                 use_dynamic_shifting=True)
+HEIGHT, WIDTH = 32, 48  # multiples of 16: both pipelines keep the sources' size
+GRID = (HEIGHT // 8, WIDTH // 8)  # packed target grid: (latent / 2)
+PROMPTS = ["make the sky a deep orange sunset", "add a small cat sitting on the wooden table"]
+STEPS = 4
+
+
+def sources():
+  rng = np.random.default_rng(0)
+  return [Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)) for _ in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def folder(text_pipeline):  # noqa: F811
+  """A FluxKontextPipeline folder: the text fixtures plus a tiny transformer, VAE and FLUX's scheduler config."""
+  from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+  root, parts = text_pipeline
+  torch.manual_seed(0)
+  transformer = FluxTransformer2DModel(**TRANSFORMER).eval()
+  perturb_(transformer)
+  transformer.save_pretrained(os.path.join(root, "transformer"))
+  vae = save_vae(os.path.join(root, "vae"))
+  scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
+  scheduler.save_pretrained(os.path.join(root, "scheduler"))
+  reference = FluxKontextPipeline(scheduler=scheduler, vae=vae, transformer=transformer, **parts)
+  return root, reference
+
+
+@pytest.fixture(scope="module")
+def ours(folder):
+  return pipeline.KontextPipeline.from_folder(folder[0])
+
+
+def noise():
+  return np.random.default_rng(1).standard_normal((len(PROMPTS), GRID[0] * GRID[1], 16)).astype(np.float32)
+
+
+def reference_run(reference, output_type):
+  with torch.no_grad():
+    return reference(image=sources(), prompt=PROMPTS, height=HEIGHT, width=WIDTH, max_area=HEIGHT * WIDTH,
+                     _auto_resize=False, num_inference_steps=STEPS, guidance_scale=3.5,
+                     latents=torch.from_numpy(noise()), output_type=output_type).images
+
+
+def test_euler_rollout_equals_diffusers(folder, ours):
+  ref = reference_run(folder[1], "latent").numpy()
+  images, rollout = ours(sources(), PROMPTS, height=HEIGHT, width=WIDTH, max_area=HEIGHT * WIDTH, auto_resize=False,
+                         num_steps=STEPS, guidance=3.5, noise=noise(), solver="euler")
+  assert rollout.x0.shape == ref.shape == (2, GRID[0] * GRID[1], 16)
+  assert max_rel_err(rollout.x0, ref) <= 1e-4  # measured 1.3e-5: real timesteps, see flux_fixtures.REAL
+  np.testing.assert_allclose(rollout.sigmas, folder[1].scheduler.sigmas.numpy(), rtol=1e-6)
+  # decoded images too: diffusers' "np" output is the decode mapped to [0, 1]
+  ref_images = reference_run(folder[1], "np")
+  assert images.shape == ref_images.shape == (2, HEIGHT, WIDTH, 3)
+  assert max_rel_err(np.clip(images / 2 + 0.5, 0, 1), ref_images) <= 1e-4
+
+
+def test_dpm2_seeded_rollouts(ours):
+  a, ra = ours(sources(), PROMPTS, auto_resize=False, num_steps=STEPS, solver="dpm2", seed=3)
+  b, rb = ours(sources()[:1], PROMPTS[:1], auto_resize=False, num_steps=STEPS, solver="dpm2", seed=3)
+  assert np.isfinite(a).all() and a.shape == (2, HEIGHT, WIDTH, 3)
+  # row 0's noise comes from (seed, row 0) alone: the same edit alone or in a batch
+  np.testing.assert_allclose(ra.x0[:1], rb.x0, rtol=0, atol=1e-5)
+  euler = ours(sources(), PROMPTS, auto_resize=False, num_steps=STEPS, solver="euler", seed=3)[1]
+  assert max_rel_err(euler.x0, ra.x0) > 1e-3
+
+
+def test_progress_ticks_once_per_step(ours):
+  seen = []
+  ours(sources()[:1], PROMPTS[:1], auto_resize=False, num_steps=STEPS, progress=lambda s: seen.append(float(s)))
+  jax.effects_barrier()
+  assert sorted(seen, reverse=True) == pytest.approx(list(sampling.shifted_sigmas(STEPS, GRID[0] * GRID[1])[:-1]))
+
+
+def test_sharded_pipeline_equals_single_device(folder, ours):
+  sharded = pipeline.KontextPipeline.from_folder(folder[0], mesh=shd.make_mesh((2, 2, 2)))
+  _, a = sharded(sources(), PROMPTS, auto_resize=False, num_steps=STEPS, noise=noise())
+  _, b = ours(sources(), PROMPTS, auto_resize=False, num_steps=STEPS, noise=noise())
+  assert max_rel_err(a.x0, b.x0) <= 1e-6  # measured 2e-7
+
+
+def test_lora_file_spec_and_load(folder, tmp_path):
+  spec = LoraSpec(rank=4, alpha=8.0, targets=flux.DEFAULT_LORA_TARGETS)
+  cfg = flux.FluxConfig.from_diffusers_config(TRANSFORMER, lora=spec)
+  from flax import nnx
+  _, abstract, _ = flux.split_params(nnx.eval_shape(lambda: flux.FluxTransformer(cfg, rngs=nnx.Rngs(0))))
+  adapters = jax.tree.map(lambda x: x + 0.1, flux.init_adapters(abstract, jax.random.key(0)))
+  path = export.save_lora(adapters, spec, str(tmp_path / "with_metadata"))
+  read = pipeline.lora_spec_of_file(path)
+  assert (read.rank, read.alpha) == (4, 8.0)
+  assert "transformer_blocks.0.attn.to_out.0" in read.targets and "single_transformer_blocks.0.attn.to_q" in read.targets
+  model = pipeline.KontextPipeline.from_folder(folder[0], lora_weights=path).transformer
+  np.testing.assert_array_equal(model.transformer_blocks[0].attn.to_q.lora_b[...],
+                                adapters["transformer_blocks"][0]["attn"]["to_q"]["lora_b"][...])
+
+  tensors, _ = export.lora_tensors(adapters, spec)
+  bare = str(tmp_path / "bare.safetensors")
+  from editr1_jax import weights as wio
+  wio.save_safetensors(tensors, bare)  # no metadata: the rank is in the shapes, the alpha is not
+  with pytest.raises(ValueError, match="lora_alpha"):
+    pipeline.lora_spec_of_file(bare)
+  assert pipeline.lora_spec_of_file(bare, alpha=8.0).scale == 2.0
+
+
+def test_errors_name_the_problem(folder, ours, tmp_path):
+  with pytest.raises(ValueError, match="instructions"):
+    ours.condition(np.zeros((2, HEIGHT, WIDTH, 3), np.float32), PROMPTS[:1], grid=GRID, guidance=3.5)
+  with pytest.raises(ValueError, match="different sizes"):
+    ours([sources()[0], sources()[1].resize((64, 32))], PROMPTS, auto_resize=False)
+  with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+    pipeline.scheduler_shift(str(tmp_path))
+  os.makedirs(tmp_path / "scheduler")
+  with open(tmp_path / "scheduler" / "scheduler_config.json", "w") as f:
+    json.dump({"use_dynamic_shifting": False}, f)
+  with pytest.raises(ValueError, match="use_dynamic_shifting"):
+    pipeline.scheduler_shift(str(tmp_path))
