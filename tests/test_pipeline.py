@@ -138,3 +138,26 @@ def test_errors_name_the_problem(folder, ours, tmp_path):
     json.dump({"use_dynamic_shifting": False}, f)
   with pytest.raises(ValueError, match="use_dynamic_shifting"):
     pipeline.scheduler_shift(str(tmp_path))
+
+
+def test_launch_edit_writes_the_image_without_torch(folder, tmp_path):
+  """launch/edit.py end to end in a fresh interpreter that must not import torch."""
+  import subprocess
+  import sys
+  src = tmp_path / "in.png"
+  sources()[0].save(src)
+  out = tmp_path / "out" / "edited.png"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ("import sys, runpy\nsys.argv = sys.argv[1:]\ntry:\n  runpy.run_path(sys.argv[0], run_name='__main__')\n"
+          "except SystemExit as e:  # absl's app.run exits\n  if e.code:\n    raise\n"
+          "assert 'torch' not in sys.modules, 'the runtime imported torch'\nprint('torch not imported')")
+  script = os.path.join(root, "launch", "edit.py")
+  args = [f"--model={folder[0]}", f"--image={src}", "--instruction=make the sky a deep orange sunset",
+          f"--out={out}", "--steps=2", "--dtype=float32", "--sampler=dpm2", "--noauto_resize"]
+  env = dict(os.environ, PYTHONPATH=root, XLA_FLAGS="")
+  result = subprocess.run([sys.executable, "-c", code, script, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "wrote" in result.stdout and "torch not imported" in result.stdout
+  with Image.open(out) as img:
+    assert img.size == (WIDTH, HEIGHT) and img.mode == "RGB"
