@@ -7,13 +7,15 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from helpers import max_rel_err, perturb_
 from PIL import Image
 from test_autoencoder import save_reference as save_vae
 from text_fixtures import text_pipeline  # noqa: F401
 
-from editr1_jax import export, latents, pipeline, sampling
+from editr1_jax import export, pipeline, sampling
 from editr1_jax import sharding as shd
+from editr1_jax import weights as wio
 from editr1_jax.layers import LoraSpec
 from editr1_jax.models import flux
 
@@ -106,20 +108,18 @@ def test_sharded_pipeline_equals_single_device(folder, ours):
 def test_lora_file_spec_and_load(folder, tmp_path):
   spec = LoraSpec(rank=4, alpha=8.0, targets=flux.DEFAULT_LORA_TARGETS)
   cfg = flux.FluxConfig.from_diffusers_config(TRANSFORMER, lora=spec)
-  from flax import nnx
   _, abstract, _ = flux.split_params(nnx.eval_shape(lambda: flux.FluxTransformer(cfg, rngs=nnx.Rngs(0))))
   adapters = jax.tree.map(lambda x: x + 0.1, flux.init_adapters(abstract, jax.random.key(0)))
   path = export.save_lora(adapters, spec, str(tmp_path / "with_metadata"))
   read = pipeline.lora_spec_of_file(path)
   assert (read.rank, read.alpha) == (4, 8.0)
-  assert "transformer_blocks.0.attn.to_out.0" in read.targets and "single_transformer_blocks.0.attn.to_q" in read.targets
+  assert {"transformer_blocks.0.attn.to_out.0", "single_transformer_blocks.0.attn.to_q"} <= set(read.targets)
   model = pipeline.KontextPipeline.from_folder(folder[0], lora_weights=path).transformer
   np.testing.assert_array_equal(model.transformer_blocks[0].attn.to_q.lora_b[...],
                                 adapters["transformer_blocks"][0]["attn"]["to_q"]["lora_b"][...])
 
   tensors, _ = export.lora_tensors(adapters, spec)
   bare = str(tmp_path / "bare.safetensors")
-  from editr1_jax import weights as wio
   wio.save_safetensors(tensors, bare)  # no metadata: the rank is in the shapes, the alpha is not
   with pytest.raises(ValueError, match="lora_alpha"):
     pipeline.lora_spec_of_file(bare)
