@@ -311,8 +311,9 @@ class NFTTrainer:
 
     kw = dict(donate_argnums=(0,) if donate else ())
     if self.mesh is not None:
-      pick = lambda names: tuple(self.shardings[n] for n in names) if isinstance(names, tuple) else self.shardings[
-          names]
+      def pick(names):
+        return tuple(self.shardings[n] for n in names) if isinstance(names, tuple) else self.shardings[names]
+
       kw.update(in_shardings=pick(inputs), out_shardings=pick(outputs))
     return jax.jit(traced, **kw)
 
