@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.num_steps = 6
   c.rollout.guidance = 2.5  # FLUX guidance embedding (no CFG)
   c.rollout.sde_noise = 0.7  # noise level a of the flow SDE sampler
-  c.rollout.batch_size = 4  # rollouts per device per sampling call
+  c.rollout.batch_size = 4  # rollouts per data-parallel shard (data x fsdp) per sampling / encoding call
   c.rollout.eval_steps = 28
   c.rollout.eval_guidance = 3.5
   c.rollout.eval_sampler = "euler"

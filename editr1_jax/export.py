@@ -4,10 +4,12 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from editr1_jax import weights as wio
+from editr1_jax.checkpoint import Checkpointer
 from editr1_jax.layers import LoraSpec
 from editr1_jax.models import flux
 
@@ -79,3 +81,34 @@ def save_transformer(base, cfg: flux.FluxConfig, out_dir: str) -> str:
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(cfg.to_diffusers_config(), f, indent=2)
   return out_dir
+
+
+def export_run(workdir: str, out: str, *, weights: str = "ema", merged: bool = False,
+               epoch: int | None = None) -> list[str]:
+  """A training run's checkpoint -> `save_lora` (and `save_transformer` of the merged weights) under `out`;
+  a full fine-tune run -> `save_transformer` of its weights."""
+  from editr1_jax import nft, train_loop  # the run's own builders, so the export sees the trained model
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  epoch = ckpt.latest_epoch() if epoch is None else epoch
+  if epoch is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export")
+  meta = ckpt.restore_meta(epoch)
+  config = ml_collections.ConfigDict(meta["config"])
+  spec = train_loop.lora_spec(config)
+  transformer = train_loop.build_transformer(config, mesh=None, rules=tuple(tuple(r) for r in config.mesh.rules))
+  policy, params, frozen = nft.Policy.from_model(transformer, config.optim.full_finetune)
+  params = jax.tree.map(lambda x: x.astype(config.model.adapter_dtype), params)
+  trainer = nft.NFTTrainer(policy, train_loop.nft_config(config), jax.eval_shape(lambda: params),
+                           jax.eval_shape(lambda: frozen))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        jax.eval_shape(trainer.init, params))
+  state, _ = ckpt.restore(epoch, {"train": target})
+  trained = state["train"].ema_params if weights == "ema" else state["train"].params
+  if spec is None:  # full fine-tune: the trained weights are the transformer
+    return [save_transformer(trained, transformer.cfg, os.path.join(out, "transformer"))]
+  written = [save_lora(trained, spec, out)]
+  if merged:
+    written.append(save_transformer(merge_adapters(trained, frozen, spec), transformer.cfg,
+                                    os.path.join(out, "transformer")))
+  return written

@@ -173,24 +173,25 @@ class Policy:
       raise ValueError("the transformer has no LoRA adapters: build it with a LoraSpec, or pass full_finetune=True")
     return cls(graphdef, False, None), adapters, base
 
-  def _model(self, params, frozen):
+  def model(self, params, frozen):
+    """The transformer with these parameters (adapters at full scale)."""
     if self.full_finetune:
       return nnx.merge(self.graphdef, self.no_adapters, params)
     return nnx.merge(self.graphdef, params, frozen)
 
   def velocity(self, params, frozen, x_t, t, cond: EditCondition) -> jax.Array:
     """v of the trainable parameters (the current adapter at full scale)."""
-    return kontext_velocity(self._model(params, frozen), x_t, t, cond)
+    return kontext_velocity(self.model(params, frozen), x_t, t, cond)
 
   def old_and_reference(self, old, frozen, x_t, t, cond: EditCondition) -> tuple[jax.Array, jax.Array]:
     """(v_old, v_ref), no gradient: with LoRA one call on [rows | rows], old adapter at scale 1 then 0."""
     if self.full_finetune:
-      v_old = kontext_velocity(self._model(old, None), x_t, t, cond)
-      v_ref = kontext_velocity(self._model(frozen, None), x_t, t, cond)
+      v_old = kontext_velocity(self.model(old, None), x_t, t, cond)
+      v_ref = kontext_velocity(self.model(frozen, None), x_t, t, cond)
     else:
       b = x_t.shape[0]
       rows = AdapterRows(jnp.zeros((2 * b,), jnp.int32), jnp.concatenate([jnp.ones((b,)), jnp.zeros((b,))]))
-      both = kontext_velocity(self._model(old, frozen), jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+      both = kontext_velocity(self.model(old, frozen), jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
                               cond.tile(2), rows)
       v_old, v_ref = both[:b], both[b:]
     return jax.lax.stop_gradient(v_old), jax.lax.stop_gradient(v_ref)

@@ -1,0 +1,385 @@
+"""The Edit-R1 training program: one epoch is rollouts -> decode -> reward -> advantages/filtering ->
+NFT training -> old-policy update (+ EMA inside the optimizer step), in that order (REFERENCE.md 2).
+
+Every process computes the same epoch plan (record ids, noise keys) from (seed, epoch), so host
+inputs are identical everywhere and enter the jitted, mesh-sharded steps as global arrays; what a
+host needs back (decoded images, rewards) is gathered. Everything that makes a run continue
+exactly lives in the checkpoint: train state (adapters, old policy, EMA, optimizer), sampler ban
+set, epoch and counters.
+"""
+
+import collections
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from editr1_jax import advantages as adv
+from editr1_jax import latents, metrics, nft, run_config, sampling
+from editr1_jax import sharding as shd
+from editr1_jax.checkpoint import Checkpointer
+from editr1_jax.conditioning import TextEncoders
+from editr1_jax.data import builder as data_builder
+from editr1_jax.data.sampler import GroupedSampler
+from editr1_jax.layers import LoraSpec
+from editr1_jax.models import autoencoder, flux
+from editr1_jax.reward.colour import colour_scores
+
+_LOG = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+def lora_spec(config) -> LoraSpec | None:
+  if config.optim.full_finetune:
+    return None
+  return LoraSpec(rank=config.lora.rank, alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
+
+
+def nft_config(config) -> nft.NFTConfig:
+  return nft.NFTConfig(
+      beta=config.nft.beta, kl_weight=config.nft.kl_weight, adv_clip=config.advantage.clip,
+      adv_mode=config.advantage.mode, timestep_fraction=config.nft.timestep_fraction,
+      learning_rate=config.optim.learning_rate, adam_b1=config.optim.b1, adam_b2=config.optim.b2,
+      weight_decay=config.optim.weight_decay, adam_eps=config.optim.eps, max_grad_norm=config.optim.grad_clip,
+      decay_schedule=config.nft.old_policy_schedule, ema_max_decay=config.nft.ema_max_decay)
+
+
+def advantage_config(config) -> adv.AdvantageConfig:
+  return adv.AdvantageConfig(std=config.advantage.std, rloo=config.advantage.rloo, filter=config.filter.semantics,
+                             tau_mu=config.filter.tau_mu, tau_sigma=config.filter.tau_sigma,
+                             ban_filtered=config.data.ban_filtered)
+
+
+def build_transformer(config, mesh, rules) -> flux.FluxTransformer:
+  """The policy network: tiny random (demo) or read from the pipeline folder, placed on the mesh."""
+  lora = lora_spec(config)
+  if config.model.tiny:
+    from editr1_jax import tiny
+    return tiny.tiny_transformer(config.seed, lora, mesh=mesh, rules=rules, dtype=config.model.dtype,
+                                 param_dtype=config.model.param_dtype, remat=config.model.remat,
+                                 attention_impl=config.model.attention_impl)
+  return flux.load_flux_transformer(
+      config.model.pipeline_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype, lora=lora,
+      lora_weights=config.model.init_lora or None, remat=config.model.remat,
+      attention_impl=config.model.attention_impl, mesh=mesh, rules=rules, seed=config.seed)
+
+
+def build_conditioning(config, mesh, rules):
+  """(VAE, text encoders) of the pipeline, or their tiny random stand-ins."""
+  if config.model.tiny:
+    from editr1_jax import tiny
+    return (tiny.tiny_vae(config.seed, mesh=mesh, rules=rules),
+            tiny.tiny_text_encoders(config.seed, config.data.t5_max_length, mesh=mesh, rules=rules))
+  folder = config.model.pipeline_dir
+  vae = autoencoder.load_autoencoder(folder, dtype=config.model.dtype, mesh=mesh, rules=rules)
+  text = TextEncoders.from_pipeline(folder, dtype=config.model.dtype, max_sequence_length=config.data.t5_max_length,
+                                    mesh=mesh, rules=rules)
+  return vae, text
+
+
+def build_judge(config, mesh, rules):
+  if config.reward.kind == "colour":
+    return None
+  if config.reward.tiny:
+    from editr1_jax import tiny
+    return tiny.tiny_judge(config.seed, config.reward.batch_size, template_file=config.reward.template_file or None,
+                           mesh=mesh, rules=rules)
+  from editr1_jax.reward.mllm import MllmJudge
+  return MllmJudge(config.reward.model_dir, template_file=config.reward.template_file or None,
+                   dtype=config.reward.dtype, mesh=mesh, rules=rules, batch_size=config.reward.batch_size)
+
+
+class PromptCache:
+  """Instruction -> (T5 hidden states, CLIP pooled), computed once per instruction (LRU-bounded).
+
+  Missing instructions are encoded in chunks of a fixed size (the last one padded), so the encoders
+  compile once and an instruction's embedding does not depend on which others were encoded with it
+  (a resumed run computes exactly what the uninterrupted one did).
+  """
+
+  def __init__(self, encoders: TextEncoders, max_entries: int, chunk: int):
+    self._encoders, self._max, self._chunk = encoders, max_entries, chunk
+    self._entries: collections.OrderedDict = collections.OrderedDict()
+    self.misses = 0
+
+  def __call__(self, prompts) -> tuple[np.ndarray, np.ndarray]:
+    missing = [p for p in dict.fromkeys(prompts) if p not in self._entries]
+    self.misses += len(missing)
+    for s in range(0, len(missing), self._chunk):
+      part = missing[s:s + self._chunk]
+      hidden, pooled, _ = self._encoders(part + [part[0]] * (self._chunk - len(part)))
+      hidden, pooled = _to_host(hidden), _to_host(pooled)
+      for i, p in enumerate(part):
+        self._entries[p] = (hidden[i], pooled[i])
+    for p in prompts:
+      self._entries.move_to_end(p)
+    out = [self._entries[p] for p in prompts]
+    while len(self._entries) > self._max:
+      self._entries.popitem(last=False)
+    return np.stack([h for h, _ in out]), np.stack([q for _, q in out])
+
+
+def _to_host(x) -> np.ndarray:
+  """A global jax array as one numpy array on every process."""
+  if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+class Trainer:
+  """Owns the models, data, train state and checkpoints of one run in `workdir`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    run_config.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+    self.config, self.workdir = config, workdir
+    self.is_main = jax.process_index() == 0
+    self.rules = tuple(tuple(r) for r in config.mesh.rules)
+    self.mesh = shd.make_mesh(tuple(config.mesh.shape))
+    self.rows_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    self.chunk = config.rollout.batch_size * self.rows_multiple  # rows per sampling / encoding call
+    transformer = build_transformer(config, self.mesh, self.rules)
+    self.vae, text = build_conditioning(config, self.mesh, self.rules)
+    self.prompts = PromptCache(text, config.data.prompt_cache_entries, self.chunk)
+    self.judge = build_judge(config, self.mesh, self.rules)
+    self.policy, params, self.frozen = nft.Policy.from_model(transformer, config.optim.full_finetune)
+    params = jax.tree.map(lambda x: x.astype(config.model.adapter_dtype), params)
+    self.nft = nft.NFTTrainer(self.policy, nft_config(config), jax.eval_shape(lambda: params),
+                              jax.eval_shape(lambda: self.frozen), mesh=self.mesh, rules=self.rules)
+    self.frozen = self.nft.place(self.frozen, "frozen")
+    self.state = self.nft.init(self.nft.place(params, "params"))
+    self.guidance = config.rollout.guidance
+
+    tfds_dir = config.data.tfds_dir or os.path.join(workdir, "tfds")
+    if jax.process_count() > 1:  # each process writes its own copy: no race, no shared filesystem assumed
+      tfds_dir = os.path.join(tfds_dir, f"process_{jax.process_index()}")
+    built = data_builder.prepare(config.data.dataset_dir, tfds_dir)
+    self.train_split = data_builder.Split(built, "train")
+    self.test_split = data_builder.Split(built, "test")
+    self.sampler = GroupedSampler(len(self.train_split), config.data.groups_per_epoch, config.data.group_size,
+                                  config.seed)
+
+    factor = self.vae.cfg.downsample_factor
+    self.latent_side = config.data.resolution // factor
+    if self.latent_side % 2:
+      raise run_config.ConfigError(f"config.data.resolution = {config.data.resolution}: the latent side "
+                                   f"{self.latent_side} (resolution / {factor}) must be even to pack 2x2 patches")
+    self.grid = self.latent_side // 2
+    self.img_ids = np.concatenate([latents.target_ids(self.grid, self.grid), latents.reference_ids(self.grid, self.grid)])
+    self.token_channels = 4 * self.vae.cfg.latent_channels
+
+    self._encode = jax.jit(lambda vae, x: latents.reference_latents(vae, x)[0])
+    self._decode = jax.jit(lambda vae, t: latents.decode_tokens(vae, t, self.latent_side, self.latent_side))
+    self._rollout = jax.jit(self._rollout_fn, static_argnames=("solver",))
+
+    self.checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    self.writer = metrics.MetricsWriter(os.path.join(workdir, "tensorboard"), enabled=self.is_main)
+    self.epoch = 0
+    self.nonfinite_streak = 0
+    self._restore()
+
+  # ------------------------------------------------------------------------------------------------
+  def _rows(self, x):
+    """Host rows (identical on every process) -> a global array split over data x fsdp."""
+    axes = ("batch",) + (None,) * (np.ndim(x) - 1)
+    return jax.device_put(x, NamedSharding(self.mesh, shd.logical_to_spec(axes, self.rules, np.shape(x), self.mesh)))
+
+  def _replicated(self, x):
+    return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
+
+  def _rollout_fn(self, params, frozen, cond, noise, sigmas, keys, *, solver):
+    with shd.use_mesh(self.mesh, self.rules):
+      def velocity(z, sigma):
+        return self.policy.velocity(params, frozen, z, jnp.broadcast_to(sigma, (z.shape[0],)), cond)
+      return sampling.sample(velocity, noise, sigmas, solver=solver, keys=keys,
+                             noise_level=self.config.rollout.sde_noise).x0
+
+  def _conditions(self, records: list[dict]) -> tuple[np.ndarray, dict]:
+    """Source images (n, H, W, 3) in [-1, 1] and the per-row conditioning (host arrays)."""
+    res = self.config.data.resolution
+    sources = np.stack([latents.training_image(r["image"], res, res) for r in records])
+    hidden, pooled = self.prompts([r["prompt"] for r in records])
+    return sources, dict(text=hidden, pooled=pooled)
+
+  def _generate(self, params, records, keys_data, *, steps, sampler, guidance, desc):
+    """Rollouts of `params` for the rows `records`: (x0 tokens (device), edited images (host), sources, conds)."""
+    n = len(records)
+    uniq = list(dict.fromkeys(r["id"] for r in records))
+    by_id = {r["id"]: r for r in records}
+    src_u, cond_u = self._conditions([by_id[i] for i in uniq])
+    chunk = self.chunk
+    refs_u = []
+    for s in range(0, len(uniq), chunk):  # fixed-size calls: one compile, row results independent of the rest
+      part = src_u[s:s + chunk]
+      padded = np.concatenate([part, part[:1].repeat(chunk - len(part), 0)])
+      refs_u.append(_to_host(self._encode(self.vae, self._rows(padded)))[:len(part)])
+    refs_u = np.concatenate(refs_u)
+    where = np.array([uniq.index(r["id"]) for r in records])
+    rows = dict(reference=refs_u[where], text=cond_u["text"][where], pooled=cond_u["pooled"][where])
+    sigmas = sampling.shifted_sigmas(steps, self.grid * self.grid)
+    x0_parts, images = [], []
+    padded_n = -(-n // chunk) * chunk
+    order = np.concatenate([np.arange(n), np.zeros(padded_n - n, np.int64)])
+    for s in tqdm(range(0, padded_n, chunk), desc=desc, disable=not self.is_main, leave=False):
+      idx = order[s:s + chunk]
+      cond = sampling.EditCondition(
+          reference=self._rows(rows["reference"][idx]), text=self._rows(rows["text"][idx]),
+          pooled=self._rows(rows["pooled"][idx]), guidance=self._rows(np.full(len(idx), guidance, np.float32)),
+          img_ids=self._replicated(self.img_ids), txt_ids=self._replicated(np.zeros((rows["text"].shape[1], 3),
+                                                                                   np.float32)))
+      keys = jax.random.wrap_key_data(self._rows(keys_data[idx]))
+      noise = sampling.initial_noise(keys, (self.grid * self.grid, self.token_channels))
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+      x0 = self._rollout(params, self.frozen, cond, noise, jnp.asarray(sigmas), step_keys, solver=sampler)
+      x0_parts.append(x0)
+      images.append(_to_host(self._decode(self.vae, x0)))
+    x0 = jnp.concatenate(x0_parts)[:n]
+    edits = np.concatenate(images)[:n]
+    return x0, edits, src_u[where], rows, sigmas
+
+  def _noise_keys(self, stream: int, epoch: int, n: int) -> np.ndarray:
+    base = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), stream), epoch)
+    return np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))))
+
+  def _score(self, sources, edits, records) -> tuple[np.ndarray, np.ndarray]:
+    instructions = [r["prompt"] for r in records]
+    if self.judge is None:
+      scores = colour_scores(edits, instructions)
+      return scores.astype(np.float32), np.isfinite(scores)
+    result = self.judge.score(list(metrics.to_uint8(sources)), list(metrics.to_uint8(edits)), instructions,
+                              [r["requirement"] for r in records])
+    return result.scores, result.valid
+
+  # ------------------------------------------------------------------------------------------------
+  def run_epoch(self) -> dict:
+    config, epoch = self.config, self.epoch
+    record_ids = self.sampler.rollouts(epoch)  # the global plan, the same on every process
+    records = data_builder.read(self.train_split, record_ids)
+    timing = {}
+
+    t0 = time.perf_counter()
+    x0, edits, sources, rows, sigmas = self._generate(
+        self.state.old_params, records, self._noise_keys(0, epoch, len(records)), steps=config.rollout.num_steps,
+        sampler=config.rollout.sampler, guidance=config.rollout.guidance, desc=f"epoch {epoch} rollouts")
+    jax.block_until_ready(x0)
+    timing["rollout_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    scores, valid = self._score(sources, edits, records)
+    timing["reward_s"] = time.perf_counter() - t0
+
+    result = adv.compute_advantages(record_ids, scores, valid, advantage_config(config))
+    self.sampler.ban(result.to_ban)
+
+    t0 = time.perf_counter()
+    train_metrics = self._train(x0, rows, sigmas, result, epoch)
+    timing["train_s"] = time.perf_counter() - t0
+
+    self.epoch += 1
+    s = result.stats
+    out = {"reward/mean": s["reward_mean"], "reward/std": s["reward_std"], "reward/min": s["reward_min"],
+           "reward/max": s["reward_max"], "reward/invalid": s["invalid_rewards"],
+           "filter/kept_fraction": s["kept_fraction"], "filter/groups_filtered": s["groups_filtered"],
+           "filter/banned_total": len(self.sampler.banned), "data/prompt_cache_misses": self.prompts.misses,
+           **train_metrics, **{f"time/{k}": v for k, v in timing.items()},
+           "time/rollouts_per_s": len(records) / max(timing["rollout_s"], 1e-9)}
+    if self.is_main and config.log_images_every and epoch % config.log_images_every == 0:
+      g = min(4, config.data.groups_per_epoch) * config.data.group_size
+      self.writer.image(self.epoch, "rollouts", metrics.group_grid(sources[:g], edits[:g], scores[:g],
+                                                                    config.data.group_size))
+    return out
+
+  def _train(self, x0, rows, sigmas, result, epoch) -> dict:
+    config = self.config
+    size = config.nft.micro_batch * self.rows_multiple
+    indices, advantages, mask = result.micro_batches(size, np.random.default_rng([config.seed, epoch, 7]))
+    key = self._replicated(jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed + 1), epoch)))
+    key = jax.random.wrap_key_data(key)
+    sums = collections.defaultdict(float)
+    terms = 0.0
+    cond = sampling.EditCondition(reference=rows["reference"], text=rows["text"], pooled=rows["pooled"],
+                                  guidance=np.full(len(rows["pooled"]), self.guidance, np.float32),
+                                  img_ids=self.img_ids, txt_ids=np.zeros((rows["text"].shape[1], 3), np.float32))
+    for m in tqdm(range(len(indices)), desc=f"epoch {epoch} train", disable=not self.is_main, leave=False):
+      batch = nft.gather_batch(x0, cond, sigmas, indices[m], advantages[m], mask[m])
+      self.state, step_metrics = self.nft.accumulate(self.state, self.frozen, self.nft.place(batch, "batch"), key)
+      n = float(step_metrics["terms"])
+      terms += n
+      for k in ("policy", "kl", "loss", "x0_norm"):
+        sums[k] += float(step_metrics[k]) * (n if k != "x0_norm" else 1.0)
+    self.state, applied = self.nft.apply(self.state)
+    self.state, old = self.nft.update_old(self.state)
+    finite = bool(applied["finite"])
+    if not finite:
+      self.nonfinite_streak += 1
+      _LOG.warning("epoch %d: non-finite gradient or parameters; update refused (%d in a row)", epoch,
+                   self.nonfinite_streak)
+      if self.nonfinite_streak >= config.max_nonfinite_updates:
+        raise NonFiniteError(f"{self.nonfinite_streak} consecutive non-finite updates (config.max_nonfinite_updates "
+                             f"= {config.max_nonfinite_updates}); stopping at epoch {epoch}")
+    else:
+      self.nonfinite_streak = 0
+    out = {f"train/{k}": (sums[k] / terms if terms else 0.0) for k in ("policy", "kl", "loss")}
+    out.update({"train/x0_norm": sums["x0_norm"] / max(len(indices), 1), "train/terms": terms,
+                "train/micro_batches": len(indices), "train/grad_norm": float(applied["grad_norm"]),
+                "train/applied": float(applied["applied"]), "train/step": int(applied["step"]),
+                "train/learning_rate": config.optim.learning_rate, "train/ema_decay": float(applied["ema_decay"]),
+                "train/old_decay": float(old["old_decay"])})
+    return out
+
+  def evaluate(self) -> dict:
+    """One rollout per test record with the EMA parameters, scored by the run's reward."""
+    config = self.config
+    n = min(config.eval_samples, len(self.test_split))
+    records = data_builder.read(self.test_split, range(n))
+    _, edits, sources, _, _ = self._generate(
+        self.state.ema_params, records, self._noise_keys(1, 0, n), steps=config.rollout.eval_steps,
+        sampler=config.rollout.eval_sampler, guidance=config.rollout.eval_guidance, desc="eval")
+    scores, valid = self._score(sources, edits, records)
+    return {"eval/reward_mean": float(np.mean(scores[valid])) if valid.any() else float("nan"),
+            "eval/invalid": int((~valid).sum())}
+
+  # ------------------------------------------------------------------------------------------------
+  def _restore(self) -> None:
+    latest = self.checkpoints.latest_epoch()
+    if latest is None:
+      return
+    state, meta = self.checkpoints.restore(latest, {"train": self.state})
+    self.state = state["train"]
+    self.sampler.restore({"banned": np.asarray(meta["banned"], np.int64)})
+    self.epoch, self.nonfinite_streak = int(meta["epoch"]), int(meta["nonfinite_streak"])
+    if self.is_main:
+      print(f"resumed from {self.checkpoints.directory} at epoch {self.epoch}", flush=True)
+
+  def save(self) -> None:
+    meta = {"epoch": self.epoch, "step": int(self.state.step), "nonfinite_streak": self.nonfinite_streak,
+            "banned": [int(i) for i in self.sampler.state()["banned"]],
+            "config": json.loads(self.config.to_json_best_effort())}
+    self.checkpoints.save(self.epoch, {"train": self.state}, meta)
+
+  def run(self, stop_after: int | None = None) -> None:
+    """Epochs until config.num_epochs (or `stop_after` more), with evaluation, logging and checkpoints."""
+    config = self.config
+    target = config.num_epochs if stop_after is None else min(config.num_epochs, self.epoch + stop_after)
+    while self.epoch < target:
+      m = self.run_epoch()
+      if config.eval_every and self.epoch % config.eval_every == 0:
+        m.update(self.evaluate())
+      self.writer.scalars(self.epoch, m)
+      if self.is_main:
+        tqdm.write(metrics.summary_line(self.epoch, config.num_epochs, m))
+      if self.epoch % config.checkpoint_every == 0 or self.epoch == config.num_epochs:
+        self.save()
+    self.writer.close()

@@ -1,0 +1,33 @@
+"""Export a run's adapter to PyTorch: `python launch/export.py --workdir=DIR --out=OUT [--weights ema|current] [--merged]`.
+
+Writes OUT/pytorch_lora_weights.safetensors (diffusers LoRA layout: `FluxKontextPipeline.load_lora_weights(OUT)`)
+and, with --merged, OUT/transformer/ (a diffusers FluxTransformer2DModel folder with the adapter folded in).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+_WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "current"], "Which parameters to export.")
+_MERGED = flags.DEFINE_bool("merged", False, "Also write the transformer with the adapter merged in.")
+_EPOCH = flags.DEFINE_integer("epoch", None, "Checkpoint epoch (default: the latest).")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every read at INFO
+    logging.set_verbosity(logging.WARNING)
+  from editr1_jax.export import export_run
+  written = export_run(_WORKDIR.value, _OUT.value, weights=_WEIGHTS.value, merged=_MERGED.value, epoch=_EPOCH.value)
+  for path in written:
+    print(path)
+
+
+if __name__ == "__main__":
+  app.run(main)

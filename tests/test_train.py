@@ -1,0 +1,116 @@
+"""The training program on the tiny CPU config: a full run, exact resume, refused non-finite updates, export."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from editr1_jax import export, train_loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  c = importlib.import_module("configs.tiny").get_config()
+  c.num_epochs = 4
+  c.checkpoint_every = 2
+  c.eval_every = 0
+  c.log_images_every = 1
+  c.data.groups_per_epoch, c.data.group_size = 2, 4
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    (c[section] if section else c)[field] = value
+  return c
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves((state.params, state.old_params, state.ema_params, state.opt_state,
+                                                  state.step))]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  trainer = train_loop.Trainer(tiny_config(), workdir)
+  trainer.run()
+  return trainer, workdir
+
+
+def test_run_writes_checkpoints_logs_and_learns_nothing_silently(straight):
+  trainer, workdir = straight
+  assert trainer.epoch == 4 and int(trainer.state.step) == 4
+  assert trainer.checkpoints.all_epochs() == [2, 4]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  # the adapter moved away from its zero-initialised B, and old / EMA follow it
+  params = jax.tree.leaves(trainer.state.params)
+  assert any(np.abs(np.asarray(p)).max() > 0 for p in params[1::2])
+
+
+def test_resume_is_bit_identical(straight, tmp_path):
+  workdir = str(tmp_path / "resumed")
+  first = train_loop.Trainer(tiny_config(), workdir)
+  first.run(stop_after=2)
+  assert first.epoch == 2 and first.checkpoints.latest_epoch() == 2
+  second = train_loop.Trainer(tiny_config(), workdir)  # a new process would do exactly this
+  assert second.epoch == 2
+  second.run()
+  for a, b in zip(_leaves(second.state), _leaves(straight[0].state)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_updates_are_refused_then_stop_the_run(tmp_path, monkeypatch):
+  trainer = train_loop.Trainer(tiny_config(max_nonfinite_updates=2), str(tmp_path))
+  before = _leaves(trainer.state)
+  rollout = trainer._rollout
+  monkeypatch.setattr(trainer, "_rollout", lambda *a, **k: rollout(*a, **k) * np.nan)
+  monkeypatch.setattr(trainer, "_score", lambda s, e, r: (np.full(len(r), 0.5, np.float32) +
+                                                          np.arange(len(r)) % 2, np.ones(len(r), bool)))
+  trainer.run_epoch()
+  assert trainer.nonfinite_streak == 1
+  after = _leaves(trainer.state)
+  for a, b in zip(after[:2], before[:2]):  # params and old params untouched
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(train_loop.NonFiniteError, match="2 consecutive non-finite updates"):
+    trainer.run_epoch()
+
+
+def test_export_of_a_run(straight, tmp_path):
+  trainer, workdir = straight
+  written = export.export_run(workdir, str(tmp_path), weights="ema", merged=True)
+  assert written == [str(tmp_path / export.LORA_FILE), str(tmp_path / "transformer")]
+  from editr1_jax.models import flux
+  spec = train_loop.lora_spec(trainer.config)
+  model = flux.load_flux_transformer(str(tmp_path / "transformer"))
+  lora_model = flux.load_flux_transformer(str(tmp_path / "transformer"), lora=spec, lora_weights=written[0])
+  _, loaded, _ = flux.split_params(lora_model)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(trainer.state.ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the merged folder computes what the trained policy (base + EMA adapter) computes
+  cfg = model.cfg
+  rng = np.random.default_rng(0)
+  ids = np.concatenate([np.zeros((6, 3)), np.stack([np.ones(6), np.arange(6) // 3, np.arange(6) % 3], -1)])
+  inputs = dict(hidden_states=rng.standard_normal((2, 12, cfg.in_channels), np.float32),
+                encoder_hidden_states=rng.standard_normal((2, 5, cfg.joint_attention_dim), np.float32),
+                pooled_projections=rng.standard_normal((2, cfg.pooled_projection_dim), np.float32),
+                timestep=np.array([1e-3, 2e-3], np.float32), guidance=np.array([2.5e-3, 2.5e-3], np.float32),
+                img_ids=ids.astype(np.float32), txt_ids=np.zeros((5, 3), np.float32))
+  trained = trainer.policy.model(trainer.state.ema_params, trainer.frozen)
+  np.testing.assert_allclose(np.asarray(model(**inputs)), np.asarray(trained(**inputs)), rtol=1e-5, atol=1e-5)
+
+
+def test_train_cli_runs_the_demo(tmp_path):
+  """`launch/train.py` as a user runs it (2 epochs of the tiny config, then export)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  run = subprocess.run([sys.executable, "launch/train.py", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+                        "--config.num_epochs=2", "--config.eval_every=1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "epoch 2/2 | reward" in run.stdout
+  out = subprocess.run([sys.executable, "launch/export.py", f"--workdir={tmp_path}", f"--out={tmp_path}/export"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert os.path.isfile(tmp_path / "export" / export.LORA_FILE)
