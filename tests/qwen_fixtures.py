@@ -6,8 +6,6 @@ Use `write_tokenizer`, `write_preprocessor_config` and `write_model` to build a 
 `qwen_reference` fixture (import it into the test module) for one shared per module.
 """
 
-import json
-import os
 
 import numpy as np
 import pytest
@@ -15,26 +13,9 @@ import torch
 from helpers import perturb_
 from PIL import Image
 
-# The special tokens of the Qwen2.5-VL vocabulary, in its order (151643 ...), appended after the trained BPE.
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                     r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-# The Qwen2.5-VL-Instruct chat template (system default, images as vision_start/image_pad/vision_end).
-QWEN_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from editr1_jax import tiny
+from editr1_jax.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL
+
 CORPUS = ("You are a helpful assistant. The first image is the source, the second the edited result. "
           "Instruction: replace the cat with a fox; make the sky red; remove the car. Requirement: keep the "
           "background unchanged. Rate the edit from 0 to 5 and answer with the digit only.")
@@ -43,47 +24,17 @@ MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 20
 
 
 def special_ids(vocab_size: int) -> dict[str, int]:
-  return {t: vocab_size + i for i, t in enumerate(SPECIAL_TOKENS)}
+  return {t: vocab_size + i for i, t in enumerate(QWEN_SPECIAL)}
 
 
 def write_tokenizer(folder: str, chat_template: str = QWEN_CHAT_TEMPLATE, bpe_size: int = 320,
                     corpus: str = CORPUS) -> dict[str, int]:
-  """A Qwen2-style tokenizer folder (tokenizer.json, tokenizer_config.json naming Qwen2Tokenizer, the
-  template); returns {special token: id}. Digits are single byte-level tokens (ids 15..20, as in Qwen2)."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
-  tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-  tok.normalizer = normalizers.NFC()
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator([corpus] * 4, trainers.BpeTrainer(
-      vocab_size=bpe_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-  n = tok.get_vocab_size()
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-  fast.chat_template = chat_template
-  fast.save_pretrained(folder)
-  path = os.path.join(folder, "tokenizer_config.json")
-  with open(path) as f:
-    config = json.load(f)
-  config["tokenizer_class"] = "Qwen2Tokenizer"  # as on the hub: transformers rebuilds its Qwen2 pipeline
-  with open(path, "w") as f:
-    json.dump(config, f, indent=2)
-  ids = special_ids(n)
-  assert all(tok.token_to_id(t) == i for t, i in ids.items())
-  return ids
+  """`editr1_jax.tiny`'s Qwen2 tokenizer trained on CORPUS; returns {special token: id}."""
+  return tiny.write_qwen_tokenizer(folder, corpus, bpe_size=bpe_size, chat_template=chat_template)
 
 
 def write_preprocessor_config(folder: str, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, **extra) -> None:
-  """The hub's Qwen2.5-VL preprocessor_config.json fields, with the given pixel bounds."""
-  config = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
-            "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2_5_VLProcessor", **extra}
-  with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  tiny.write_qwen_preprocessor_config(folder, min_pixels, max_pixels, **extra)
 
 
 def tiny_config(ids: dict[str, int], text: dict | None = None, vision: dict | None = None):
