@@ -127,3 +127,11 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   mesh, rules = active
   spec = logical_to_spec(axes, rules, shape=x.shape, mesh=mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-process) global array as one numpy array, the same on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

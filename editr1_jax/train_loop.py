@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -120,7 +118,7 @@ class PromptCache:
     for s in range(0, len(missing), self._chunk):
       part = missing[s:s + self._chunk]
       hidden, pooled, _ = self._encoders(part + [part[0]] * (self._chunk - len(part)))
-      hidden, pooled = _to_host(hidden), _to_host(pooled)
+      hidden, pooled = shd.to_host(hidden), shd.to_host(pooled)
       for i, p in enumerate(part):
         self._entries[p] = (hidden[i], pooled[i])
     for p in prompts:
@@ -129,13 +127,6 @@ class PromptCache:
     while len(self._entries) > self._max:
       self._entries.popitem(last=False)
     return np.stack([h for h, _ in out]), np.stack([q for _, q in out])
-
-
-def _to_host(x) -> np.ndarray:
-  """A global jax array as one numpy array on every process."""
-  if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
 
 
 class Trainer:
@@ -224,7 +215,7 @@ class Trainer:
     for s in range(0, len(uniq), chunk):  # fixed-size calls: one compile, row results independent of the rest
       part = src_u[s:s + chunk]
       padded = np.concatenate([part, part[:1].repeat(chunk - len(part), 0)])
-      refs_u.append(_to_host(self._encode(self.vae, self._rows(padded)))[:len(part)])
+      refs_u.append(shd.to_host(self._encode(self.vae, self._rows(padded)))[:len(part)])
     refs_u = np.concatenate(refs_u)
     where = np.array([uniq.index(r["id"]) for r in records])
     rows = dict(reference=refs_u[where], text=cond_u["text"][where], pooled=cond_u["pooled"][where])
@@ -244,7 +235,7 @@ class Trainer:
       step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
       x0 = self._rollout(params, self.frozen, cond, noise, jnp.asarray(sigmas), step_keys, solver=sampler)
       x0_parts.append(x0)
-      images.append(_to_host(self._decode(self.vae, x0)))
+      images.append(shd.to_host(self._decode(self.vae, x0)))
     x0 = jnp.concatenate(x0_parts)[:n]
     edits = np.concatenate(images)[:n]
     return x0, edits, src_u[where], rows, sigmas

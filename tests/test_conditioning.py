@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import max_rel_err
-from text_fixtures import CORPUS, text_pipeline  # noqa: F401 (fixture)
+from text_fixtures import CORPUS
 
 from editr1_jax import conditioning
 from editr1_jax import sharding as shd

@@ -11,7 +11,6 @@ from flax import nnx
 from helpers import max_rel_err, perturb_
 from PIL import Image
 from test_autoencoder import save_reference as save_vae
-from text_fixtures import text_pipeline  # noqa: F401
 
 from editr1_jax import export, pipeline, sampling
 from editr1_jax import sharding as shd

@@ -13,7 +13,7 @@ import pytest
 import torch
 from flax import nnx
 from helpers import max_rel_err
-from qwen_fixtures import qwen_reference, random_image, reference_chat_ids  # noqa: F401 (fixture)
+from qwen_fixtures import random_image, reference_chat_ids
 
 from editr1_jax import sharding as shd
 from editr1_jax.reward import mllm

@@ -187,7 +187,7 @@ class MllmJudge:
                                      np.concatenate([g for _, _, g in padded]), self.cfg)
     s, p, v = self._step(self._state, self._place(batch), self._split(positions[:, None]))
     k = len(pairs)
-    return np.asarray(s)[:k], np.asarray(p)[:k], np.asarray(v)[:k]
+    return shd.to_host(s)[:k], shd.to_host(p)[:k], shd.to_host(v)[:k]
 
   def _place(self, batch: qwen2_5_vl.Batch) -> qwen2_5_vl.Batch:
     """Batch-major inputs split over the data-parallel mesh axes; the vision layout replicated."""
