@@ -8,8 +8,9 @@ from PIL import Image, ImageDraw
 
 class MetricsWriter:
 
-  def __init__(self, logdir: str, enabled: bool = True):
-    self.enabled = enabled
+  def __init__(self, logdir: str, enabled: bool = True, image_dir: str | None = None):
+    """`image_dir`: image grids are also written there as PNG files (`<tag>_<step>.png`)."""
+    self.enabled, self.image_dir = enabled, image_dir
     self._writer = None
     if enabled:
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
@@ -24,9 +25,13 @@ class MetricsWriter:
     self._writer.flush()
 
   def image(self, step: int, tag: str, grid: np.ndarray) -> None:
-    if self.enabled:
-      self._writer.add_image(tag, grid, step, dataformats="HWC")
-      self._writer.flush()
+    if not self.enabled:
+      return
+    self._writer.add_image(tag, grid, step, dataformats="HWC")
+    self._writer.flush()
+    if self.image_dir:
+      os.makedirs(self.image_dir, exist_ok=True)
+      Image.fromarray(grid).save(os.path.join(self.image_dir, f"{tag}_{step:05d}.png"))
 
   def close(self) -> None:
     if self._writer is not None:

@@ -176,7 +176,8 @@ class Trainer:
     self._rollout = jax.jit(self._rollout_fn, static_argnames=("solver",))
 
     self.checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-    self.writer = metrics.MetricsWriter(os.path.join(workdir, "tensorboard"), enabled=self.is_main)
+    self.writer = metrics.MetricsWriter(os.path.join(workdir, "tensorboard"), enabled=self.is_main,
+                                        image_dir=os.path.join(workdir, "images"))
     self.epoch = 0
     self.nonfinite_streak = 0
     self._restore()

@@ -18,6 +18,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs a
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None, "Call jax.distributed.initialize() with cluster auto-detection (Cloud TPU pods, SLURM, "
+    "Open MPI). Default: when the environment says there are several processes.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop after this many epochs (the run can resume later).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -26,8 +29,14 @@ def _maybe_initialize_distributed() -> None:
   import jax
   if _COORDINATOR.value is not None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
+  elif _DISTRIBUTED.value or (_DISTRIBUTED.value is None and _several_processes_in_environment()):
     jax.distributed.initialize()
+
+
+def _several_processes_in_environment() -> bool:
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  counts = [os.environ.get(k, "1") for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")]
+  return "," in hosts or any(c.isdigit() and int(c) > 1 for c in counts)
 
 
 def main(argv):

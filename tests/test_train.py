@@ -45,6 +45,7 @@ def test_run_writes_checkpoints_logs_and_learns_nothing_silently(straight):
   assert trainer.epoch == 4 and int(trainer.state.step) == 4
   assert trainer.checkpoints.all_epochs() == [2, 4]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert sorted(os.listdir(os.path.join(workdir, "images"))) == [f"rollouts_{e:05d}.png" for e in (1, 2, 3, 4)]
   # the adapter moved away from its zero-initialised B, and old / EMA follow it
   params = jax.tree.leaves(trainer.state.params)
   assert any(np.abs(np.asarray(p)).max() > 0 for p in params[1::2])
