@@ -39,12 +39,16 @@ class MetricsWriter:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> uint8."""
-  return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+  """[-1, 1] floats -> uint8; non-finite pixels are an error (mask such images before)."""
+  images = np.asarray(images, np.float32)
+  if not np.isfinite(images).all():
+    raise ValueError(f"{int((~np.isfinite(images)).sum())} non-finite pixels cannot become an image")
+  return np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
 
 
 def group_grid(sources: np.ndarray, edits: np.ndarray, scores: np.ndarray, group_size: int) -> np.ndarray:
   """One row per group: the source, then its k edits, each captioned with its score (NaN: invalid)."""
+  edits = np.nan_to_num(np.asarray(edits, np.float32), nan=-1.0, posinf=1.0, neginf=-1.0)  # shown black; score nan
   n_groups = len(edits) // group_size
   h, w = edits.shape[1:3]
   label = 12

@@ -246,13 +246,21 @@ class Trainer:
     return np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))))
 
   def _score(self, sources, edits, records) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, valid): an edit that decoded to non-finite pixels is masked (NaN, invalid), never judged."""
     instructions = [r["prompt"] for r in records]
+    finite = np.isfinite(edits).reshape(len(edits), -1).all(axis=1)
+    if not finite.all():
+      _LOG.warning("%d of %d edits decoded to non-finite pixels: their rewards are masked", (~finite).sum(), len(edits))
+    edits = np.where(finite[:, None, None, None], edits, 0.0)
     if self.judge is None:
-      scores = colour_scores(edits, instructions)
-      return scores.astype(np.float32), np.isfinite(scores)
-    result = self.judge.score(list(metrics.to_uint8(sources)), list(metrics.to_uint8(edits)), instructions,
-                              [r["requirement"] for r in records])
-    return result.scores, result.valid
+      scores = colour_scores(edits, instructions).astype(np.float32)
+      valid = np.isfinite(scores)
+    else:
+      result = self.judge.score(list(metrics.to_uint8(sources)), list(metrics.to_uint8(edits)), instructions,
+                                [r["requirement"] for r in records])
+      scores, valid = result.scores, result.valid
+    valid = valid & finite
+    return np.where(valid, scores, np.nan).astype(np.float32), valid
 
   # ------------------------------------------------------------------------------------------------
   def run_epoch(self) -> dict:

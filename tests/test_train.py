@@ -79,6 +79,17 @@ def test_non_finite_updates_are_refused_then_stop_the_run(tmp_path, monkeypatch)
     trainer.run_epoch()
 
 
+def test_non_finite_edits_are_masked_not_judged(straight):
+  trainer, _ = straight
+  records = [{"prompt": "Make the square red.", "requirement": "Only the square changes."}] * 3
+  images = np.random.default_rng(0).uniform(-1, 1, (3, 64, 64, 3)).astype(np.float32)
+  edits = images.copy()
+  edits[1, 5, 7, 0] = np.nan
+  scores, valid = trainer._score(images, edits, records)
+  assert valid.tolist() == [True, False, True]
+  assert np.isnan(scores[1]) and np.isfinite(scores[[0, 2]]).all()
+
+
 def test_export_of_a_run(straight, tmp_path):
   trainer, workdir = straight
   written = export.export_run(workdir, str(tmp_path), weights="ema", merged=True)
