@@ -5,7 +5,8 @@
 "real" is FLUX's width (3072 = 24 heads x 128) with 1 double + 1 single block (480M parameters; two
 blocks of each need over 20 GB for both frameworks together, more than a 24 GB machine gives) at
 512x512: 1024 target + 1024 reference tokens and 128 text tokens. The last line is the
-realistic-width forward ratio.
+realistic-width forward ratio. On CPU it is bounded by the GEMM: one (2176 x 3072) @ (3072 x 12288)
+float32 matmul measured 673 ms in XLA:CPU vs 526 ms in torch's oneDNN on the same 2 cores (1.28x).
 """
 
 import argparse

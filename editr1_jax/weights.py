@@ -303,6 +303,13 @@ def load_state(abstract_state, reader: SafetensorsReader, table: Iterable[Weight
   return nnx.from_flat_state(flat)
 
 
+def model_folder(folder: str, component: str) -> str:
+  """A diffusers pipeline folder's `component/` (transformer, vae, text_encoder, ...) when it has a
+  config.json, else `folder` itself (the model folder given directly)."""
+  sub = os.path.join(folder, component)
+  return sub if os.path.isfile(os.path.join(sub, "config.json")) else folder
+
+
 def read_config(folder: str, name: str = "config.json") -> dict:
   path = os.path.join(folder, name)
   if not os.path.isfile(path):

@@ -326,16 +326,10 @@ class Autoencoder(nnx.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-def autoencoder_folder(folder: str) -> str:
-  """Accept either a diffusers vae folder or a pipeline folder holding vae/."""
-  sub = os.path.join(folder, "vae")
-  return sub if os.path.isfile(os.path.join(sub, "config.json")) else folder
-
-
 def load_autoencoder(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                      attention_impl: str = "xla", mesh=None, rules=shd.DEFAULT_RULES) -> Autoencoder:
   """Read a diffusers AutoencoderKL folder, tensor by tensor, into its target sharding."""
-  folder = autoencoder_folder(folder)
+  folder = wio.model_folder(folder, "vae")
   config = wio.read_config(folder)
   try:
     cfg = AutoencoderConfig.from_diffusers_config(config, dtype=dtype, param_dtype=param_dtype or dtype,

@@ -202,16 +202,10 @@ class CLIPTextModel(nnx.Module):
     return x, pooled
 
 
-def clip_folder(folder: str) -> str:
-  """Accept a pipeline folder holding text_encoder/ or the model folder itself."""
-  sub = os.path.join(folder, "text_encoder")
-  return sub if os.path.isfile(os.path.join(sub, "config.json")) else folder
-
-
 def load_clip_text(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                    mesh=None, rules=shd.DEFAULT_RULES) -> CLIPTextModel:
   """Read a transformers CLIPTextModel folder (or a pipeline's text_encoder/) into its target sharding."""
-  folder = clip_folder(folder)
+  folder = wio.model_folder(folder, "text_encoder")
   cfg = CLIPTextConfig.from_transformers_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),
                                                 dtype=dtype, param_dtype=param_dtype or dtype)
   abstract = nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)))

@@ -8,7 +8,6 @@ dtype. Module and parameter names follow diffusers so the weight table below sta
 import dataclasses
 import functools
 import json
-import os
 from typing import Sequence
 
 import jax
@@ -400,12 +399,6 @@ def init_adapters(abstract_adapters, key: jax.Array, *, mesh=None, rules=shd.DEF
   return jax.jit(make, out_shardings=shardings)(key)
 
 
-def transformer_folder(folder: str) -> str:
-  """Accept either a diffusers transformer folder or a pipeline folder holding transformer/."""
-  sub = os.path.join(folder, "transformer")
-  return sub if os.path.isfile(os.path.join(sub, "config.json")) else folder
-
-
 def load_flux_transformer(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                           lora: LoraSpec | None = None, lora_weights: str | None = None, remat: str = "none",
                           attention_impl: str = "xla", mesh=None, rules=shd.DEFAULT_RULES,
@@ -415,7 +408,7 @@ def load_flux_transformer(folder: str, *, dtype: str = "float32", param_dtype: s
   With `lora`, fresh adapters are attached (or read from `lora_weights`, a diffusers/peft LoRA
   safetensors file).
   """
-  folder = transformer_folder(folder)
+  folder = wio.model_folder(folder, "transformer")
   cfg = FluxConfig.from_diffusers_config(wio.read_config(folder), dtype=dtype, param_dtype=param_dtype or dtype,
                                          lora=lora, remat=remat, attention_impl=attention_impl)
   abstract = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))

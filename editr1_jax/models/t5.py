@@ -235,16 +235,10 @@ def _embedding_source(reader: wio.SafetensorsReader, folder: str) -> tuple[tuple
   return T5_WEIGHTS, set()
 
 
-def t5_folder(folder: str) -> str:
-  """Accept a pipeline folder holding text_encoder_2/ or the model folder itself."""
-  sub = os.path.join(folder, "text_encoder_2")
-  return sub if os.path.isfile(os.path.join(sub, "config.json")) else folder
-
-
 def load_t5_encoder(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                     mesh=None, rules=shd.DEFAULT_RULES) -> T5EncoderModel:
   """Read a transformers T5EncoderModel folder (or a pipeline's text_encoder_2/) into its target sharding."""
-  folder = t5_folder(folder)
+  folder = wio.model_folder(folder, "text_encoder_2")
   cfg = T5Config.from_transformers_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),
                                           dtype=dtype, param_dtype=param_dtype or dtype)
   abstract = nnx.eval_shape(lambda: T5EncoderModel(cfg, rngs=nnx.Rngs(0)))
