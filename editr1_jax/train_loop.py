@@ -257,7 +257,7 @@ class Trainer:
       valid = np.isfinite(scores)
     else:
       result = self.judge.score(list(metrics.to_uint8(sources)), list(metrics.to_uint8(edits)), instructions,
-                                [r["requirement"] for r in records])
+                                [r["requirement"] for r in records], progress=f"epoch {self.epoch} reward" if self.is_main else None)
       scores, valid = result.scores, result.valid
     valid = valid & finite
     return np.where(valid, scores, np.nan).astype(np.float32), valid

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
+from tqdm import tqdm
 
 from editr1_jax import sharding as shd
 from editr1_jax.models import qwen2_5_vl
@@ -151,8 +152,9 @@ class MllmJudge:
     return ids, pixel_values, grids
 
   def score(self, sources: Sequence, edits: Sequence, instructions: Sequence[str],
-            requirements: Sequence[str]) -> RewardResult:
-    """Images are PIL images or uint8 (H, W, 3) arrays (see `processor.read_image` for files)."""
+            requirements: Sequence[str], progress: str | None = None) -> RewardResult:
+    """Images are PIL images or uint8 (H, W, 3) arrays (see `processor.read_image` for files).
+    `progress`: a progress bar over the scoring calls with this label (none when None)."""
     n = len(sources)
     if not (len(edits) == len(instructions) == len(requirements) == n):
       raise ValueError(f"got {n} sources, {len(edits)} edits, {len(instructions)} instructions and "
@@ -169,11 +171,11 @@ class MllmJudge:
     scores = np.full(n, np.nan, np.float32)
     probs = np.full((n, len(DIGITS)), np.nan, np.float32)
     valid = np.zeros(n, bool)
-    for members in groups.values():
-      for start in range(0, len(members), self.batch_size):
-        rows = members[start:start + self.batch_size]
-        s, p, v = self._score_rows([pairs[i] for i in rows])
-        scores[rows], probs[rows], valid[rows] = s, p, v
+    calls = [members[start:start + self.batch_size] for members in groups.values()
+             for start in range(0, len(members), self.batch_size)]
+    for rows in tqdm(calls, desc=progress, disable=progress is None, leave=False):
+      s, p, v = self._score_rows([pairs[i] for i in rows])
+      scores[rows], probs[rows], valid[rows] = s, p, v
     return RewardResult(scores, probs, valid)
 
   def _score_rows(self, pairs):
