@@ -1,8 +1,27 @@
 """Timing and table printing shared by the benchmark scripts."""
 
+import argparse
+import os
 import statistics
 import time
 from typing import Callable, Sequence
+
+
+def arguments(sizes: str, repeats: int | None = None) -> argparse.ArgumentParser:
+  """`--sizes` (comma-separated) and, given a default, `--repeats`; each script adds its own flags."""
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--sizes", default=sizes)
+  if repeats is not None:
+    parser.add_argument("--repeats", type=int, default=repeats)
+  return parser
+
+
+def same_footing() -> None:
+  """Before timing: float32 matmuls at full precision in jax (as torch computes them), every core for torch."""
+  import jax
+  import torch
+  jax.config.update("jax_default_matmul_precision", "highest")
+  torch.set_num_threads(os.cpu_count())
 
 
 def median_ms(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,

@@ -9,7 +9,6 @@ realistic-width forward ratio. On CPU it is bounded by the GEMM: one (2176 x 307
 float32 matmul measured 673 ms in XLA:CPU vs 526 ms in torch's oneDNN on the same 2 cores (1.28x).
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import median_ms, print_table  # noqa: E402
+from benchmarks.common import arguments, median_ms, print_table, same_footing  # noqa: E402
 from editr1_jax.layers import LoraSpec  # noqa: E402
 from editr1_jax.models import flux  # noqa: E402
 
@@ -92,12 +91,9 @@ def bench(size, repeats):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--sizes", default="tiny,real")
-  parser.add_argument("--repeats", type=int, default=3)
+  parser = arguments("tiny,real", repeats=3)
   args = parser.parse_args()
-  jax.config.update("jax_default_matmul_precision", "highest")
-  torch.set_num_threads(os.cpu_count())
+  same_footing()
   rows = [r for size in args.sizes.split(",") for r in bench(size, args.repeats)]
   print(f"device: {jax.devices()[0].device_kind}, float32, torch {torch.__version__} eager, jax {jax.__version__} jit")
   print_table(("size", "work", "ours ms", "diffusers ms", "ours/reference"), rows)

@@ -14,7 +14,6 @@ happens before micro-batches exist; its cost in ours is the time difference per 
 public code still runs its three predictions and backward pass, i.e. one rollout's share of its epoch.
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import print_table  # noqa: E402
+from benchmarks.common import arguments, print_table, same_footing  # noqa: E402
 from editr1_jax import latents, nft, sampling  # noqa: E402
 from editr1_jax.advantages import AdvantageConfig, compute_advantages  # noqa: E402
 from editr1_jax.layers import LoraSpec  # noqa: E402
@@ -195,16 +194,14 @@ def bench(size, k, micro_batch, steps):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--sizes", default="small,medium")
+  parser = arguments("small,medium")
   parser.add_argument("--group", type=int, default=4, help="k rollouts in the epoch")
   parser.add_argument("--micro-batch", type=int, default=2)
   parser.add_argument("--steps", type=int, default=6, help="rollout steps N (T = int(0.99 N) trained)")
   args = parser.parse_args()
   if args.group % args.micro_batch:
     raise ValueError(f"--group {args.group} must be a multiple of --micro-batch {args.micro_batch}")
-  jax.config.update("jax_default_matmul_precision", "highest")
-  torch.set_num_threads(os.cpu_count())
+  same_footing()
   rows = [r for size in args.sizes.split(",") for r in bench(size, args.group, args.micro_batch, args.steps)]
   print(f"device: {jax.devices()[0].device_kind}, float32, torch {torch.__version__} eager, jax {jax.__version__} jit; "
         f"1 double + 1 single block, LoRA rank {LORA.rank}, micro-batch {args.micro_batch}; "

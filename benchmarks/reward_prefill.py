@@ -11,7 +11,6 @@ the test tokenizer's. Also printed: the tokens of one pair at 512x512 under the 
 bounds. The last line is the "small" ratio.
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from benchmarks.common import median_ms, print_table  # noqa: E402
+from benchmarks.common import arguments, median_ms, print_table, same_footing  # noqa: E402
 from editr1_jax.reward import mllm  # noqa: E402
 from editr1_jax.reward import processor as proc  # noqa: E402
 from qwen_fixtures import (random_image, reference_chat_ids, tiny_config, write_preprocessor_config,  # noqa: E402
@@ -120,14 +119,11 @@ def tokens_at_512():
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--sizes", default="tiny,small")
+  parser = arguments("tiny,small", repeats=3)
   parser.add_argument("--pairs", type=int, default=2)
   parser.add_argument("--image", type=int, default=224, help="side of the square source and edited images")
-  parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  jax.config.update("jax_default_matmul_precision", "highest")
-  torch.set_num_threads(os.cpu_count())
+  same_footing()
   rows = [bench(size, args.pairs, args.image, args.repeats) for size in args.sizes.split(",")]
   print(f"device: {jax.devices()[0].device_kind}, float32, torch {torch.__version__} eager, jax {jax.__version__} jit; "
         "both end to end (image processing, chat template, prefill, digit softmax)")

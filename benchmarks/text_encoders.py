@@ -7,7 +7,6 @@ itself (123M) and a T5 v1.1 at 1024 wide (16 heads of 64, d_ff 2816, 4 layers); 
 width (4096, 64 heads, d_ff 10240) with 2 of its 24 layers. The last line is the T5 ratio of the last size.
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import median_ms, print_table  # noqa: E402
+from benchmarks.common import arguments, median_ms, print_table, same_footing  # noqa: E402
 from editr1_jax.models import clip, t5  # noqa: E402
 
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -65,13 +64,10 @@ def bench(size, repeats, batch):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--sizes", default="tiny,small")
-  parser.add_argument("--repeats", type=int, default=5)
+  parser = arguments("tiny,small", repeats=5)
   parser.add_argument("--batch", type=int, default=1)
   args = parser.parse_args()
-  jax.config.update("jax_default_matmul_precision", "highest")
-  torch.set_num_threads(os.cpu_count())
+  same_footing()
   sizes = args.sizes.split(",")
   rows = [r for size in sizes for r in bench(size, args.repeats, args.batch)]
   print(f"device: {jax.devices()[0].device_kind}, float32, batch {args.batch}, "

@@ -10,7 +10,6 @@ cores. "full": the FLUX VAE itself (for a machine that can afford it). The last 
 the last size's encode + decode times.
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import median_ms, print_table  # noqa: E402
+from benchmarks.common import arguments, median_ms, print_table, same_footing  # noqa: E402
 from editr1_jax.models import autoencoder as ae  # noqa: E402
 
 SIZES = {
@@ -68,13 +67,10 @@ def bench(size, repeats, batch):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--sizes", default="tiny,half")
-  parser.add_argument("--repeats", type=int, default=3)
+  parser = arguments("tiny,half", repeats=3)
   parser.add_argument("--batch", type=int, default=1)
   args = parser.parse_args()
-  jax.config.update("jax_default_matmul_precision", "highest")
-  torch.set_num_threads(os.cpu_count())
+  same_footing()
   sizes = args.sizes.split(",")
   rows = [r for size in sizes for r in bench(size, args.repeats, args.batch)]
   print(f"device: {jax.devices()[0].device_kind}, float32, {RESOLUTION}x{RESOLUTION}, batch {args.batch}, "

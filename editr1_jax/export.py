@@ -87,7 +87,7 @@ def export_run(workdir: str, out: str, *, weights: str = "ema", merged: bool = F
                epoch: int | None = None) -> list[str]:
   """A training run's checkpoint -> `save_lora` (and `save_transformer` of the merged weights) under `out`;
   a full fine-tune run -> `save_transformer` of its weights."""
-  from editr1_jax import nft, train_loop  # the run's own builders, so the export sees the trained model
+  from editr1_jax import train_loop  # the run's own builders, so the export sees the trained model
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   epoch = ckpt.latest_epoch() if epoch is None else epoch
   if epoch is None:
@@ -95,11 +95,8 @@ def export_run(workdir: str, out: str, *, weights: str = "ema", merged: bool = F
   meta = ckpt.restore_meta(epoch)
   config = ml_collections.ConfigDict(meta["config"])
   spec = train_loop.lora_spec(config)
-  transformer = train_loop.build_transformer(config, mesh=None, rules=tuple(tuple(r) for r in config.mesh.rules))
-  policy, params, frozen = nft.Policy.from_model(transformer, config.optim.full_finetune)
-  params = jax.tree.map(lambda x: x.astype(config.model.adapter_dtype), params)
-  trainer = nft.NFTTrainer(policy, train_loop.nft_config(config), jax.eval_shape(lambda: params),
-                           jax.eval_shape(lambda: frozen))
+  transformer = train_loop.build_transformer(config, mesh=None, rules=train_loop.mesh_rules(config))
+  trainer, params, frozen = train_loop.build_nft_trainer(config, transformer)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         jax.eval_shape(trainer.init, params))

@@ -99,6 +99,20 @@ def build_judge(config, mesh, rules):
                    dtype=config.reward.dtype, mesh=mesh, rules=rules, batch_size=config.reward.batch_size)
 
 
+def mesh_rules(config) -> tuple:
+  """The config's sharding rules as the hashable tuple the jitted steps take."""
+  return tuple(tuple(r) for r in config.mesh.rules)
+
+
+def build_nft_trainer(config, transformer: flux.FluxTransformer, mesh=None, rules=shd.DEFAULT_RULES):
+  """(NFTTrainer, trainable params in `config.model.adapter_dtype`, frozen params) of the policy network."""
+  policy, params, frozen = nft.Policy.from_model(transformer, config.optim.full_finetune)
+  params = jax.tree.map(lambda x: x.astype(config.model.adapter_dtype), params)
+  trainer = nft.NFTTrainer(policy, nft_config(config), jax.eval_shape(lambda: params), jax.eval_shape(lambda: frozen),
+                           mesh=mesh, rules=rules)
+  return trainer, params, frozen
+
+
 class PromptCache:
   """Instruction -> (T5 hidden states, CLIP pooled), computed once per instruction (LRU-bounded).
 
@@ -136,7 +150,7 @@ class Trainer:
     run_config.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
     self.config, self.workdir = config, workdir
     self.is_main = jax.process_index() == 0
-    self.rules = tuple(tuple(r) for r in config.mesh.rules)
+    self.rules = mesh_rules(config)
     self.mesh = shd.make_mesh(tuple(config.mesh.shape))
     self.rows_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
@@ -145,10 +159,8 @@ class Trainer:
     self.vae, text = build_conditioning(config, self.mesh, self.rules)
     self.prompts = PromptCache(text, config.data.prompt_cache_entries, self.chunk)
     self.judge = build_judge(config, self.mesh, self.rules)
-    self.policy, params, self.frozen = nft.Policy.from_model(transformer, config.optim.full_finetune)
-    params = jax.tree.map(lambda x: x.astype(config.model.adapter_dtype), params)
-    self.nft = nft.NFTTrainer(self.policy, nft_config(config), jax.eval_shape(lambda: params),
-                              jax.eval_shape(lambda: self.frozen), mesh=self.mesh, rules=self.rules)
+    self.nft, params, self.frozen = build_nft_trainer(config, transformer, self.mesh, self.rules)
+    self.policy = self.nft.policy
     self.frozen = self.nft.place(self.frozen, "frozen")
     self.state = self.nft.init(self.nft.place(params, "params"))
     self.guidance = config.rollout.guidance

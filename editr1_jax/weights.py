@@ -310,6 +310,15 @@ def model_folder(folder: str, component: str) -> str:
   return sub if os.path.isfile(os.path.join(sub, "config.json")) else folder
 
 
+def required_fields(config: dict, keys, source: str) -> dict:
+  """`keys` of a reference config, every one required: the reference's defaults are another model size,
+  so a missing key is an error naming them all, never a guess."""
+  missing = [k for k in keys if k not in config]
+  if missing:
+    raise ValueError(f"{source}: missing {missing}")
+  return {k: config[k] for k in keys}
+
+
 def read_config(folder: str, name: str = "config.json") -> dict:
   path = os.path.join(folder, name)
   if not os.path.isfile(path):

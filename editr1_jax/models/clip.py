@@ -55,10 +55,7 @@ class CLIPTextConfig:
       raise ValueError(f"{source}: hidden_act {act!r} is not supported (CLIP-L uses 'quick_gelu')")
     if not isinstance(config.get("eos_token_id", LEGACY_EOS_TOKEN_ID), int):
       raise ValueError(f"{source}: eos_token_id must be one integer, got {config['eos_token_id']!r}")
-    missing = [k for k in cls._TRANSFORMERS_KEYS if k not in config]
-    if missing:  # transformers' defaults are another model size: never guess them
-      raise ValueError(f"{source}: missing {missing}")
-    return cls(**{k: config[k] for k in cls._TRANSFORMERS_KEYS}, **runtime)
+    return cls(**wio.required_fields(config, cls._TRANSFORMERS_KEYS, source), **runtime)
 
 
 def clip_l(**runtime) -> CLIPTextConfig:

@@ -53,10 +53,7 @@ class T5Config:
       raise ValueError(f"{source}: feed_forward_proj {ffn!r} is not supported (T5 v1.1 uses 'gated-gelu')")
     if config.get("is_decoder", False):
       raise ValueError(f"{source}: is_decoder is true; only the bidirectional encoder is supported")
-    missing = [k for k in cls._TRANSFORMERS_KEYS if k not in config]
-    if missing:  # transformers' defaults are another model size: never guess them
-      raise ValueError(f"{source}: missing {missing}")
-    return cls(**{k: config[k] for k in cls._TRANSFORMERS_KEYS}, **runtime)
+    return cls(**wio.required_fields(config, cls._TRANSFORMERS_KEYS, source), **runtime)
 
 
 def t5_xxl(**runtime) -> T5Config:
