@@ -90,7 +90,8 @@ def _rows(x: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def nft_terms(v, v_old, v_ref, x_t, x0, t, r, cfg: NFTConfig) -> dict[str, jax.Array]:
-  """Per-sample (B,) policy, kl and total terms; the adaptive weights carry no gradient."""
+  """Per-sample (B,) policy, kl and total terms; the adaptive weights carry no gradient. Also `old_deviate`,
+  mean((v - v_old)^2): how far the policy has moved from the rollout policy (the public code logs it)."""
   v, v_old, v_ref, x_t, x0 = (a.astype(jnp.float32) for a in (v, v_old, v_ref, x_t, x0))
   t = _rows(t.astype(jnp.float32), x0)
   v_old = jax.lax.stop_gradient(v_old)
@@ -104,7 +105,7 @@ def nft_terms(v, v_old, v_ref, x_t, x0, t, r, cfg: NFTConfig) -> dict[str, jax.A
 
   policy = (cfg.adv_clip / cfg.beta) * (r * weighted_error(v_pos) + (1.0 - r) * weighted_error(v_neg))
   kl = _sample_mean(jnp.square(v - jax.lax.stop_gradient(v_ref.astype(jnp.float32))))
-  return dict(policy=policy, kl=kl, total=policy + cfg.kl_weight * kl)
+  return dict(policy=policy, kl=kl, total=policy + cfg.kl_weight * kl, old_deviate=_sample_mean(jnp.square(v - v_old)))
 
 
 def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -356,17 +357,22 @@ class NFTTrainer:
 
       (_, terms), grad = jax.value_and_grad(loss, has_aux=True)(state.params)
       grad_sum = jax.tree.map(jnp.add, grad_sum, grad)
+      terms["old_deviate_sq"] = jnp.square(terms["old_deviate"])
       sums = {k: sums[k] + masked_sum(terms[k], mask) for k in sums}
       return (grad_sum, sums), None
 
     zero = jnp.zeros((), jnp.float32)
-    (grad_sum, sums), _ = jax.lax.scan(term, (state.grad_sum, dict(policy=zero, kl=zero, total=zero)),
-                                       (times.T, noise))
+    sums = dict(policy=zero, kl=zero, total=zero, old_deviate=zero, old_deviate_sq=zero)
+    (grad_sum, sums), _ = jax.lax.scan(term, (state.grad_sum, sums), (times.T, noise))
     terms = jnp.sum(mask) * num_terms
-    metrics = {k: jnp.where(terms > 0, s / jnp.maximum(terms, 1.0), 0.0) for k, s in sums.items()}
+    losses = {k: sums[k] for k in ("policy", "kl", "total")}
+    metrics = {k: jnp.where(terms > 0, s / jnp.maximum(terms, 1.0), 0.0) for k, s in losses.items()}
     metrics["loss"] = metrics.pop("total")
-    metrics.update(terms=terms, kept_fraction=jnp.mean(mask), finite=_finite(sums) & _finite(grad_sum),
-                   x0_norm=masked_mean(jnp.sqrt(_sample_mean(jnp.square(x0))), mask))
+    # sums, not means, so that the caller gets the epoch's mean and std of the per-term old_deviate exactly:
+    # mean = sum(old_deviate_sum) / sum(terms), std = sqrt(sum(old_deviate_sq_sum) / sum(terms) - mean^2)
+    metrics.update(terms=terms, kept_fraction=jnp.mean(mask), finite=_finite(losses) & _finite(grad_sum),
+                   x0_norm=masked_mean(jnp.sqrt(_sample_mean(jnp.square(x0))), mask),
+                   old_deviate_sum=sums["old_deviate"], old_deviate_sq_sum=sums["old_deviate_sq"])
     return state.replace(grad_sum=grad_sum, term_count=state.term_count + terms), metrics
 
   def _apply(self, state: TrainState):

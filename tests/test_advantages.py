@@ -93,11 +93,22 @@ def test_thresholds_are_configurable():
   assert sorted({TABLE_IDS[i] for i in out.kept}) == [4]
 
 
-def test_banning_returns_filtered_ids_and_the_sampler_keeps_them_out():
-  out = compute_advantages(TABLE_IDS, TABLE_REWARDS, cfg=AdvantageConfig(filter="public", ban_filtered=True))
+@pytest.mark.parametrize("semantics,dropped,banned", [
+    ("paper", [1], [1]),  # drops and bans on AND: mean > .9 AND std < .05
+    # drops on OR (g2 for its mean alone, g3 for its std alone) but bans on AND, as the public stat tracker
+    ("public", [1, 2, 3], [1]),
+    ("none", [], []),
+])
+def test_drop_and_ban_rules(semantics, dropped, banned):
+  out = compute_advantages(TABLE_IDS, TABLE_REWARDS, cfg=AdvantageConfig(filter=semantics, ban_filtered=True))
+  assert sorted(set(TABLE_IDS) - {TABLE_IDS[i] for i in out.kept}) == dropped
+  assert sorted(out.to_ban.tolist()) == banned and out.stats["banned"] == len(banned)
+  assert compute_advantages(TABLE_IDS, TABLE_REWARDS, cfg=AdvantageConfig(filter=semantics)).to_ban.size == 0
+
+
+def test_banned_ids_stay_out_of_later_epochs():
+  out = compute_advantages(TABLE_IDS, TABLE_REWARDS, cfg=AdvantageConfig(tau_mu=0.4, tau_sigma=0.1, ban_filtered=True))
   assert sorted(out.to_ban.tolist()) == [1, 2, 3]
-  assert out.stats["banned"] == 3
-  assert compute_advantages(TABLE_IDS, TABLE_REWARDS, cfg=AdvantageConfig(filter="public")).to_ban.size == 0
 
   sampler = GroupedSampler(num_records=6, groups_per_epoch=3, group_size=2, seed=0)
   sampler.ban(out.to_ban)
@@ -129,6 +140,23 @@ def test_invalid_rewards_are_masked_never_zero():
   assert np.isfinite(out.advantages).all()
 
 
+def test_reward_diagnostics_of_the_public_code():
+  nan = float("nan")
+  ids = [1, 1, 1, 2, 2, 2, 2, 3, 3, 4, 4, 5, 5]
+  rewards = [0.1, 0.1, 0.1, 0.2, 0.4, 0.6, 0.8, 0.5, nan, nan, nan, 0.3, 0.9]
+  s = compute_advantages(ids, rewards, cfg=NO_FILTER).stats
+  # group 4 has no valid reward: not counted. Groups 1 (equal rewards, whose float std is 1e-17, not 0) and
+  # 3 (one valid reward) have zero std
+  assert s["zero_std_ratio"] == 0.5
+  assert s["reward_std_mean"] == pytest.approx((0 + pop_std([0.2, 0.4, 0.6, 0.8]) + 0 + 0.3) / 4)
+  # per group, the mean of the rewards at or above the (100 - p)th linear percentile, then the mean over groups;
+  # group 2's thresholds for p = 10, 25, 50, 75: .74, .65, .5, .35; group 5's: .84, .75, .6, .45
+  expected = {100: (0.1 + 0.5 + 0.5 + 0.6) / 4, 75: (0.1 + 0.6 + 0.5 + 0.9) / 4, 50: (0.1 + 0.7 + 0.5 + 0.9) / 4,
+              25: (0.1 + 0.8 + 0.5 + 0.9) / 4, 10: (0.1 + 0.8 + 0.5 + 0.9) / 4}
+  for p, value in expected.items():
+    assert s[f"mean_reward_{p}"] == pytest.approx(value), p
+
+
 def test_invalid_groups_are_not_banned():
   out = compute_advantages([1, 1, 2, 2], [float("nan"), float("nan"), 0.95, 0.95],
                            cfg=AdvantageConfig(ban_filtered=True))
@@ -139,7 +167,8 @@ def test_invalid_groups_are_not_banned():
 def test_nothing_valid():
   out = compute_advantages([1, 1], [0.5, 0.5], [False, False])
   assert out.kept.size == 0 and out.stats["kept_fraction"] == 0.0
-  assert math.isnan(out.stats["reward_mean"])
+  assert math.isnan(out.stats["reward_mean"]) and math.isnan(out.stats["zero_std_ratio"])
+  assert math.isnan(out.stats["mean_reward_10"])
   indices, advantages, mask = out.micro_batches(4)
   assert indices.shape == advantages.shape == mask.shape == (0, 4)
 

@@ -100,6 +100,14 @@ def test_weight_floor(beta):
   assert max_rel_err(grad, ref) <= 1e-6
 
 
+def test_old_deviate_equals_numpy():
+  v, v_old, v_ref, x_t, x0, t, adv = loss_inputs()
+  cfg = nft.NFTConfig()
+  terms = nft.nft_terms(v, v_old, v_ref, x_t, x0, t, nft.advantage_to_r(adv, cfg), cfg)
+  expected = ((np.float64(v) - np.float64(v_old)) ** 2).mean(axis=(1, 2))
+  np.testing.assert_allclose(terms["old_deviate"], expected, rtol=1e-6)
+
+
 def test_r_from_advantages():
   adv = np.array([-9.0, -5.0, -1.0, 0.0, 2.5, 5.0, 12.0], np.float32)
   r = lambda mode: np.asarray(nft.advantage_to_r(adv, nft.NFTConfig(adv_mode=mode)))
@@ -279,6 +287,38 @@ def test_micro_batching_does_not_change_the_update(lora_setup):
   split, _ = trainer.apply(split)
   for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(split.params)):
     assert max_rel_err(a, b) <= 1e-6
+
+
+def test_old_deviate_sums_give_the_epoch_mean_and_std(lora_setup):
+  """Summed over micro-batches, the per-term divergence sums give the mean and std over the epoch's kept
+  (sample, timestep) terms of mean((v - v_old)^2), here computed in float64 with separate calls."""
+  s, trainer, batch = lora_setup, lora_setup["trainer"], lora_setup["batch"]
+  state, total, total_sq, terms = fresh_state(s), 0.0, 0.0, 0.0
+  for index, mask in (([0, 1, 0, 1], [1, 1, 0, 0]), ([3, 3, 3, 3], [1, 0, 0, 0])):  # rollout 2 filtered out
+    state, metrics = trainer.accumulate(state, s["frozen"], rows(batch, np.array(index), mask), KEY)
+    total += float(metrics["old_deviate_sum"])
+    total_sq += float(metrics["old_deviate_sq_sum"])
+    terms += float(metrics["terms"])
+  mean = total / terms
+  std = np.sqrt(total_sq / terms - mean ** 2)
+
+  num_terms = trainer.cfg.train_timesteps(N)
+  times, noise = nft.draw_terms(KEY, batch.index, batch.sigmas, batch.x0.shape[1:], num_terms)
+  with jax.enable_x64(True):
+    params, old, frozen, b, times, noise = to_float64((s["params"], s["old"], s["frozen"], batch, times, noise))
+    model = lambda p: nnx.merge(s["policy"].graphdef, p, frozen)
+
+    @jax.jit
+    def deviate(t, eps):
+      x_t = (1 - t)[:, None, None] * b.x0 + t[:, None, None] * eps
+      v, v_old = (sampling.kontext_velocity(model(p), x_t, t, b.cond) for p in (params, old))
+      return jnp.mean(jnp.square(v - v_old), axis=(1, 2))
+
+    expected = np.stack([np.asarray(deviate(times[:, j], noise[j])) for j in range(num_terms)], axis=1)[[0, 1, 3]]
+  assert terms == expected.size
+  # measured 8e-7 for both: the float32 velocities
+  assert abs(mean - expected.mean()) <= 1e-5 * expected.mean()
+  assert abs(std - expected.std()) <= 1e-5 * expected.std()
 
 
 def accumulate_and_apply(trainer, state, frozen, batch, key=KEY):
