@@ -43,8 +43,12 @@ class LoraSpec:
     return self.alpha / self.rank
 
   def matches(self, module_name: str) -> bool:
-    """peft's rule: the key equals the module name or is a dotted suffix of it."""
-    return any(module_name == t or module_name.endswith("." + t) for t in self.targets)
+    return any(target_matches(t, module_name) for t in self.targets)
+
+
+def target_matches(target: str, module_name: str) -> bool:
+  """peft's rule: the key equals the module name or is a dotted suffix of it."""
+  return module_name == target or module_name.endswith("." + target)
 
 
 def lora_init(key: jax.Array, kind: str, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:

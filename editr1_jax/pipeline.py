@@ -60,6 +60,7 @@ def lora_spec_of_file(path: str, alpha: float | None = None) -> LoraSpec:
   alpha = config.get("transformer.lora_alpha", alpha)
   if alpha is None:
     raise ValueError(f"{path}: no lora_alpha in the file's metadata: give the alpha the adapter was trained with")
+  flux.check_lora_targets(tuple(sorted(modules)), f"{path}: adapter")
   return LoraSpec(rank=rank, alpha=float(alpha), targets=tuple(sorted(modules)))
 
 

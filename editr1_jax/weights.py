@@ -3,7 +3,8 @@
 A model declares one table of `WeightRule`s that turns each of its parameter paths into the
 reference (PyTorch) tensor name and layout. Loading walks the abstract model, reads each tensor
 lazily from a memory map, lays it out, casts it and places it into its target sharding; nothing
-is zero-filled: every missing, unexpected or mis-shaped tensor is reported together.
+is zero-filled or cast across kinds: every missing, unexpected, mis-shaped or non-float tensor is
+reported together.
 """
 
 import dataclasses
@@ -11,6 +12,8 @@ import json
 import os
 import re
 import struct
+import types
+import typing
 from typing import Callable, Iterable, Mapping
 
 import jax
@@ -52,17 +55,75 @@ class _Entry:
   end: int
 
 
-def _read_header(path: str) -> tuple[dict, int]:
+def _read_json(path: str) -> dict:
+  """A JSON object from `path`; anything else is one CheckpointError naming the file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+    raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{path}: not a JSON object")
+  return value
+
+
+def _is_index(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: str, name: str, info, base: int, data_size: int) -> _Entry:
+  """One header entry, checked against the data section's size so a read never runs past the file."""
+  if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+    raise CheckpointError(f"{path}: tensor {name!r}: header entry needs dtype, shape and data_offsets, "
+                          f"got {info!r:.200}")
+  dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+  if not isinstance(dtype, str) or dtype not in _DTYPES:
+    raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+  if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+    raise CheckpointError(f"{path}: tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_index(o) for o in offsets)
+          and offsets[0] <= offsets[1]):
+    raise CheckpointError(f"{path}: tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                          f"got {offsets!r}")
+  start, end = offsets
+  if end > data_size:
+    raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {offsets} run past the end of the data "
+                          f"({data_size} bytes): the file is truncated")
+  np_dtype = np.dtype(_DTYPES[dtype])
+  nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+  if end - start != nbytes:
+    raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {offsets} hold {end - start} bytes; "
+                          f"{dtype} {shape} needs {nbytes}")
+  return _Entry(path, np_dtype, tuple(shape), base + start, base + end)
+
+
+def _read_header(path: str) -> tuple[dict[str, _Entry], dict[str, str]]:
+  """({tensor name: entry}, metadata) of one file; sizes are checked against the file before anything is
+  allocated, so a damaged or foreign file is one CheckpointError, never a bad read."""
+  size = os.path.getsize(path)
   with open(path, "rb") as f:
     raw = f.read(8)
     if len(raw) != 8:
       raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
     (n,) = struct.unpack("<Q", raw)
+    if n > size - 8:
+      raise CheckpointError(f"{path}: header length {n} exceeds the file's {size} bytes: truncated or not a "
+                            "safetensors file")
     try:
       header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
       raise CheckpointError(f"{path}: unreadable safetensors header: {e}") from e
-  return header, 8 + n
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+  metadata = header.pop("__metadata__", None) or {}
+  if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    raise CheckpointError(f"{path}: __metadata__ must map strings to strings, got {metadata!r:.200}")
+  entries = {name: _entry(path, name, info, 8 + n, size - 8 - n) for name, info in header.items()}
+  spans = sorted(((e.start, e.end, name) for name, e in entries.items() if e.end > e.start))
+  for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+    if start < end:
+      raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the data section")
+  return entries, metadata
 
 
 class SafetensorsReader:
@@ -75,17 +136,12 @@ class SafetensorsReader:
     for path in files:
       if not os.path.isfile(path):
         raise CheckpointError(f"{path}: safetensors file not found")
-      header, base = _read_header(path)
-      for name, info in header.items():
-        if name == "__metadata__":
-          self.metadata.update(info or {})
-          continue
-        if info["dtype"] not in _DTYPES:
-          raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+      entries, metadata = _read_header(path)
+      self.metadata.update(metadata)
+      for name, entry in entries.items():
         if name in self._entries:
           raise CheckpointError(f"{path}: tensor {name!r} also stored in {self._entries[name].file}")
-        s, e = info["data_offsets"]
-        self._entries[name] = _Entry(path, np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"]), base + s, base + e)
+        self._entries[name] = entry
 
   @classmethod
   def from_folder(cls, folder: str) -> "SafetensorsReader":
@@ -96,14 +152,21 @@ class SafetensorsReader:
     if len(indexes) > 1:
       raise CheckpointError(f"{folder}: several safetensors index files: {indexes}")
     if indexes:
-      with open(os.path.join(folder, indexes[0])) as f:
-        weight_map = json.load(f)["weight_map"]
+      index = os.path.join(folder, indexes[0])
+      weight_map = _read_json(index).get("weight_map")
+      if not (isinstance(weight_map, dict) and weight_map
+              and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+        raise CheckpointError(f"{index}: 'weight_map' must be a non-empty mapping of tensor names to shard file "
+                              f"names, got {weight_map!r:.200}")
       files = sorted({os.path.join(folder, v) for v in weight_map.values()})
+      absent = [f for f in files if not os.path.isfile(f)]
+      if absent:
+        raise CheckpointError(f"{index}: weight_map names shard files that do not exist: {absent}")
       reader = cls(files)
       listed, stored = set(weight_map), set(reader.names())
       if listed != stored:
         raise CheckpointError(
-            f"{os.path.join(folder, indexes[0])}: index and shards disagree; listed but not stored: "
+            f"{index}: index and shards disagree; listed but not stored: "
             f"{sorted(listed - stored)[:20]}, stored but not listed: {sorted(stored - listed)[:20]}")
       return reader
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
@@ -261,7 +324,7 @@ def load_state(abstract_state, reader: SafetensorsReader, table: Iterable[Weight
   """Fill an abstract nnx.State from a checkpoint, tensor by tensor.
 
   `strip_prefixes` lets one table serve several naming schemes (e.g. `transformer.`).
-  Raises CheckpointError listing every missing, unexpected and mis-shaped tensor.
+  Raises CheckpointError listing every missing, unexpected, mis-shaped and integer/boolean-for-float tensor.
   """
   table = tuple(table)
   expected = reference_shapes(abstract_state, table)
@@ -277,9 +340,15 @@ def load_state(abstract_state, reader: SafetensorsReader, table: Iterable[Weight
   unexpected = sorted(k for k in set(stored) - set(expected) if not (allow_unused and allow_unused(k)))
   misshaped = sorted(f"{k}: checkpoint {reader.shape(stored[k])}, model expects {expected[k][0]}"
                      for k in set(expected) & set(stored) if tuple(reader.shape(stored[k])) != expected[k][0])
-  if missing or unexpected or misshaped:
+  # an integer or boolean tensor in a float parameter is a wrong file, not a value to cast
+  floats = {path_str(p) for p, v in nnx.to_flat_state(abstract_state)
+            if jnp.issubdtype(jnp.dtype(dtype or v.get_value().dtype), jnp.floating)}
+  not_float = sorted(f"{k}: {reader.read(stored[k]).dtype}" for k in set(expected) & set(stored)
+                     if expected[k][1] in floats and not jnp.issubdtype(reader.read(stored[k]).dtype, jnp.floating))
+  if missing or unexpected or misshaped or not_float:
     lines = [f"{source}: checkpoint does not match the model"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                         ("not floating point", not_float)):
       if items:
         lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:50]) + (" ..." if len(items) > 50 else ""))
     raise CheckpointError("\n".join(lines))
@@ -310,21 +379,66 @@ def model_folder(folder: str, component: str) -> str:
   return sub if os.path.isfile(os.path.join(sub, "config.json")) else folder
 
 
-def required_fields(config: dict, keys, source: str) -> dict:
-  """`keys` of a reference config, every one required: the reference's defaults are another model size,
-  so a missing key is an error naming them all, never a guess."""
-  missing = [k for k in keys if k not in config]
-  if missing:
-    raise ValueError(f"{source}: missing {missing}")
-  return {k: config[k] for k in keys}
+def _describe(hint) -> str:
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    return " or ".join(_describe(a) for a in typing.get_args(hint))
+  if typing.get_origin(hint) is tuple:
+    return f"a list of {_describe(typing.get_args(hint)[0])}"
+  return {int: "int", float: "float", bool: "bool", str: "str", type(None): "null"}[hint]
+
+
+def _typed(value, hint):
+  """`value` as the field annotation `hint` says, or TypeError: bool is not an int, an int is a float, a list
+  is a `tuple[X, ...]`."""
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    for arm in typing.get_args(hint):
+      try:
+        return _typed(value, arm)
+      except TypeError:
+        pass
+    raise TypeError
+  if typing.get_origin(hint) is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise TypeError
+    return tuple(_typed(v, typing.get_args(hint)[0]) for v in value)
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+    return value
+  raise TypeError
+
+
+def config_fields(cls, config: Mapping, keys: Iterable[str], source: str, *, required: bool = True,
+                  prefix: str = "") -> dict:
+  """`keys` of a reference config as keyword arguments of the dataclass `cls`, each checked against its field's
+  annotation, so a wrong type names the file and field instead of failing inside the model. With `required`
+  every key must be there: the reference's defaults are another model size, so a missing key is an error
+  naming them all, never a guess. `prefix` names the config section in messages."""
+  missing = [prefix + k for k in keys if k not in config]
+  if required and missing:
+    raise CheckpointError(f"{source}: missing {missing}")
+  hints = typing.get_type_hints(cls)
+  out = {}
+  for k in keys:
+    if k in config:
+      try:
+        out[k] = _typed(config[k], hints[k])
+      except TypeError:
+        raise CheckpointError(f"{source}: field {prefix + k!r} must be {_describe(hints[k])}, "
+                              f"got {config[k]!r:.80}") from None
+  return out
+
+
+def config_section(config: Mapping, key: str, source: str) -> dict:
+  """A nested object of a reference config ({} when absent or null)."""
+  section = config.get(key) or {}
+  if not isinstance(section, dict):
+    raise CheckpointError(f"{source}: field {key!r} must be an object, got {section!r:.80}")
+  return section
 
 
 def read_config(folder: str, name: str = "config.json") -> dict:
   path = os.path.join(folder, name)
   if not os.path.isfile(path):
     raise CheckpointError(f"{path}: config file not found")
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+  return _read_json(path)

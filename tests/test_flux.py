@@ -211,3 +211,17 @@ def test_sharded_forward_equals_single_device(reference, ours):
     out = jax.jit(lambda m, x: m(**x))(model, inputs)
   # sharded reductions sum in another order: equal up to float32 rounding
   assert max_rel_err(out, ours(**inputs)) <= 1e-6
+
+
+def test_lora_target_matching_no_layer_is_an_error():
+  """A peft key that matches nothing would train nothing there: refused before any weight is read."""
+  with pytest.raises(ValueError) as e:
+    flux.check_lora_targets(("to_q", "to_kk"), "config.lora.targets")
+  assert str(e.value).startswith("config.lora.targets: target 'to_kk' matches no layer of the FLUX transformer; "
+                                 "layers that take an adapter: [")
+  assert "'transformer_blocks.<i>.attn.to_k'" in str(e.value) and "'to_q'" not in str(e.value)
+  flux.check_lora_targets(flux.DEFAULT_LORA_TARGETS + ("transformer_blocks.18.ff.net.2", "proj_mlp"), "x")
+  # the model checks its own layers: the tiny preset has 2 double blocks
+  spec = LoraSpec(rank=2, alpha=2.0, targets=("to_q", "transformer_blocks.2.attn.to_q", "x"))
+  with pytest.raises(ValueError, match=r"^lora.targets: targets 'transformer_blocks.2.attn.to_q', 'x' match no layer"):
+    nnx.eval_shape(lambda: flux.FluxTransformer(flux.tiny(lora=spec), rngs=nnx.Rngs(0)))

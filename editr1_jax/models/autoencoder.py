@@ -68,9 +68,15 @@ class AutoencoderConfig:
     return dataclasses.replace(self, **kw)
 
   @classmethod
-  def from_diffusers_config(cls, config: dict, **runtime) -> "AutoencoderConfig":
+  def from_diffusers_config(cls, config: dict, *, source: str = "config", **runtime) -> "AutoencoderConfig":
     """Reads an `AutoencoderKL` config.json; any setting this port does not implement is an error."""
-    n = len(config.get("block_out_channels", ()))
+    for field in ("block_out_channels", "latent_channels", "shift_factor", "scaling_factor"):
+      if config.get(field) is None:
+        raise wio.CheckpointError(f"{source}: field {field!r} is missing or null")
+    kw = wio.config_fields(cls, config, ("in_channels", "out_channels", "latent_channels", "block_out_channels",
+                                         "layers_per_block", "norm_num_groups", "shift_factor", "scaling_factor"),
+                           source, required=False)
+    n = len(kw["block_out_channels"])
     # field -> the value we implement (diffusers' default applies where the field is absent)
     required = {"act_fn": ("silu", "silu"), "use_quant_conv": (False, True), "use_post_quant_conv": (False, True),
                 "mid_block_add_attention": (True, True), "down_block_types": (["DownEncoderBlock2D"] * n, None),
@@ -78,14 +84,11 @@ class AutoencoderConfig:
     for field, (want, default) in required.items():
       got = config.get(field, default)
       if got != want:
-        raise ValueError(f"field {field!r} is {got!r}; this port implements {want!r}")
-    for field in ("block_out_channels", "latent_channels", "shift_factor", "scaling_factor"):
-      if config.get(field) is None:
-        raise ValueError(f"field {field!r} is missing or null")
-    keys = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "shift_factor",
-            "scaling_factor")
-    kw = {k: config[k] for k in keys if k in config}
-    return cls(block_out_channels=tuple(config["block_out_channels"]), **kw, **runtime)
+        raise wio.CheckpointError(f"{source}: field {field!r} is {got!r}; this port implements {want!r}")
+    try:
+      return cls(**kw, **runtime)
+    except ValueError as e:
+      raise wio.CheckpointError(f"{source}: {e}") from e
 
 
 def flux(**runtime) -> AutoencoderConfig:
@@ -330,12 +333,9 @@ def load_autoencoder(folder: str, *, dtype: str = "float32", param_dtype: str | 
                      attention_impl: str = "xla", mesh=None, rules=shd.DEFAULT_RULES) -> Autoencoder:
   """Read a diffusers AutoencoderKL folder, tensor by tensor, into its target sharding."""
   folder = wio.model_folder(folder, "vae")
-  config = wio.read_config(folder)
-  try:
-    cfg = AutoencoderConfig.from_diffusers_config(config, dtype=dtype, param_dtype=param_dtype or dtype,
-                                                  attention_impl=attention_impl)
-  except ValueError as e:
-    raise wio.CheckpointError(f"{os.path.join(folder, 'config.json')}: {e}") from e
+  cfg = AutoencoderConfig.from_diffusers_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),
+                                                dtype=dtype, param_dtype=param_dtype or dtype,
+                                                attention_impl=attention_impl)
   abstract = nnx.eval_shape(lambda: Autoencoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   state = wio.load_state(abstract_state, wio.SafetensorsReader.from_folder(folder), AUTOENCODER_WEIGHTS,

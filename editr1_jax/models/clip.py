@@ -55,7 +55,7 @@ class CLIPTextConfig:
       raise ValueError(f"{source}: hidden_act {act!r} is not supported (CLIP-L uses 'quick_gelu')")
     if not isinstance(config.get("eos_token_id", LEGACY_EOS_TOKEN_ID), int):
       raise ValueError(f"{source}: eos_token_id must be one integer, got {config['eos_token_id']!r}")
-    return cls(**wio.required_fields(config, cls._TRANSFORMERS_KEYS, source), **runtime)
+    return cls(**wio.config_fields(cls, config, cls._TRANSFORMERS_KEYS, source), **runtime)
 
 
 def clip_l(**runtime) -> CLIPTextConfig:

@@ -8,6 +8,8 @@ dtype. Module and parameter names follow diffusers so the weight table below sta
 import dataclasses
 import functools
 import json
+import os
+import re
 from typing import Sequence
 
 import jax
@@ -19,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
 from editr1_jax.layers import AdapterRows, Dense, LoraSpec, RMSNorm, attention, gelu_tanh, layer_norm, lora_init, \
-  remat_policy
+  remat_policy, target_matches
 
 # peft target keys of REFERENCE.md section 7; matched as dotted suffixes of diffusers module names.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -75,10 +77,8 @@ class FluxConfig:
                      "patch_size")
 
   @classmethod
-  def from_diffusers_config(cls, config: dict, **runtime) -> "FluxConfig":
-    kw = {k: config[k] for k in cls._DIFFUSERS_KEYS if k in config}
-    if "axes_dims_rope" in config:
-      kw["axes_dims_rope"] = tuple(config["axes_dims_rope"])
+  def from_diffusers_config(cls, config: dict, *, source: str = "config", **runtime) -> "FluxConfig":
+    kw = wio.config_fields(cls, config, cls._DIFFUSERS_KEYS + ("axes_dims_rope",), source, required=False)
     return cls(**kw, **runtime)
 
   def to_diffusers_config(self) -> dict:
@@ -352,6 +352,8 @@ class FluxTransformer(nnx.Module):
         [SingleStreamBlock(f, f"single_transformer_blocks.{i}") for i in range(cfg.num_single_layers)])
     self.norm_out = AdaNorm(f, "norm_out", 2)
     self.proj_out = f.dense("proj_out", dim, cfg.out_dim, ("embed", None))
+    if cfg.lora is not None:
+      check_lora_targets(cfg.lora.targets, "lora.targets", layers=adapter_layers(self))
 
   def __call__(self, *, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                guidance=None, adapters: AdapterRows | None = None) -> jax.Array:
@@ -379,6 +381,38 @@ class FluxTransformer(nnx.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+def adapter_layers(model: FluxTransformer) -> list[str]:
+  """The diffusers names of the model's Dense layers: what peft target keys are matched against."""
+  return [wio.reference_name(wio.path_str(path) + ".kernel", FLUX_WEIGHTS)[0].removesuffix(".weight")
+          for path, node in nnx.iter_graph(model) if isinstance(node, Dense)]
+
+
+@functools.cache
+def _kontext_adapter_layers() -> tuple[str, ...]:
+  """FLUX.1-Kontext-dev's adapter layers, read off an abstract model of one block of each kind (all 57 blocks
+  take seconds to trace) and repeated over the block indices."""
+  full = kontext_dev()
+  one = nnx.eval_shape(lambda: FluxTransformer(full.replace(num_layers=1, num_single_layers=1), rngs=nnx.Rngs(0)))
+  depth = {"transformer_blocks": full.num_layers, "single_transformer_blocks": full.num_single_layers}
+  names = []
+  for name in adapter_layers(one):
+    block = re.fullmatch(r"(\w+)\.0\.(.*)", name)
+    names += [f"{block[1]}.{i}.{block[2]}" for i in range(depth[block[1]])] if block else [name]
+  return tuple(names)
+
+
+def check_lora_targets(targets: Sequence[str], where: str, *, layers: Sequence[str] | None = None) -> None:
+  """Every peft target key must match a layer (of `layers`, FLUX.1-Kontext-dev's by default): one that matches
+  none would train nothing, silently. Needs no weights, so config validation calls it before loading."""
+  layers = _kontext_adapter_layers() if layers is None else layers
+  unmatched = [t for t in targets if not any(target_matches(t, name) for name in layers)]
+  if unmatched:
+    kinds = sorted({re.sub(r"^(\w+)\.\d+\.", r"\1.<i>.", name) for name in layers})
+    said = ", ".join(repr(t) for t in unmatched)
+    said = f"targets {said} match" if len(unmatched) > 1 else f"target {said} matches"
+    raise ValueError(f"{where}: {said} no layer of the FLUX transformer; layers that take an adapter: {kinds}")
+
+
 def split_params(model: FluxTransformer):
   """(graphdef, adapter state, base state): the trainable/frozen split."""
   return nnx.split(model, nnx.LoRAParam, ...)
@@ -409,8 +443,9 @@ def load_flux_transformer(folder: str, *, dtype: str = "float32", param_dtype: s
   safetensors file).
   """
   folder = wio.model_folder(folder, "transformer")
-  cfg = FluxConfig.from_diffusers_config(wio.read_config(folder), dtype=dtype, param_dtype=param_dtype or dtype,
-                                         lora=lora, remat=remat, attention_impl=attention_impl)
+  cfg = FluxConfig.from_diffusers_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),
+                                         dtype=dtype, param_dtype=param_dtype or dtype, lora=lora, remat=remat,
+                                         attention_impl=attention_impl)
   abstract = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_adapters, abstract_base = split_params(abstract)
   base = wio.load_state(abstract_base, wio.SafetensorsReader.from_folder(folder), FLUX_WEIGHTS, source=folder,

@@ -14,6 +14,7 @@ without an (N, N) mask. Rotary, norm statistics and softmax run in float32.
 
 import dataclasses
 import itertools
+import os
 
 import flax.struct
 import jax
@@ -131,36 +132,41 @@ class Qwen25VLConfig:
                   "temporal_patch_size", "spatial_merge_size", "window_size", "out_hidden_size")
 
   @classmethod
-  def from_hf_config(cls, config: dict, **runtime) -> "Qwen25VLConfig":
+  def from_hf_config(cls, config: dict, *, source: str = "config", **runtime) -> "Qwen25VLConfig":
     """A `Qwen2_5_VLForConditionalGeneration` config.json: transformers 5 nests `text_config`; hub configs
     keep the text fields at the top level (and say `in_chans`, `rope_scaling`). Both are read."""
-    text = config.get("text_config") or config
-    vision = dict(config.get("vision_config") or {})
+    text = wio.config_section(config, "text_config", source) or config
+    in_text = "text_config." if text is not config else ""
+    vision = dict(wio.config_section(config, "vision_config", source))
     for where, section in (("text_config", text), ("vision_config", vision)):
       if section.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config {where}.hidden_act: only 'silu' is supported, got {section['hidden_act']!r}")
+        raise ValueError(f"{source}: {where}.hidden_act: only 'silu' is supported, got {section['hidden_act']!r}")
     if text.get("use_sliding_window"):
-      raise ValueError("config use_sliding_window: sliding-window decoder attention is not supported")
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or config.get("rope_scaling") or {}
+      raise ValueError(f"{source}: use_sliding_window: sliding-window decoder attention is not supported")
+    rope, in_rope = {}, ""
+    for section, where, key in ((text, in_text, "rope_parameters"), (text, in_text, "rope_scaling"),
+                                (config, "", "rope_scaling")):
+      if section.get(key):
+        rope, in_rope = wio.config_section(section, key, source), f"{where}{key}."
+        break
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "mrope"):
-      raise ValueError(f"config rope type {rope_type!r}: only the default M-RoPE is supported")
-    kw = {k: text[k] for k in cls._TEXT_KEYS if k in text}
-    kw.update({k: config[k] for k in cls._ROOT_KEYS if k in config})
+      raise ValueError(f"{source}: rope type {rope_type!r}: only the default M-RoPE is supported")
+    kw = wio.config_fields(cls, text, cls._TEXT_KEYS, source, required=False, prefix=in_text)
+    kw.update(wio.config_fields(cls, config, cls._ROOT_KEYS, source, required=False))
     theta = rope.get("rope_theta", text.get("rope_theta", config.get("rope_theta")))
     if theta is not None:
-      kw["rope_theta"] = float(theta)
-    if "mrope_section" in rope:
-      kw["mrope_section"] = tuple(rope["mrope_section"])
-    kw["tie_word_embeddings"] = bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+      kw.update(wio.config_fields(cls, {"rope_theta": theta}, ("rope_theta",), source))
+    kw.update(wio.config_fields(cls, rope, ("mrope_section",), source, required=False, prefix=in_rope))
+    tied = [wio.config_fields(cls, c, ("tie_word_embeddings",), source, required=False, prefix=p)
+            for c, p in ((config, ""), (text, in_text)) if c.get("tie_word_embeddings") is not None]
+    kw["tie_word_embeddings"] = any(t["tie_word_embeddings"] for t in tied)
     if "in_chans" in vision:
       vision.setdefault("in_channels", vision["in_chans"])
-    vkw = {k: vision[k] for k in cls._VISION_KEYS if k in vision}
-    if "fullatt_block_indexes" in vision:
-      vkw["fullatt_block_indexes"] = tuple(vision["fullatt_block_indexes"])
-    vision_theta = (vision.get("rope_parameters") or {}).get("rope_theta")
-    if vision_theta is not None:
-      vkw["rope_theta"] = float(vision_theta)
+    vkw = wio.config_fields(VisionConfig, vision, cls._VISION_KEYS + ("fullatt_block_indexes",), source,
+                            required=False, prefix="vision_config.")
+    vkw.update(wio.config_fields(VisionConfig, wio.config_section(vision, "rope_parameters", source), ("rope_theta",),
+                                 source, required=False, prefix="vision_config.rope_parameters."))
     return cls(**kw, vision=VisionConfig(**vkw), **runtime)
 
 
@@ -697,8 +703,9 @@ def load_qwen2_5_vl(folder: str, *, dtype: str = "float32", param_dtype: str | N
                     rules=shd.DEFAULT_RULES, attention_impl: str = "xla", remat: str = "none") -> Qwen25VL:
   """Read a transformers Qwen2.5-VL folder (config.json + safetensors, sharded or not; hub or transformers-5
   tensor names), tensor by tensor, into its target sharding."""
-  cfg = Qwen25VLConfig.from_hf_config(wio.read_config(folder), dtype=dtype, param_dtype=param_dtype or dtype,
-                                      attention_impl=attention_impl, remat=remat)
+  cfg = Qwen25VLConfig.from_hf_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),
+                                      dtype=dtype, param_dtype=param_dtype or dtype, attention_impl=attention_impl,
+                                      remat=remat)
   abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   reader = _HubNames(wio.SafetensorsReader.from_folder(folder), folder)

@@ -53,7 +53,7 @@ class T5Config:
       raise ValueError(f"{source}: feed_forward_proj {ffn!r} is not supported (T5 v1.1 uses 'gated-gelu')")
     if config.get("is_decoder", False):
       raise ValueError(f"{source}: is_decoder is true; only the bidirectional encoder is supported")
-    return cls(**wio.required_fields(config, cls._TRANSFORMERS_KEYS, source), **runtime)
+    return cls(**wio.config_fields(cls, config, cls._TRANSFORMERS_KEYS, source), **runtime)
 
 
 def t5_xxl(**runtime) -> T5Config:
