@@ -7,6 +7,7 @@ the sharding rules; text position ids are all zero.
 """
 
 import functools
+import json
 import logging
 import os
 from typing import Sequence
@@ -48,14 +49,19 @@ def _prompt_list(prompts: str | Sequence[str], what: str) -> list[str]:
   return prompts
 
 
+def _start(prompt: str, chars: int = 40) -> str:
+  """The prompt's first `chars` characters, quoted."""
+  return json.dumps(prompt[:chars] + ("..." if len(prompt) > chars else ""), ensure_ascii=False)
+
+
 def _tokenize(tokenizer, prompts: list[str], max_length: int, what: str) -> np.ndarray:
   """Padded to max_length and truncated, as the pipeline calls the tokenizer; warns like it on truncation."""
   ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_length=False,
                   return_overflowing_tokens=False, return_tensors="np")["input_ids"]
   full = tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
-  cut = [i for i, row in enumerate(full) if len(row) > max_length]
-  if cut:
-    _LOG.warning("%s: prompts %s were truncated to %d tokens", what, cut, max_length)
+  cut = [_start(p) for p, row in zip(prompts, full) if len(row) > max_length]
+  if cut:  # the instruction's start finds it in a dataset; a batch position does not
+    _LOG.warning("%s: %d prompt(s) truncated to %d tokens: %s", what, len(cut), max_length, ", ".join(cut))
   return ids.astype(np.int32)
 
 

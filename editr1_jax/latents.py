@@ -13,7 +13,9 @@ import os
 
 import jax
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from editr1_jax import images
 
 TARGET, REFERENCE = 0, 1
 # diffusers' PREFERRED_KONTEXT_RESOLUTIONS, (width, height): the resolutions Kontext was trained on.
@@ -74,9 +76,9 @@ def decode_tokens(vae, tokens: jax.Array, height: int, width: int) -> jax.Array:
 
 # --------------------------------------------------------------------------------------------------
 def load_image(source) -> Image.Image:
-  """An RGB PIL image from a path, a PIL image or a uint8 (H, W, 3) array; bad files name themselves."""
+  """An RGB PIL image from a path, a PIL image or a uint8 (H, W, 3) array (`images.to_rgb`: 16-bit, alpha, EXIF)."""
   if isinstance(source, Image.Image):
-    return source.convert("RGB")
+    return images.to_rgb(source, "source image")
   if isinstance(source, np.ndarray):
     if source.dtype != np.uint8 or source.ndim != 3 or source.shape[-1] != 3:
       raise ValueError(f"an image array must be uint8 (H, W, 3), got {source.dtype} {source.shape}")
@@ -84,11 +86,7 @@ def load_image(source) -> Image.Image:
   path = os.fspath(source)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: image file not found")
-  try:
-    with Image.open(path) as img:
-      return img.convert("RGB")
-  except (UnidentifiedImageError, OSError) as e:
-    raise ValueError(f"{path}: unreadable image: {e}") from e
+  return images.load_rgb(path)
 
 
 def to_array(image: Image.Image) -> np.ndarray:

@@ -19,8 +19,23 @@ _EPOCH = flags.DEFINE_integer("epoch", None, "Checkpoint epoch (default: the lat
 flags.mark_flags_as_required(["workdir", "out"])
 
 
+def check_args(workdir: str, out: str, epoch: int | None) -> None:
+  """Every argument checked before anything is imported or created; raises ValueError naming the flag."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(checkpoints):
+    raise ValueError(f"--workdir: {checkpoints} does not exist")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out: {out} is an existing file, not a folder")
+  if epoch is not None and epoch < 0:
+    raise ValueError(f"--epoch must be >= 0, got {epoch}")
+
+
 def main(argv):
   del argv
+  try:
+    check_args(_WORKDIR.value, _OUT.value, _EPOCH.value)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   if not flags.FLAGS["verbosity"].present:  # orbax logs every read at INFO
     logging.set_verbosity(logging.WARNING)
   from editr1_jax.export import export_run

@@ -29,15 +29,29 @@ flags.DEFINE_bool("json", False, "Print one JSON object with keys score and prob
 FLAGS = flags.FLAGS
 
 
+def _image(flag: str):
+  """The image of --`flag`, decoded as the dataset and the editor decode it; exits naming the flag."""
+  try:
+    return processor.read_image(FLAGS[flag].value)
+  except processor.ProcessorError as e:
+    sys.exit(f"error: --{flag}: {e}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not os.path.isdir(FLAGS.model):
+    sys.exit(f"error: --model: {FLAGS.model} is not a folder")
+  if not FLAGS.instruction.strip():
+    sys.exit("error: --instruction is empty")
+  if FLAGS.template_file is not None and not os.path.isfile(FLAGS.template_file):
+    sys.exit(f"error: --template_file: {FLAGS.template_file} not found")
+  source, edited = _image("source"), _image("edited")
   try:
-    source, edited = processor.read_image(FLAGS.source), processor.read_image(FLAGS.edited)
     judge = mllm.MllmJudge(FLAGS.model, template_file=FLAGS.template_file, dtype=FLAGS.dtype, batch_size=1,
                            length_multiple=1)
     result = judge.score([source], [edited], [FLAGS.instruction], [FLAGS.requirement])
-  except ValueError as e:  # bad folder, image or template: the message names it
+  except ValueError as e:  # a bad model folder or template: the message names it
     sys.exit(f"error: {e}")
   if not result.valid[0]:
     sys.exit(f"{FLAGS.edited}: the judge's digit logits are not finite; no score")

@@ -17,7 +17,8 @@ DATASET_DIR=${DATASET_DIR:-/mnt/disks/data/edit_r1}
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   cd ~/editr1_jax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==0.10.2'"
 
+# Every value is quoted for the remote shell (printf %q), so spaces and shell characters arrive as typed.
+ARGS=$(printf ' %q' --workdir="$WORKDIR" --config.model.pipeline_dir="$PIPELINE_DIR" \
+  --config.reward.model_dir="$REWARD_DIR" --config.data.dataset_dir="$DATASET_DIR" "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
-  cd ~/editr1_jax && .venv/bin/python launch/train.py --config=configs/kontext.py --workdir=$WORKDIR --distributed \
-    --config.model.pipeline_dir=$PIPELINE_DIR --config.reward.model_dir=$REWARD_DIR \
-    --config.data.dataset_dir=$DATASET_DIR $*"
+  cd ~/editr1_jax && .venv/bin/python launch/train.py --config=configs/kontext.py --distributed$ARGS"

@@ -106,8 +106,10 @@ def test_transformers4_clip_tokenizer_files(text_pipeline, encoders, tmp_path): 
 def test_truncation_warns(encoders, caplog):
   with caplog.at_level(logging.WARNING, logger="editr1_jax.conditioning"):
     encoders.tokenize(["add a cat", LONG])
-  assert "CLIP: prompts [1] were truncated to 77 tokens" in caplog.text
-  assert f"T5: prompts [1] were truncated to {T5_LENGTH} tokens" in caplog.text
+  start = LONG[:40]  # the instruction's start names it (a batch position means nothing to a user)
+  assert f'CLIP: 1 prompt(s) truncated to 77 tokens: "{start}' in caplog.text
+  assert f'T5: 1 prompt(s) truncated to {T5_LENGTH} tokens: "{start}' in caplog.text
+  assert "add a cat" not in caplog.text
 
 
 def test_errors(encoders, tmp_path):

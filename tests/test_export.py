@@ -78,3 +78,46 @@ def test_merged_export_shards_large_models(trained, tmp_path, monkeypatch):
   inputs = make_inputs(**EXACT)
   np.testing.assert_array_equal(np.asarray(flux.load_flux_transformer(folder)(**inputs)),
                                 np.asarray(nnx.merge(graphdef, jax.tree.map(lambda a: 0 * a, adapters), base)(**inputs)))
+
+
+# --------------------------------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--workdir={tmp}/typo", "--out={tmp}/out"], "error: --workdir: {tmp}/typo/checkpoints does not exist"),
+    (["--workdir={tmp}/run", "--out={tmp}/file"], "error: --out: {tmp}/file is an existing file, not a folder"),
+    (["--workdir={tmp}/run", "--out={tmp}/out", "--epoch=-1"], "error: --epoch must be >= 0, got -1"),
+])
+def test_launch_export_refuses_bad_arguments_and_creates_nothing(tmp_path, args, error):
+  import subprocess
+  import sys
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  (tmp_path / "file").write_text("")
+  before = sorted(p for p in tmp_path.rglob("*"))
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export.py"),
+                           *(a.format(tmp=tmp_path) for a in args)], capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and result.stderr.strip().splitlines() == [error.format(tmp=tmp_path)]
+  assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_tpu_pod_quotes_every_argument_for_the_remote_shell(tmp_path):
+  """A fake gcloud runs the training command in a shell as the TPU host would; a fake python records its argv."""
+  import subprocess
+  bin_dir, home = tmp_path / "bin", tmp_path / "home"
+  (home / "editr1_jax" / ".venv" / "bin").mkdir(parents=True)
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text('#!/usr/bin/env bash\nfor a in "$@"; do case "$a" in --command=*launch/train.py*) '
+                                  'bash -c "${a#--command=}";; esac; done\n')
+  (home / "editr1_jax" / ".venv" / "bin" / "python").write_text(
+      f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path}/argv\n')
+  for f in (bin_dir / "gcloud", home / "editr1_jax" / ".venv" / "bin" / "python"):
+    f.chmod(0o755)
+  tricky = ["--config.a=two words", "--config.b=$(touch pwned)", "--config.c='quoted'; echo x", "--config.d=*"]
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HOME=str(home), DATASET_DIR="/data/my set")
+  subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "tpu", "zone", "/runs/a b", *tricky], env=env,
+                 cwd=tmp_path, check=True, timeout=60)
+  argv = (tmp_path / "argv").read_text().splitlines()
+  assert "--workdir=/runs/a b" in argv and "--config.data.dataset_dir=/data/my set" in argv
+  assert argv[-len(tricky):] == tricky and argv[0] == "launch/train.py"
+  assert not (tmp_path / "pwned").exists() and not (home / "editr1_jax" / "pwned").exists()

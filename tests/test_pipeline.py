@@ -160,3 +160,65 @@ def test_launch_edit_writes_the_image_without_torch(folder, tmp_path):
   assert "wrote" in result.stdout and "torch not imported" in result.stdout
   with Image.open(out) as img:
     assert img.size == (WIDTH, HEIGHT) and img.mode == "RGB"
+
+
+# --------------------------------------------------------------------------------------------------
+def test_a_16_bit_source_is_edited_as_its_8_bit_grey(ours, tmp_path):
+  """A 16-bit PNG of 32768 is mid-grey (128), not the white PIL's own conversion makes of it."""
+  Image.fromarray(np.full((HEIGHT, WIDTH), 32768, np.uint16)).save(tmp_path / "grey16.png")
+  grey = Image.new("RGB", (WIDTH, HEIGHT), (128, 128, 128))
+  edited = [ours([source], PROMPTS[:1], num_steps=2, auto_resize=False)[0]
+            for source in (str(tmp_path / "grey16.png"), grey)]
+  np.testing.assert_array_equal(edited[0], edited[1])
+
+
+def test_truncation_warning_names_the_instruction(ours, caplog):
+  long = "make the sky a deep orange sunset " * 40
+  with caplog.at_level("WARNING", logger="editr1_jax.conditioning"):
+    ours.text.tokenize(["add a cat", long])
+  start = json.dumps(long[:40] + "...")
+  assert f"T5: 1 prompt(s) truncated to {ours.text.max_sequence_length} tokens: {start}" in caplog.text
+  assert "add a cat" not in caplog.text
+
+
+def _run_edit(*args, **replace):
+  """launch/edit.py in a fresh interpreter with `args` as flags (`replace` overrides or drops, with None)."""
+  import subprocess
+  import sys
+  flags = dict(arg.split("=", 1) for arg in args)
+  flags.update(replace)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  argv = [f"{k}={v}" for k, v in flags.items() if v is not None]
+  return subprocess.run([sys.executable, os.path.join(root, "launch", "edit.py"), *argv], capture_output=True,
+                        text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize("replace,error", [
+    ({"--model": "{tmp}/no_model"}, "error: --model: {tmp}/no_model is not a folder"),
+    ({"--image": "{tmp}/none.png"}, "error: --image: {tmp}/none.png: image not found"),
+    ({"--image": "{tmp}/garbage.png"}, "error: --image: {tmp}/garbage.png: unreadable image"),
+    ({"--image": "{tmp}/lab.tif"}, "error: --image: {tmp}/lab.tif: image mode LAB is not supported"),
+    ({"--lora": "{tmp}/none.safetensors"}, "error: --lora: {tmp}/none.safetensors not found"),
+    ({"--instruction": "  "}, "error: --instruction is empty"),
+    ({"--out": "{tmp}/out/edited"}, "error: --out: {tmp}/out/edited has no image extension PIL can write"),
+    ({"--out": "{tmp}/out/edited.xyz"}, "error: --out: {tmp}/out/edited.xyz has no image extension PIL can write"),
+    ({"--out": "{tmp}/out/edited.xbm"}, "error: --out: PIL cannot write an RGB image as XBM"),
+    ({"--out": "{tmp}/folder.png"}, "error: --out: {tmp}/folder.png is a folder"),
+    ({"--out": "{tmp}/in.png/edited.png"}, "error: --out: cannot write under {tmp}/in.png"),
+    ({"--steps": "0"}, "error: --steps must be >= 1, got 0"),
+    ({"--guidance": "-1"}, "error: --guidance must be a finite number >= 0, got -1.0"),
+    ({"--guidance": "nan"}, "error: --guidance must be a finite number >= 0, got nan"),
+])
+def test_launch_edit_refuses_bad_arguments_before_loading(tmp_path, replace, error):
+  """An empty model folder: a check that came after loading would fail on the folder, not on the flag."""
+  (tmp_path / "model").mkdir()
+  (tmp_path / "folder.png").mkdir()
+  (tmp_path / "garbage.png").write_bytes(b"not an image")
+  Image.new("LAB", (16, 16)).save(tmp_path / "lab.tif")
+  sources()[0].save(tmp_path / "in.png")
+  replace = {k: v.format(tmp=tmp_path) for k, v in replace.items()}
+  result = _run_edit(f"--model={tmp_path / 'model'}", f"--image={tmp_path / 'in.png'}", "--instruction=make it red",
+                     f"--out={tmp_path / 'out' / 'edited.png'}", **replace)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith(error.format(tmp=tmp_path)), lines
+  assert not (tmp_path / "out").exists()

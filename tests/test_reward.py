@@ -13,10 +13,11 @@ import pytest
 import torch
 from flax import nnx
 from helpers import max_rel_err
+from PIL import Image
 from qwen_fixtures import random_image, reference_chat_ids
 
 from editr1_jax import sharding as shd
-from editr1_jax.reward import mllm
+from editr1_jax.reward import mllm, processor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Pairs 0 and 2 share their image sizes (one batch, left-padded: different instruction lengths); pair 1
@@ -217,3 +218,35 @@ def test_batch_buckets_are_few_and_split_evenly():
   assert [mllm._bucket(n, 8, 1) for n in (1, 2, 3, 5, 8, 20)] == [1, 2, 4, 8, 8, 8]
   assert mllm._bucket(5, 6, 1) == 6  # never above batch_size
   assert mllm._bucket(1, 8, 4) == 4  # a multiple of the data-parallel width
+
+
+# --------------------------------------------------------------------------------------------------
+def test_read_image_decodes_16_bit_as_8_bit(tmp_path):
+  """A 16-bit PNG of 32768 is mid-grey (128), not the white PIL's own conversion makes of it."""
+  Image.fromarray(np.full((8, 12), 32768, np.uint16)).save(tmp_path / "grey16.png")
+  image = processor.read_image(str(tmp_path / "grey16.png"))
+  assert image.mode == "RGB" and image.size == (12, 8)
+  np.testing.assert_array_equal(np.asarray(image), 128)
+
+
+@pytest.mark.parametrize("replace,error", [
+    ({"--model": "{tmp}/no_model"}, "error: --model: {tmp}/no_model is not a folder"),
+    ({"--instruction": " "}, "error: --instruction is empty"),
+    ({"--template_file": "{tmp}/none.txt"}, "error: --template_file: {tmp}/none.txt not found"),
+    ({"--source": "{tmp}/garbage.png"}, "error: --source: {tmp}/garbage.png: unreadable image"),
+    ({"--edited": "{tmp}/none.png"}, "error: --edited: {tmp}/none.png: image not found"),
+])
+def test_cli_refuses_bad_arguments_before_loading(tmp_path, replace, error):
+  """An empty model folder: a check that came after loading would fail on the folder, not on the flag."""
+  (tmp_path / "model").mkdir()
+  (tmp_path / "garbage.png").write_bytes(b"not an image")
+  Image.new("RGB", (16, 16)).save(tmp_path / "ok.png")
+  flags = {"--model": f"{tmp_path / 'model'}", "--source": f"{tmp_path / 'ok.png'}",
+           "--edited": f"{tmp_path / 'ok.png'}", "--instruction": "make it red"}
+  flags.update({k: v.format(tmp=tmp_path) for k, v in replace.items()})
+  argv = [f"{k}={v}" for k, v in flags.items()]
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "score.py"), *argv],
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=120)
+  lines = out.stderr.strip().splitlines()
+  assert out.returncode != 0 and out.stdout == "" and len(lines) == 1, out.stderr
+  assert lines[0].startswith(error.format(tmp=tmp_path)), lines

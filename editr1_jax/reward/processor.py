@@ -20,6 +20,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from editr1_jax import images
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOKEN = "<|image_pad|>"
@@ -141,12 +143,13 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 def to_rgb(image) -> Image.Image:
-  """A PIL image (transparency composited on white, as transformers does) or a uint8 (H, W, 3) array."""
+  """A PIL image (`images.to_rgb`: transparency composited on white, as transformers does) or a uint8 (H, W, 3)
+  array."""
   if isinstance(image, Image.Image):
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-      rgba = image.convert("RGBA")
-      return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+    try:
+      return images.to_rgb(image, "image")
+    except images.ImageError as e:
+      raise ProcessorError(str(e)) from e
   array = np.asarray(image)
   if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
     raise ProcessorError(f"an image array must be uint8 (H, W, 3), got {array.dtype} {array.shape}")
@@ -154,15 +157,11 @@ def to_rgb(image) -> Image.Image:
 
 
 def read_image(path: str) -> Image.Image:
-  """Decode an image file as it is stored (PNG stays lossless); errors name the file."""
-  if not os.path.isfile(path):
-    raise ProcessorError(f"{path}: image not found")
+  """Decode an image file as the dataset and the editor do (`images.load_rgb`); errors name the file."""
   try:
-    with Image.open(path) as im:
-      im.load()
-      return to_rgb(im)
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ProcessorError(f"{path}: unreadable image: {e}") from e
+    return images.load_rgb(path)
+  except images.ImageError as e:
+    raise ProcessorError(str(e)) from e
 
 
 def preprocess_image(image, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
