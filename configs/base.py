@@ -14,12 +14,21 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_epochs = 100
-  c.checkpoint_every = 5  # epochs; a checkpoint is also written after the last epoch
+  c.checkpoint_every = 5  # epochs; a checkpoint is also written after the last epoch and before each evaluation
   c.keep_checkpoints = 3
-  c.eval_every = 10  # epochs; evaluation on the test split with the EMA weights (0: never)
-  c.eval_samples = 16  # test records evaluated (the first N)
+  # Training-time evaluation, as the public Kontext run does it: the whole test split every 10 epochs and once
+  # before the first update, with the EMA weights, 15 Euler steps at guidance 2.5 (rollout.eval_*). These are not
+  # the benchmark-sampling settings (28 steps, guidance 3.5: launch/edit.py's defaults).
+  c.eval_every = 10  # epochs (0: never)
+  c.eval_before_training = True  # also evaluate the starting weights (epoch 0)
+  c.eval_samples = -1  # -1: every test record; N > 0: the first N
   c.log_images_every = 1  # epochs; TensorBoard image grid of the first groups (0: never)
   c.max_nonfinite_updates = 3  # consecutive refused (non-finite) updates before the run stops
+  c.max_invalid_reward_epochs = 3  # consecutive epochs without one valid reward before the run stops
+  # Resuming checks the saved config: a change to any field that changes what the saved state means (LoRA, seed,
+  # G, k, models, dtypes, ...) is refused with every difference listed, unless the field is named here, e.g.
+  # --config.resume_accept="('optim.learning_rate',)". Cadence, logging and evaluation fields may always change.
+  c.resume_accept = ()
 
   # Models. `tiny` builds small random models in code (CPU demo, tests); otherwise weights are read from
   # `pipeline_dir`, a diffusers FLUX.1-Kontext folder (transformer/, vae/, text_encoder/, text_encoder_2/,
@@ -58,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.t5_max_length = 128
   c.data.prompt_cache_entries = 4096  # instruction embeddings kept (least recently used dropped beyond)
   c.data.ban_filtered = False  # filtered records never come back in later epochs
+  c.data.allow_outside_paths = False  # accept `image` paths that leave the dataset folder (../x.png, /abs/x.png)
+  # The data copy records the folder and a fingerprint of its metadata and images: a changed dataset is copied
+  # anew for a new run, and refused when resuming (the message says what changed) unless this is True.
+  c.data.accept_changed_data = False
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.sampler = "dpm2"  # dpm2 (deterministic DPM-Solver++(2M)) | euler | sde
@@ -65,8 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.guidance = 2.5  # FLUX guidance embedding (no CFG)
   c.rollout.sde_noise = 0.7  # noise level a of the flow SDE sampler
   c.rollout.batch_size = 4  # rollouts per data-parallel shard (data x fsdp) per sampling / encoding call
-  c.rollout.eval_steps = 28
-  c.rollout.eval_guidance = 3.5
+  c.rollout.eval_steps = 15  # training-time evaluation (see eval_every)
+  c.rollout.eval_guidance = 2.5
   c.rollout.eval_sampler = "euler"
 
   c.advantage = ml_collections.ConfigDict()
@@ -76,8 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.advantage.mode = "all"  # all | positive | negative | binary
 
   c.filter = ml_collections.ConfigDict()
-  # paper: drop a group when mean > tau_mu AND std < tau_sigma | public (the public code): keep a group only
-  # when std > tau_sigma AND mean < tau_mu | none
+  # paper: drop a group when mean > tau_mu AND std < tau_sigma, ban the same | public (the public code): drop
+  # unless std > tau_sigma AND mean < tau_mu (on OR), ban only when std < tau_sigma AND mean > tau_mu | none.
+  # Banning happens only with data.ban_filtered.
   c.filter.semantics = "paper"
   c.filter.tau_mu = 0.9
   c.filter.tau_sigma = 0.05

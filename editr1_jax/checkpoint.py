@@ -1,23 +1,57 @@
-"""Orbax checkpoints of the whole run state, atomic, restorable into the target sharding.
+"""Orbax checkpoints of the whole run state: atomic, verified, restorable into the target sharding.
 
 A checkpoint holds one pytree of arrays (`state`: adapters or full params, old params, EMA,
-optimizer state, RNG, sampler state ...) and one JSON object (`meta`: epoch, step, config
-digest ...). Orbax writes into a temporary folder and renames it when complete, so a process
+optimizer state, ...) and one JSON object (`meta`: epoch, step, counters, the config, the data's
+fingerprint). Orbax writes into a temporary folder and renames it when complete, so a process
 killed during a save leaves the previous checkpoint as the latest usable one.
+
+A file damaged later (truncated, overwritten, deleted) would surface as hundreds of lines of
+tensorstore errors deep inside a restore. So after each save a manifest (size and SHA-256 of every
+file of the checkpoint) is written beside it, and a checkpoint is verified against it before
+anything is read: the error names the checkpoint and the damaged file.
 """
 
+import hashlib
+import json
+import logging
 import os
 
 import jax
 import orbax.checkpoint as ocp
 
+MANIFEST = "editr1_manifest.json"
+DAMAGED_SUFFIX = ".damaged"
+_LOG = logging.getLogger(__name__)
+
+
+class CheckpointDamaged(RuntimeError):
+  """A checkpoint's files do not match its manifest, or its metadata does not parse."""
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(folder):
+    out += [os.path.relpath(os.path.join(root, n), folder) for n in names]
+  return sorted(f for f in out if f != MANIFEST)
+
 
 class Checkpointer:
+  """`create=False` (readers such as the export) never creates the folder: a missing one is an error."""
 
-  def __init__(self, directory: str, max_to_keep: int | None = 3):
+  def __init__(self, directory: str, max_to_keep: int | None = 3, *, create: bool = True):
     self.directory = os.path.abspath(directory)
+    if not create and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f"{self.directory}: no checkpoint folder")
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
 
   def latest_epoch(self) -> int | None:
     self._manager.reload()
@@ -27,10 +61,67 @@ class Checkpointer:
     self._manager.reload()
     return list(self._manager.all_steps())
 
+  def path(self, epoch: int) -> str:
+    return os.path.join(self.directory, str(epoch))
+
   def save(self, epoch: int, state, meta: dict) -> None:
     self._manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)))
     self._manager.wait_until_finished()
+    if jax.process_index() == 0:  # after the save is final on every process (orbax's barrier)
+      folder = self.path(epoch)
+      manifest = {f: [os.path.getsize(os.path.join(folder, f)), _sha256(os.path.join(folder, f))]
+                  for f in _files(folder)}
+      tmp = os.path.join(folder, MANIFEST + ".tmp")
+      with open(tmp, "w") as f:
+        json.dump(manifest, f)
+      os.replace(tmp, os.path.join(folder, MANIFEST))
+
+  def verify(self, epoch: int) -> None:
+    """Raises CheckpointDamaged naming the checkpoint and the first damaged item. A checkpoint without a
+    manifest (killed between the save and its manifest) is verified by reading its metadata only."""
+    folder = self.path(epoch)
+    manifest_path = os.path.join(folder, MANIFEST)
+    if os.path.isfile(manifest_path):
+      try:
+        with open(manifest_path) as f:
+          manifest = json.load(f)
+      except (OSError, ValueError) as e:
+        raise CheckpointDamaged(f"checkpoint {folder}: {MANIFEST} is unreadable ({e})") from e
+      for name, (size, digest) in manifest.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+          raise CheckpointDamaged(f"checkpoint {folder}: {name} is missing")
+        if os.path.getsize(path) != size:
+          raise CheckpointDamaged(f"checkpoint {folder}: {name} has {os.path.getsize(path)} bytes, {size} were saved")
+        if _sha256(path) != digest:
+          raise CheckpointDamaged(f"checkpoint {folder}: {name} is corrupted (its SHA-256 differs from the saved one)")
+    try:
+      self.restore_meta(epoch)
+    except Exception as e:  # orbax raises many types for unreadable JSON
+      raise CheckpointDamaged(f"checkpoint {folder}: meta/metadata is unreadable ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+  def intact_epochs(self) -> tuple[list[int], dict[int, str]]:
+    """(epochs that verify, {damaged epoch: reason}), both newest first."""
+    intact, damaged = [], {}
+    for epoch in sorted(self.all_epochs(), reverse=True):
+      try:
+        self.verify(epoch)
+        intact.append(epoch)
+      except CheckpointDamaged as e:
+        damaged[epoch] = str(e)
+    return intact, damaged
+
+  def set_aside(self, epoch: int) -> str:
+    """Renames a damaged checkpoint so it is never taken again, and never deletes it; returns the new path."""
+    target = self.path(epoch) + DAMAGED_SUFFIX
+    n = 1
+    while os.path.exists(target):
+      target, n = f"{self.path(epoch)}{DAMAGED_SUFFIX}.{n}", n + 1
+    os.rename(self.path(epoch), target)
+    self._manager.reload()
+    return target
 
   def restore(self, epoch: int, abstract_state):
     """`abstract_state`: jax.ShapeDtypeStructs (with .sharding) or arrays giving the target layout;
@@ -43,7 +134,10 @@ class Checkpointer:
     return restored["state"], restored["meta"]
 
   def restore_meta(self, epoch: int) -> dict:
-    return self._manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = self._manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if not isinstance(meta, dict):
+      raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    return meta
 
   def close(self) -> None:
     self._manager.close()

@@ -88,10 +88,13 @@ def export_run(workdir: str, out: str, *, weights: str = "ema", merged: bool = F
   """A training run's checkpoint -> `save_lora` (and `save_transformer` of the merged weights) under `out`;
   a full fine-tune run -> `save_transformer` of its weights."""
   from editr1_jax import train_loop  # the run's own builders, so the export sees the trained model
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  epoch = ckpt.latest_epoch() if epoch is None else epoch
-  if epoch is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export")
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+  intact, damaged = ckpt.intact_epochs()
+  if epoch is None and (intact or damaged):  # the newest, damaged or not: never an older one without a word
+    epoch = max(intact + list(damaged))
+  if epoch not in intact:
+    reason = damaged.get(epoch, "no such checkpoint" if epoch is not None else "no checkpoint")
+    raise FileNotFoundError(f"{ckpt.directory}: cannot export epoch {epoch}: {reason}; intact epochs: {intact}")
   meta = ckpt.restore_meta(epoch)
   config = ml_collections.ConfigDict(meta["config"])
   spec = train_loop.lora_spec(config)

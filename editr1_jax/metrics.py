@@ -66,10 +66,14 @@ def group_grid(sources: np.ndarray, edits: np.ndarray, scores: np.ndarray, group
 
 
 def summary_line(epoch: int, num_epochs: int, m: dict) -> str:
-  line = (f"epoch {epoch}/{num_epochs} | reward {m['reward/mean']:.4f} ± {m['reward/std']:.4f} | "
-          f"kept {m['filter/kept_fraction']:.2f} | loss {m['train/loss']:.4g} kl {m['train/kl']:.3g} | "
-          f"grad {m['train/grad_norm']:.3g} | rollout {m['time/rollout_s']:.1f}s reward {m['time/reward_s']:.1f}s "
-          f"train {m['time/train_s']:.1f}s")
+  """One console line; an evaluation of the starting weights (epoch 0) has only its eval part."""
+  parts = [f"epoch {epoch}/{num_epochs}"]
+  if "reward/mean" in m:
+    parts += [f"reward {m['reward/mean']:.4f} ± {m['reward/std']:.4f}",
+              f"kept {m['filter/kept_fraction']:.2f} (zero-std groups {m['filter/zero_std_fraction']:.2f})",
+              f"loss {m['train/loss']:.4g} kl {m['train/kl']:.3g} old-div {m['train/old_divergence']:.3g}",
+              f"grad {m['train/grad_norm']:.3g}",
+              f"rollout {m['time/rollout_s']:.1f}s reward {m['time/reward_s']:.1f}s train {m['time/train_s']:.1f}s"]
   if "eval/reward_mean" in m:
-    line += f" | eval reward {m['eval/reward_mean']:.4f}"
-  return line
+    parts.append(f"eval reward {m['eval/reward_mean']:.4f}")
+  return " | ".join(parts)

@@ -1,30 +1,95 @@
-"""Validation of a run config: every error names the field (as `config.a.b`) and what it needs."""
+"""Validation of a run config: every error names the field (as `config.a.b`) and what it needs.
 
+Also the resume rule: a checkpoint stores the config it was trained with, and resuming with a config
+that changes the meaning of the saved state is refused with every difference listed.
+"""
+
+import dataclasses
+import json
+import math
 import os
 
 import ml_collections
 
+from editr1_jax import advantages, nft, sampling
+from editr1_jax.models import flux
+
+DTYPES = ("float32", "bfloat16")
 CHOICES = {
-    "model.remat": ("none", "full", "flux"),
+    "model.remat": flux.REMAT_POLICIES,
     "model.attention_impl": ("xla", "cudnn"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.adapter_dtype": ("float32", "bfloat16"),
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "model.adapter_dtype": DTYPES,
     "reward.kind": ("mllm", "colour"),
-    "reward.dtype": ("float32", "bfloat16"),
-    "rollout.sampler": ("dpm2", "euler", "sde"),
-    "rollout.eval_sampler": ("dpm2", "euler", "sde"),
-    "advantage.std": ("global", "group"),
-    "advantage.mode": ("all", "positive", "negative", "binary"),
-    "filter.semantics": ("paper", "public", "none"),
-    "nft.old_policy_schedule": (0, 1, 2),
+    "reward.dtype": DTYPES,
+    "rollout.sampler": sampling.SOLVERS,
+    "rollout.eval_sampler": sampling.SOLVERS,
+    "advantage.std": advantages.STD_MODES,
+    "advantage.mode": nft.ADV_MODES,
+    "filter.semantics": advantages.FILTERS,
+    "nft.old_policy_schedule": nft.DECAY_SCHEDULES,
 }
-POSITIVE_INTS = ("num_epochs", "checkpoint_every", "data.groups_per_epoch", "data.resolution", "data.t5_max_length",
-                 "rollout.num_steps", "rollout.batch_size", "rollout.eval_steps", "nft.micro_batch",
-                 "reward.batch_size", "lora.rank", "max_nonfinite_updates", "keep_checkpoints",
-                 "data.prompt_cache_entries")
-NON_NEGATIVE_INTS = ("eval_every", "eval_samples", "log_images_every")
-UNIT_INTERVAL = ("filter.tau_mu", "filter.tau_sigma", "nft.timestep_fraction", "nft.ema_max_decay")
+BOOLS = ("model.tiny", "reward.tiny", "data.ban_filtered", "data.allow_outside_paths", "data.accept_changed_data",
+         "advantage.rloo", "optim.full_finetune", "eval_before_training")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """A closed or open interval; `integer` also requires an int (bools are not ints here)."""
+  low: float = -math.inf
+  high: float = math.inf
+  low_open: bool = False
+  high_open: bool = False
+  integer: bool = False
+
+  def __contains__(self, v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (self.integer and not isinstance(v, int)):
+      return False
+    if not math.isfinite(v):
+      return False
+    above = v > self.low if self.low_open else v >= self.low
+    below = v < self.high if self.high_open else v <= self.high
+    return above and below
+
+  def __str__(self) -> str:
+    kind = "an integer" if self.integer else "a finite number"
+    if self.high == math.inf:
+      return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+    return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+def _ints(low: int) -> Range:
+  return Range(low=low, integer=True)
+
+
+POSITIVE, NON_NEGATIVE, UNIT = Range(low=0, low_open=True), Range(low=0), Range(0, 1)
+DECAY = Range(0, 1, high_open=True)  # Adam betas, EMA decay: 1 would never move
+RANGES = {
+    "seed": _ints(0), "num_epochs": _ints(1), "checkpoint_every": _ints(1), "keep_checkpoints": _ints(1),
+    "eval_every": _ints(0), "eval_samples": _ints(-1), "log_images_every": _ints(0),
+    "max_nonfinite_updates": _ints(1), "max_invalid_reward_epochs": _ints(1),
+    "data.groups_per_epoch": _ints(1), "data.group_size": _ints(2), "data.resolution": _ints(16),
+    "data.t5_max_length": _ints(1), "data.prompt_cache_entries": _ints(1),
+    "rollout.num_steps": _ints(1), "rollout.batch_size": _ints(1), "rollout.eval_steps": _ints(1),
+    "rollout.guidance": NON_NEGATIVE, "rollout.eval_guidance": NON_NEGATIVE, "rollout.sde_noise": NON_NEGATIVE,
+    "reward.batch_size": _ints(1),
+    "lora.rank": _ints(1), "lora.alpha": POSITIVE,
+    "advantage.clip": POSITIVE, "filter.tau_mu": UNIT, "filter.tau_sigma": UNIT,
+    "nft.beta": POSITIVE, "nft.kl_weight": NON_NEGATIVE, "nft.timestep_fraction": Range(0, 1, low_open=True),
+    "nft.micro_batch": _ints(1), "nft.ema_max_decay": DECAY,
+    "optim.learning_rate": POSITIVE, "optim.b1": DECAY, "optim.b2": DECAY, "optim.weight_decay": NON_NEGATIVE,
+    "optim.eps": POSITIVE, "optim.grad_clip": POSITIVE,  # a negative clip norm flips every update in optax
+}
+
+# Fields a resumed run may change: they do not change what the saved state means (cadence, logging, evaluation,
+# batching of pure inference calls, where the data copy lives, the mesh the state is restored into). The
+# dataset's content is checked by its fingerprint, not by its path.
+RESUME_SAFE = ("num_epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples",
+               "eval_before_training", "log_images_every", "max_nonfinite_updates", "max_invalid_reward_epochs",
+               "resume_accept", "rollout.eval_steps", "rollout.eval_guidance", "rollout.eval_sampler",
+               "reward.batch_size", "data.tfds_dir", "data.prompt_cache_entries", "data.dataset_dir",
+               "data.accept_changed_data", "mesh.shape", "mesh.rules")
 
 
 class ConfigError(ValueError):
@@ -41,32 +106,31 @@ def _get(config, dotted: str):
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_processes: int = 1) -> None:
+  """Every check that needs no model or data: run before anything is loaded."""
   for field, choices in CHOICES.items():
     if _get(config, field) not in choices:
-      raise ConfigError(f"config.{field} = {_get(config, field)!r}; expected one of {choices}")
-  for field in POSITIVE_INTS:
-    v = _get(config, field)
-    if not isinstance(v, int) or v <= 0:
-      raise ConfigError(f"config.{field} = {v!r}; expected a positive integer")
-  for field in NON_NEGATIVE_INTS:
-    v = _get(config, field)
-    if not isinstance(v, int) or v < 0:
-      raise ConfigError(f"config.{field} = {v!r}; expected a non-negative integer")
-  for field in UNIT_INTERVAL:
-    v = _get(config, field)
-    if not 0.0 <= float(v) <= 1.0:
-      raise ConfigError(f"config.{field} = {v!r}; expected a value in [0, 1]")
-  if config.data.group_size < 2:
-    raise ConfigError(f"config.data.group_size = {config.data.group_size}; a group needs at least 2 rollouts")
+      raise ConfigError(f"config.{field} = {_get(config, field)!r}; expected one of {tuple(choices)}")
+  for field in BOOLS:
+    if not isinstance(_get(config, field), bool):
+      raise ConfigError(f"config.{field} = {_get(config, field)!r}; expected True or False")
+  for field, valid in RANGES.items():
+    if _get(config, field) not in valid:
+      raise ConfigError(f"config.{field} = {_get(config, field)!r}; expected {valid}")
+  if config.eval_samples == 0:
+    raise ConfigError("config.eval_samples = 0; use -1 for every test record, N > 0 for the first N "
+                      "(config.eval_every = 0 turns evaluation off)")
   if config.data.resolution % 16:
     raise ConfigError(f"config.data.resolution = {config.data.resolution}; must be a multiple of 16")
   if int(config.rollout.num_steps * config.nft.timestep_fraction) < 1:
     raise ConfigError("config.nft.timestep_fraction * config.rollout.num_steps must leave at least one training "
                       "timestep")
-  if config.nft.beta <= 0:
-    raise ConfigError(f"config.nft.beta = {config.nft.beta}; expected > 0")
-  if config.nft.kl_weight < 0 or config.advantage.clip <= 0 or config.optim.learning_rate <= 0:
-    raise ConfigError("config.nft.kl_weight must be >= 0, config.advantage.clip and config.optim.learning_rate > 0")
+  if not config.optim.full_finetune:
+    try:
+      flux.check_lora_targets(tuple(config.lora.targets), "config.lora.targets")
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+  for field in config.resume_accept:
+    _get(config, field)
   rollouts = config.data.groups_per_epoch * config.data.group_size
   if rollouts % num_processes:
     raise ConfigError(f"config.data.groups_per_epoch * config.data.group_size = {rollouts} rollouts do not divide "
@@ -96,3 +160,34 @@ def _require_dir(config, field: str) -> None:
     raise ConfigError(f"config.{field} is empty: set it to a folder (e.g. --config.{field}=/path)")
   if not os.path.isdir(path):
     raise ConfigError(f"config.{field} = {path!r}: folder not found")
+
+
+def as_json(config: ml_collections.ConfigDict) -> dict:
+  """The config as stored in a checkpoint (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def resume_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """The fields where `config` differs from the config a checkpoint was saved with, other than the fields in
+  RESUME_SAFE and those the user accepts in `config.resume_accept`; one line each."""
+  old, new = _flatten(saved), _flatten(as_json(config))
+  accepted = set(RESUME_SAFE) | set(config.resume_accept)
+  lines = []
+  for field in sorted(set(old) | set(new)):
+    if field in accepted or old.get(field, _ABSENT) == new.get(field, _ABSENT):
+      continue
+    lines.append(f"config.{field}: saved {old.get(field, '(absent)')!r}, now {new.get(field, '(absent)')!r}")
+  return lines
+
+
+_ABSENT = object()

@@ -24,9 +24,10 @@ from tqdm import tqdm
 from editr1_jax import advantages as adv
 from editr1_jax import latents, metrics, nft, run_config, sampling
 from editr1_jax import sharding as shd
-from editr1_jax.checkpoint import Checkpointer
+from editr1_jax.checkpoint import CheckpointDamaged, Checkpointer
 from editr1_jax.conditioning import TextEncoders
 from editr1_jax.data import builder as data_builder
+from editr1_jax.data import fingerprint
 from editr1_jax.data.sampler import GroupedSampler
 from editr1_jax.layers import LoraSpec
 from editr1_jax.models import autoencoder, flux
@@ -37,6 +38,14 @@ _LOG = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
   pass
+
+
+class RewardError(RuntimeError):
+  """The reward gave no valid score for `config.max_invalid_reward_epochs` epochs in a row."""
+
+
+class ResumeError(ValueError):
+  """The workdir's checkpoint cannot continue with this config or this data; the message lists why."""
 
 
 def lora_spec(config) -> LoraSpec | None:
@@ -153,8 +162,26 @@ class Trainer:
     self.rules = mesh_rules(config)
     self.mesh = shd.make_mesh(tuple(config.mesh.shape))
     self.rows_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-
     self.chunk = config.rollout.batch_size * self.rows_multiple  # rows per sampling / encoding call
+
+    # Everything that can refuse the run is checked before a model is loaded: the checkpoint to resume from
+    # (damaged ones set aside), the config it was saved with, the data it was trained on.
+    self.checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    resume = self._resume_point()
+    tfds_dir = config.data.tfds_dir or os.path.join(workdir, "tfds")
+    if jax.process_count() > 1:  # each process writes its own copy: no race, no shared filesystem assumed
+      tfds_dir = os.path.join(tfds_dir, f"process_{jax.process_index()}")
+    self.data_fingerprint = data_builder.fingerprint(config.data.dataset_dir, tfds_dir,
+                                                     allow_outside=config.data.allow_outside_paths)
+    if resume is not None:
+      self._check_data(resume[1])
+    built = data_builder.prepare(config.data.dataset_dir, tfds_dir, self.data_fingerprint,
+                                 allow_outside=config.data.allow_outside_paths)
+    self.train_split = data_builder.Split(built, "train")
+    self.test_split = data_builder.Split(built, "test")
+    self.sampler = GroupedSampler(len(self.train_split), config.data.groups_per_epoch, config.data.group_size,
+                                  config.seed)
+
     transformer = build_transformer(config, self.mesh, self.rules)
     self.vae, text = build_conditioning(config, self.mesh, self.rules)
     self.prompts = PromptCache(text, config.data.prompt_cache_entries, self.chunk)
@@ -164,15 +191,6 @@ class Trainer:
     self.frozen = self.nft.place(self.frozen, "frozen")
     self.state = self.nft.init(self.nft.place(params, "params"))
     self.guidance = config.rollout.guidance
-
-    tfds_dir = config.data.tfds_dir or os.path.join(workdir, "tfds")
-    if jax.process_count() > 1:  # each process writes its own copy: no race, no shared filesystem assumed
-      tfds_dir = os.path.join(tfds_dir, f"process_{jax.process_index()}")
-    built = data_builder.prepare(config.data.dataset_dir, tfds_dir)
-    self.train_split = data_builder.Split(built, "train")
-    self.test_split = data_builder.Split(built, "test")
-    self.sampler = GroupedSampler(len(self.train_split), config.data.groups_per_epoch, config.data.group_size,
-                                  config.seed)
 
     factor = self.vae.cfg.downsample_factor
     self.latent_side = config.data.resolution // factor
@@ -187,12 +205,13 @@ class Trainer:
     self._decode = jax.jit(lambda vae, t: latents.decode_tokens(vae, t, self.latent_side, self.latent_side))
     self._rollout = jax.jit(self._rollout_fn, static_argnames=("solver",))
 
-    self.checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     self.writer = metrics.MetricsWriter(os.path.join(workdir, "tensorboard"), enabled=self.is_main,
                                         image_dir=os.path.join(workdir, "images"))
     self.epoch = 0
     self.nonfinite_streak = 0
-    self._restore()
+    self.invalid_streak = 0
+    if resume is not None:
+      self._restore(*resume)
 
   # ------------------------------------------------------------------------------------------------
   def _rows(self, x):
@@ -292,6 +311,10 @@ class Trainer:
     scores, valid = self._score(sources, edits, records)
     timing["reward_s"] = time.perf_counter() - t0
 
+    self.invalid_streak = 0 if valid.any() else self.invalid_streak + 1
+    if not valid.any():
+      _LOG.warning("epoch %d: the reward gave no valid score (%d epochs in a row): nothing is learned", epoch,
+                   self.invalid_streak)
     result = adv.compute_advantages(record_ids, scores, valid, advantage_config(config))
     self.sampler.ban(result.to_ban)
 
@@ -305,13 +328,29 @@ class Trainer:
            "reward/max": s["reward_max"], "reward/invalid": s["invalid_rewards"],
            "filter/kept_fraction": s["kept_fraction"], "filter/groups_filtered": s["groups_filtered"],
            "filter/banned_total": len(self.sampler.banned), "data/prompt_cache_misses": self.prompts.misses,
+           "filter/zero_std_fraction": s["zero_std_ratio"], "reward/group_std_mean": s["reward_std_mean"],
+           **{f"reward/top{p}_mean": s[f"mean_reward_{p}"] for p in adv.TOP_PERCENTS},
            **train_metrics, **{f"time/{k}": v for k, v in timing.items()},
            "time/rollouts_per_s": len(records) / max(timing["rollout_s"], 1e-9)}
     if self.is_main and config.log_images_every and epoch % config.log_images_every == 0:
       g = min(4, config.data.groups_per_epoch) * config.data.group_size
       self.writer.image(self.epoch, "rollouts", metrics.group_grid(sources[:g], edits[:g], scores[:g],
                                                                     config.data.group_size))
+    self._stop_if_stuck()
     return out
+
+  def _stop_if_stuck(self) -> None:
+    """Stops a run that learns nothing (refused updates, or no valid reward) epoch after epoch; saves first."""
+    config = self.config
+    if self.nonfinite_streak >= config.max_nonfinite_updates:
+      self.save()
+      raise NonFiniteError(f"{self.nonfinite_streak} consecutive non-finite updates (config.max_nonfinite_updates "
+                           f"= {config.max_nonfinite_updates}); stopping at epoch {self.epoch} (saved)")
+    if self.invalid_streak >= config.max_invalid_reward_epochs:
+      self.save()
+      raise RewardError(f"{self.invalid_streak} consecutive epochs without one valid reward (config."
+                        f"max_invalid_reward_epochs = {config.max_invalid_reward_epochs}); stopping at epoch "
+                        f"{self.epoch} (saved). Check the judge: python launch/score.py --model=... on one edit.")
 
   def _train(self, x0, rows, sigmas, result, epoch) -> dict:
     config = self.config
@@ -319,79 +358,142 @@ class Trainer:
     indices, advantages, mask = result.micro_batches(size, np.random.default_rng([config.seed, epoch, 7]))
     key = self._replicated(jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed + 1), epoch)))
     key = jax.random.wrap_key_data(key)
-    sums = collections.defaultdict(float)
-    terms = 0.0
     cond = sampling.EditCondition(reference=rows["reference"], text=rows["text"], pooled=rows["pooled"],
                                   guidance=np.full(len(rows["pooled"]), self.guidance, np.float32),
                                   img_ids=self.img_ids, txt_ids=np.zeros((rows["text"].shape[1], 3), np.float32))
+    launched = []  # device metrics, read once after the last micro-batch: the host never waits in between
     for m in tqdm(range(len(indices)), desc=f"epoch {epoch} train", disable=not self.is_main, leave=False):
       batch = nft.gather_batch(x0, cond, sigmas, indices[m], advantages[m], mask[m])
       self.state, step_metrics = self.nft.accumulate(self.state, self.frozen, self.nft.place(batch, "batch"), key)
-      n = float(step_metrics["terms"])
-      terms += n
-      for k in ("policy", "kl", "loss", "x0_norm"):
-        sums[k] += float(step_metrics[k]) * (n if k != "x0_norm" else 1.0)
+      launched.append(step_metrics)
+    per_batch = jax.device_get(launched)
+    terms = sum(float(b["terms"]) for b in per_batch)
+    sums = {k: sum(float(b[k]) * float(b["terms"]) for b in per_batch) for k in ("policy", "kl", "loss")}
+    sums["x0_norm"] = sum(float(b["x0_norm"]) for b in per_batch)
+    divergence = sum(float(b["old_deviate_sum"]) for b in per_batch) / terms if terms else 0.0
+    divergence_sq = sum(float(b["old_deviate_sq_sum"]) for b in per_batch) / terms if terms else 0.0
     self.state, applied = self.nft.apply(self.state)
     self.state, old = self.nft.update_old(self.state)
-    finite = bool(applied["finite"])
-    if not finite:
+    if bool(applied["finite"]):
+      self.nonfinite_streak = 0
+    else:
       self.nonfinite_streak += 1
       _LOG.warning("epoch %d: non-finite gradient or parameters; update refused (%d in a row)", epoch,
                    self.nonfinite_streak)
-      if self.nonfinite_streak >= config.max_nonfinite_updates:
-        raise NonFiniteError(f"{self.nonfinite_streak} consecutive non-finite updates (config.max_nonfinite_updates "
-                             f"= {config.max_nonfinite_updates}); stopping at epoch {epoch}")
-    else:
-      self.nonfinite_streak = 0
     out = {f"train/{k}": (sums[k] / terms if terms else 0.0) for k in ("policy", "kl", "loss")}
     out.update({"train/x0_norm": sums["x0_norm"] / max(len(indices), 1), "train/terms": terms,
                 "train/micro_batches": len(indices), "train/grad_norm": float(applied["grad_norm"]),
                 "train/applied": float(applied["applied"]), "train/step": int(applied["step"]),
                 "train/learning_rate": config.optim.learning_rate, "train/ema_decay": float(applied["ema_decay"]),
-                "train/old_decay": float(old["old_decay"])})
+                "train/old_decay": float(old["old_decay"]),
+                # the public code's old-policy divergence: mean((v - v_old)^2) of a term, mean and std over the terms
+                "train/old_divergence": divergence,
+                "train/old_divergence_std": float(np.sqrt(max(divergence_sq - divergence ** 2, 0.0)))})
     return out
 
   def evaluate(self) -> dict:
-    """One rollout per test record with the EMA parameters, scored by the run's reward."""
+    """One rollout per test record (or the first `eval_samples`) with the EMA parameters, scored by the run's
+    reward; the noise is the same at every evaluation."""
     config = self.config
-    n = min(config.eval_samples, len(self.test_split))
+    n = len(self.test_split) if config.eval_samples == -1 else min(config.eval_samples, len(self.test_split))
     records = data_builder.read(self.test_split, range(n))
     _, edits, sources, _, _ = self._generate(
         self.state.ema_params, records, self._noise_keys(1, 0, n), steps=config.rollout.eval_steps,
         sampler=config.rollout.eval_sampler, guidance=config.rollout.eval_guidance, desc="eval")
     scores, valid = self._score(sources, edits, records)
     return {"eval/reward_mean": float(np.mean(scores[valid])) if valid.any() else float("nan"),
-            "eval/invalid": int((~valid).sum())}
+            "eval/invalid": int((~valid).sum()), "eval/samples": n}
 
   # ------------------------------------------------------------------------------------------------
-  def _restore(self) -> None:
-    latest = self.checkpoints.latest_epoch()
-    if latest is None:
+  def _sync(self, name: str) -> None:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(name)
+
+  def _resume_point(self) -> tuple[int, dict] | None:
+    """(epoch, meta) of the newest intact checkpoint, or None for a new run. Damaged checkpoints are renamed
+    (never deleted) with a warning; a config that changes what the saved state means is refused."""
+    intact, damaged = self.checkpoints.intact_epochs()
+    newer_damaged = [e for e in damaged if not intact or e > intact[0]]
+    self._sync("checkpoints verified")  # every process decided before one renames
+    for epoch in newer_damaged:
+      message = f"{damaged[epoch]}; it is set aside"
+      if self.is_main:
+        message += f" as {self.checkpoints.set_aside(epoch)}"
+      _LOG.warning(message)
+      if self.is_main:
+        tqdm.write(f"warning: {message}")
+    self._sync("damaged checkpoints set aside")
+    if not intact:
+      if damaged:
+        _LOG.warning("no intact checkpoint left in %s: starting a new run", self.checkpoints.directory)
+      return None
+    epoch = intact[0]
+    meta = self.checkpoints.restore_meta(epoch)
+    differences = run_config.resume_differences(meta.get("config", {}), self.config)
+    if differences:
+      raise ResumeError(f"{self.checkpoints.path(epoch)} was saved with another config; resuming would change "
+                        "what its state means:\n  " + "\n  ".join(differences) +
+                        "\nUse the saved values, another --workdir, or name the fields in --config.resume_accept.")
+    return epoch, meta
+
+  def _check_data(self, meta: dict) -> None:
+    saved = meta.get("data")
+    if saved is None:
+      raise ResumeError(f"{self.checkpoints.directory}: the checkpoint does not record its data's fingerprint")
+    saved = fingerprint.Fingerprint.from_json(saved)
+    if saved.digest == self.data_fingerprint.digest:
       return
-    state, meta = self.checkpoints.restore(latest, {"train": self.state})
+    changes = "\n  ".join(fingerprint.differences(saved, self.data_fingerprint))
+    if not self.config.data.accept_changed_data:
+      raise ResumeError(f"config.data.dataset_dir = {self.config.data.dataset_dir!r}: the dataset changed since the "
+                        f"checkpoint was saved:\n  {changes}\nRestore it, use another --workdir, or resume on the "
+                        "new data with --config.data.accept_changed_data=True.")
+    _LOG.warning("resuming on changed data (config.data.accept_changed_data):\n  %s", changes)
+
+  def _restore(self, epoch: int, meta: dict) -> None:
+    try:
+      state, meta = self.checkpoints.restore(epoch, {"train": self.state})
+    except Exception as e:  # a checkpoint without a manifest can only be checked by reading it
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointDamaged(f"checkpoint {self.checkpoints.path(epoch)} cannot be restored: {first}") from None
     self.state = state["train"]
     self.sampler.restore({"banned": np.asarray(meta["banned"], np.int64)})
     self.epoch, self.nonfinite_streak = int(meta["epoch"]), int(meta["nonfinite_streak"])
+    self.invalid_streak = int(meta.get("invalid_streak", 0))
     if self.is_main:
-      print(f"resumed from {self.checkpoints.directory} at epoch {self.epoch}", flush=True)
+      print(f"resumed from {self.checkpoints.path(epoch)} at epoch {self.epoch}", flush=True)
 
   def save(self) -> None:
     meta = {"epoch": self.epoch, "step": int(self.state.step), "nonfinite_streak": self.nonfinite_streak,
-            "banned": [int(i) for i in self.sampler.state()["banned"]],
-            "config": json.loads(self.config.to_json_best_effort())}
+            "invalid_streak": self.invalid_streak, "banned": [int(i) for i in self.sampler.state()["banned"]],
+            "config": run_config.as_json(self.config), "data": self.data_fingerprint.to_json()}
     self.checkpoints.save(self.epoch, {"train": self.state}, meta)
 
+  def _log(self, m: dict) -> None:
+    self.writer.scalars(self.epoch, m)
+    if self.is_main:
+      tqdm.write(metrics.summary_line(self.epoch, self.config.num_epochs, m))
+
   def run(self, stop_after: int | None = None) -> None:
-    """Epochs until config.num_epochs (or `stop_after` more), with evaluation, logging and checkpoints."""
+    """Epochs until config.num_epochs (or `stop_after` more), with evaluation, logging and checkpoints. The state
+    is saved before every evaluation, so a failing evaluation never costs training work."""
     config = self.config
     target = config.num_epochs if stop_after is None else min(config.num_epochs, self.epoch + stop_after)
+    if self.epoch == 0 and config.eval_every and config.eval_before_training:
+      self._log(self.evaluate())
     while self.epoch < target:
       m = self.run_epoch()
-      if config.eval_every and self.epoch % config.eval_every == 0:
-        m.update(self.evaluate())
-      self.writer.scalars(self.epoch, m)
-      if self.is_main:
-        tqdm.write(metrics.summary_line(self.epoch, config.num_epochs, m))
-      if self.epoch % config.checkpoint_every == 0 or self.epoch == config.num_epochs:
+      evaluating = config.eval_every and self.epoch % config.eval_every == 0
+      if evaluating or self.epoch % config.checkpoint_every == 0 or self.epoch == config.num_epochs:
         self.save()
+      if evaluating:
+        try:
+          m.update(self.evaluate())
+        except Exception:
+          self._log(m)
+          _LOG.error("evaluation after epoch %d failed; its checkpoint is saved in %s", self.epoch,
+                     self.checkpoints.path(self.epoch))
+          raise
+      self._log(m)
     self.writer.close()

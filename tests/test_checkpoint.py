@@ -1,14 +1,15 @@
-"""Orbax checkpoints: exact round trip (sharded), latest-epoch discovery, incomplete saves ignored."""
+"""Orbax checkpoints: exact round trip (sharded), latest-epoch discovery, incomplete saves ignored, damage named."""
 
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from editr1_jax import sharding as shd
-from editr1_jax.checkpoint import Checkpointer
+from editr1_jax.checkpoint import MANIFEST, CheckpointDamaged, Checkpointer
 
 
 def _state(mesh):
@@ -42,3 +43,62 @@ def test_incomplete_save_is_not_the_latest(tmp_path):
   assert reopened.latest_epoch() == 1
   restored, meta = reopened.restore(1, _state(mesh))
   assert meta == {"epoch": 1}
+
+
+def _saved(tmp_path):
+  ckpt = Checkpointer(str(tmp_path / "ckpt"))
+  state = {"w": jnp.arange(4096.0), "b": jnp.ones(3)}
+  ckpt.save(1, state, {"epoch": 1})
+  ckpt.save(2, state, {"epoch": 2})
+  return ckpt, state
+
+
+def _biggest(folder):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _flip_byte(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    b = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([b[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("damage,expect", [
+    (lambda p: open(p, "r+b").truncate(10), r"has 10 bytes, \d+ were saved"),
+    (_flip_byte, r"is corrupted"),
+    (os.remove, r"is missing"),
+])
+def test_damage_is_named_before_orbax_reads_anything(tmp_path, damage, expect):
+  ckpt, _ = _saved(tmp_path)
+  path = _biggest(tmp_path / "ckpt" / "2" / "state")
+  damage(path)
+  name = os.path.relpath(path, tmp_path / "ckpt" / "2")
+  with pytest.raises(CheckpointDamaged, match=rf"checkpoint {tmp_path}/ckpt/2: {name} {expect}"):
+    ckpt.verify(2)
+  ckpt.verify(1)
+  assert ckpt.intact_epochs()[0] == [1]
+
+
+def test_unreadable_metadata_without_a_manifest_is_named(tmp_path):
+  ckpt, _ = _saved(tmp_path)
+  os.remove(tmp_path / "ckpt" / "2" / MANIFEST)  # e.g. killed between the save and its manifest
+  (tmp_path / "ckpt" / "2" / "meta" / "metadata").write_text('{"epoch": ')
+  with pytest.raises(CheckpointDamaged, match=r"ckpt/2: meta/metadata is unreadable"):
+    ckpt.verify(2)
+
+
+def test_set_aside_renames_and_never_deletes(tmp_path):
+  ckpt, _ = _saved(tmp_path)
+  assert ckpt.set_aside(2) == str(tmp_path / "ckpt" / "2.damaged")
+  assert ckpt.all_epochs() == [1] and os.listdir(tmp_path / "ckpt" / "2.damaged")
+  ckpt.save(2, {"w": jnp.zeros(2)}, {"epoch": 2})
+  assert ckpt.set_aside(2) == str(tmp_path / "ckpt" / "2.damaged.1")
+
+
+def test_a_reader_creates_nothing(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+    Checkpointer(str(tmp_path / "typo" / "checkpoints"), create=False)
+  assert not os.path.exists(tmp_path / "typo")

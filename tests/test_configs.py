@@ -27,13 +27,23 @@ def test_kontext_config_is_the_paper_run():
 
 @pytest.mark.parametrize("field,value,message", [
     ("rollout.sampler", "ddim", r"config.rollout.sampler = 'ddim'; expected one of"),
-    ("num_epochs", 0, r"config.num_epochs = 0; expected a positive integer"),
-    ("filter.tau_mu", 1.5, r"config.filter.tau_mu = 1.5; expected a value in \[0, 1\]"),
-    ("data.group_size", 1, r"config.data.group_size = 1; a group needs at least 2"),
+    ("num_epochs", 0, r"config.num_epochs = 0; expected an integer >= 1"),
+    ("filter.tau_mu", 1.5, r"config.filter.tau_mu = 1.5; expected a finite number in \[0, 1\]"),
+    ("data.group_size", 1, r"config.data.group_size = 1; expected an integer >= 2"),
     ("data.resolution", 72, r"config.data.resolution = 72; must be a multiple of 16"),
     ("data.dataset_dir", "/nonexistent", r"config.data.dataset_dir = '/nonexistent': folder not found"),
     ("mesh.shape", (3, 1, 1), r"config.mesh.shape = \(3, 1, 1\) does not fit 8 devices"),
     ("reward.template_file", "/nonexistent.txt", r"config.reward.template_file = '/nonexistent.txt': file not found"),
+    ("optim.grad_clip", -1.0, r"config.optim.grad_clip = -1.0; expected a finite number > 0"),
+    ("lora.alpha", -8.0, r"config.lora.alpha = -8.0; expected a finite number > 0"),
+    ("optim.b2", 1.0, r"config.optim.b2 = 1.0; expected a finite number in \[0, 1\)"),
+    ("optim.learning_rate", float("nan"), r"config.optim.learning_rate = nan; expected a finite number > 0"),
+    ("rollout.guidance", float("inf"), r"config.rollout.guidance = inf; expected a finite number >= 0"),
+    ("nft.timestep_fraction", 0.0, r"config.nft.timestep_fraction = 0.0; expected a finite number in \(0, 1\]"),
+    ("seed", -1, r"config.seed = -1; expected an integer >= 0"),
+    ("eval_samples", 0, r"config.eval_samples = 0; use -1 for every test record"),
+    ("lora.targets", ("to_q", "to_kk"), r"config.lora.targets: target 'to_kk' matches no layer"),
+    ("resume_accept", ("optim.lr",), r"config.optim.lr: missing field"),
 ])
 def test_bad_values_name_the_field(field, value, message):
   c = _load("tiny")
@@ -48,3 +58,29 @@ def test_rollouts_must_divide_over_processes():
   c.data.groups_per_epoch, c.data.group_size = 3, 3
   with pytest.raises(run_config.ConfigError, match="9 rollouts do not divide over 2 processes"):
     run_config.validate(c, num_devices=8, num_processes=2)
+
+
+def test_every_numeric_field_has_a_range():
+  """A new numeric knob without a checked range fails here (a negative clip norm once flipped every update)."""
+  def numeric(node, prefix=""):
+    for k, v in node.items():
+      if hasattr(v, "items"):
+        yield from numeric(v, f"{prefix}{k}.")
+      elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        yield f"{prefix}{k}"
+  unchecked = set(numeric(_load("tiny"))) - set(run_config.RANGES) - set(run_config.CHOICES)
+  assert not unchecked
+
+
+def test_resume_differences_skip_safe_and_accepted_fields():
+  saved = run_config.as_json(_load("tiny"))
+  c = _load("tiny")
+  c.num_epochs, c.eval_every, c.mesh.shape = 40, 3, (1, -1, 1)
+  assert run_config.resume_differences(saved, c) == []
+  c.optim.learning_rate, c.lora.targets = 5e-4, ("to_q",)
+  assert run_config.resume_differences(saved, c) == [
+      "config.lora.targets: saved ['to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj', "
+      "'to_add_out'], now ['to_q']",
+      "config.optim.learning_rate: saved 0.001, now 0.0005"]
+  c.resume_accept = ("optim.learning_rate",)
+  assert [line.split(":")[0] for line in run_config.resume_differences(saved, c)] == ["config.lora.targets"]

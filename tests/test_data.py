@@ -3,12 +3,13 @@
 import os
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from editr1_jax.data import builder, folder, sampler
+from editr1_jax.data import builder, fingerprint, folder, sampler
 
 DEMO = os.path.join(os.path.dirname(folder.__file__), "demo")
 
@@ -53,7 +54,7 @@ def test_bad_lines_name_file_and_line(dataset, bad, expect):
 
 def test_unreadable_image_is_named(dataset):
   (dataset / "images" / "train_004.png").write_bytes(b"not a png")
-  with pytest.raises(folder.DatasetError, match=r"train_metadata.jsonl:5: image .*train_004.png is unreadable"):
+  with pytest.raises(folder.DatasetError, match=r"train_metadata.jsonl:5: .*train_004.png: unreadable image"):
     folder.read_records(str(dataset), "train")
 
 
@@ -104,3 +105,90 @@ def test_sampler_banning_and_state():
   s.ban(range(8))
   with pytest.raises(ValueError, match="2 records left after banning 8"):
     s.epoch_records(6)
+
+
+def test_copy_is_rebuilt_when_the_folder_or_its_contents_change(dataset, tmp_path):
+  """A workdir's copy is reused only for the same folder with the same bytes (metadata and every image)."""
+  tfds_dir = str(tmp_path / "tfds")
+  first = builder.Split(builder.prepare(str(dataset), tfds_dir), "train")
+  before = np.asarray(first[3]["image"])
+  copy_file = next(os.path.join(d, f) for d, _, fs in os.walk(tfds_dir) for f in fs if "array_record" in f)
+  stamp = os.stat(copy_file).st_mtime_ns
+  builder.prepare(str(dataset), tfds_dir)
+  assert os.stat(copy_file).st_mtime_ns == stamp  # unchanged: reused
+  Image.new("RGB", (64, 64), (9, 200, 30)).save(dataset / "images" / "train_003.png")
+  after = builder.Split(builder.prepare(str(dataset), tfds_dir), "train")[3]["image"]
+  assert np.asarray(after)[0, 0].tolist() == [9, 200, 30] and not np.array_equal(before, np.asarray(after))
+  _write_line(dataset, "train", 1, '{"prompt": "Turn it blue.", "image": "images/train_000.png", '
+                                   '"requirement": "Only the colour changes."}')
+  assert builder.Split(builder.prepare(str(dataset), tfds_dir), "train")[0]["prompt"] == "Turn it blue."
+  other = tmp_path / "other"
+  shutil.copytree(DEMO, other)
+  assert builder.Split(builder.prepare(str(other), tfds_dir), "train")[0]["prompt"] != "Turn it blue."
+
+
+def test_fingerprint_names_what_changed(dataset, tmp_path):
+  old = builder.fingerprint(str(dataset), str(tmp_path / "cache"))
+  moved = tmp_path / "moved"
+  shutil.copytree(dataset, moved)
+  same = builder.fingerprint(str(moved), str(tmp_path / "cache"))
+  assert same.digest == old.digest  # the content, not the path, is what a checkpoint was trained on
+  assert fingerprint.differences(old, same) == [f"dataset folder: was {dataset}, now {moved}"]
+  Image.new("RGB", (64, 64)).save(moved / "images" / "train_002.png")
+  os.remove(moved / "images" / "test_000.png")
+  _write_line(moved, "test", 1, '{"prompt": "x", "image": "images/test_001.png", "requirement": "r"}')
+  new = builder.fingerprint(str(moved), str(tmp_path / "cache"))
+  assert fingerprint.differences(old, new)[1:] == [
+      "2 file(s) changed: images/train_002.png, test_metadata.jsonl", "1 file(s) removed: images/test_000.png"]
+
+
+# --------------------------------------------------------------------------------------------------
+def test_metadata_that_is_not_utf8_is_named(dataset):
+  path = dataset / folder.SPLITS["train"]
+  lines = path.read_bytes().splitlines(keepends=True)
+  lines[3] = lines[3][:12] + b"\xe4" + lines[3][13:]  # a Latin-1 byte in the instruction, not UTF-8
+  path.write_bytes(b"".join(lines))
+  with pytest.raises(folder.DatasetError, match=rf"^{path}:4: not UTF-8 \(byte 0xe4 at column 13\)$"):
+    folder.read_records(str(dataset), "train")
+
+
+@pytest.mark.parametrize("key", ["prompt", "requirement", "category", "image"])
+def test_lone_surrogates_are_named(dataset, key):
+  fields = {"prompt": "x", "image": "images/train_000.png", "requirement": "r", "category": "c"}
+  fields[key] = "\\ud800" if key != "image" else "images/train_000\\ud800.png"
+  path = _write_line(dataset, "train", 2, "{" + ", ".join(f'"{k}": "{v}"' for k, v in fields.items()) + "}")
+  with pytest.raises(folder.DatasetError, match=rf"^{path}:2: field '{key}' holds an unpaired surrogate"):
+    folder.read_records(str(dataset), "train")
+
+
+def test_image_paths_outside_the_folder_need_permission(dataset, tmp_path):
+  shutil.copy(dataset / "images" / "train_000.png", tmp_path / "outside.png")
+  for image in ("../outside.png", str(tmp_path / "outside.png"), "images/../../outside.png"):
+    path = _write_line(dataset, "train", 2, f'{{"prompt": "x", "image": "{image}", "requirement": "r"}}')
+    with pytest.raises(folder.DatasetError, match=rf"^{path}:2: field 'image' '{image}' leaves the dataset folder"):
+      folder.read_records(str(dataset), "train")
+    assert folder.read_records(str(dataset), "train", allow_outside=True)[1].image_path == str(tmp_path / "outside.png")
+  with pytest.raises(folder.DatasetError, match="leaves the dataset folder"):
+    builder.prepare(str(dataset), str(tmp_path / "tfds"))
+  split = builder.Split(builder.prepare(str(dataset), str(tmp_path / "tfds"), allow_outside=True), "train")
+  np.testing.assert_array_equal(np.asarray(split[1]["image"]), np.asarray(Image.open(tmp_path / "outside.png")))
+
+
+def test_16_bit_images_reach_training_as_8_bit(dataset, tmp_path):
+  values = np.full((64, 64), 32768, np.uint16)
+  values[:, :32] = 257 * 40
+  Image.fromarray(values).save(dataset / "images" / "train_000.png")  # mode I;16
+  split = builder.Split(builder.prepare(str(dataset), str(tmp_path / "tfds")), "train")
+  image = np.asarray(split[0]["image"])
+  assert split[0]["image"].mode == "RGB"
+  np.testing.assert_array_equal(image[:, :32], 40)
+  np.testing.assert_array_equal(image[:, 32:], 128)
+
+
+def test_build_leaves_nothing_in_the_temp_dir(dataset, tmp_path, monkeypatch):
+  temp = tmp_path / "system_tmp"
+  temp.mkdir()
+  monkeypatch.setenv("TMPDIR", str(temp))
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  builder.prepare(str(dataset), str(tmp_path / "tfds"))
+  assert os.listdir(temp) == []

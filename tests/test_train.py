@@ -2,12 +2,14 @@
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from editr1_jax import export, train_loop
 
@@ -122,7 +124,93 @@ def test_train_cli_runs_the_demo(tmp_path):
                        capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "epoch 2/2 | reward" in run.stdout
+  assert "epoch 0/2 | eval reward" in run.stdout  # the starting weights are evaluated, as the public run does
   out = subprocess.run([sys.executable, "launch/export.py", f"--workdir={tmp_path}", f"--out={tmp_path}/export"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert os.path.isfile(tmp_path / "export" / export.LORA_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run's state under faults: damaged checkpoints, changed config, changed data, failing evaluation, a dead judge.
+
+def _copy_run(straight, tmp_path, name="copy"):
+  dst = tmp_path / name
+  shutil.copytree(straight[1], dst)
+  return dst
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(max(os.path.getsize(path) // 2, 1))
+
+
+def _largest_state_file(checkpoint):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(checkpoint / "state") for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def test_damaged_newest_checkpoint_is_set_aside_and_training_falls_back(straight, tmp_path, caplog):
+  workdir = _copy_run(straight, tmp_path)
+  damaged = _largest_state_file(workdir / "checkpoints" / "4")
+  _truncate(damaged)
+  with caplog.at_level("WARNING"):
+    trainer = train_loop.Trainer(tiny_config(), str(workdir))
+  assert trainer.epoch == 2 and int(trainer.state.step) == 2
+  name = os.path.relpath(damaged, workdir / "checkpoints" / "4")
+  assert any(f"checkpoints/4: {name} has" in r.message for r in caplog.records), caplog.text
+  assert os.path.isdir(workdir / "checkpoints" / "4.damaged")  # kept, renamed, never deleted
+  assert trainer.checkpoints.all_epochs() == [2]
+
+
+def test_export_of_a_damaged_checkpoint_names_the_intact_epochs(straight, tmp_path):
+  workdir = _copy_run(straight, tmp_path)
+  _truncate(workdir / "checkpoints" / "4" / "meta" / "metadata")
+  with pytest.raises(FileNotFoundError, match=r"cannot export epoch 4: .*meta/metadata has .*intact epochs: \[2\]"):
+    export.export_run(str(workdir), str(tmp_path / "out"))
+  assert export.export_run(str(workdir), str(tmp_path / "out"), epoch=2)
+
+
+def test_resume_with_a_config_that_changes_the_state_lists_every_difference(straight, tmp_path):
+  workdir = _copy_run(straight, tmp_path)
+  with pytest.raises(train_loop.ResumeError) as e:
+    train_loop.Trainer(tiny_config(**{"seed": 1, "lora.rank": 8, "data.group_size": 2, "num_epochs": 6}),
+                       str(workdir))
+  message = str(e.value)
+  for line in ("config.seed: saved 0, now 1", "config.lora.rank: saved 4, now 8", "config.data.group_size: saved 4"):
+    assert line in message
+  assert "num_epochs" not in message  # safe to change
+
+
+def test_resume_on_changed_data_is_refused_unless_accepted(straight, tmp_path):
+  workdir = _copy_run(straight, tmp_path)
+  data = tmp_path / "data"
+  shutil.copytree(tiny_config().data.dataset_dir, data)
+  Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "images" / "train_003.png")
+  with pytest.raises(train_loop.ResumeError, match=r"1 file\(s\) changed: images/train_003.png"):
+    train_loop.Trainer(tiny_config(**{"data.dataset_dir": str(data)}), str(workdir))
+  trainer = train_loop.Trainer(tiny_config(**{"data.dataset_dir": str(data), "data.accept_changed_data": True,
+                                              "num_epochs": 6, "eval_every": 3}), str(workdir))
+  assert trainer.epoch == 4
+
+
+def test_a_failing_evaluation_costs_no_training(tmp_path, monkeypatch):
+  trainer = train_loop.Trainer(tiny_config(eval_every=1, checkpoint_every=5, eval_before_training=False),
+                               str(tmp_path))
+
+  def broken():
+    raise RuntimeError("judge crashed")
+  monkeypatch.setattr(trainer, "evaluate", broken)
+  with pytest.raises(RuntimeError, match="judge crashed"):
+    trainer.run()
+  assert trainer.checkpoints.all_epochs() == [1]
+
+
+def test_a_judge_without_valid_scores_stops_the_run_after_saving(tmp_path, monkeypatch):
+  trainer = train_loop.Trainer(tiny_config(max_invalid_reward_epochs=2, checkpoint_every=5), str(tmp_path))
+  monkeypatch.setattr(trainer, "_score", lambda s, e, r: (np.full(len(r), np.nan, np.float32), np.zeros(len(r), bool)))
+  trainer.run_epoch()
+  assert trainer.invalid_streak == 1
+  with pytest.raises(train_loop.RewardError, match="2 consecutive epochs without one valid reward"):
+    trainer.run_epoch()
+  assert trainer.checkpoints.all_epochs() == [2]

@@ -4,13 +4,26 @@ Read back with `as_data_source()` (random access, works with grain), so no Tenso
 Images are stored as their original file bytes (lossless) and decoded with PIL on read.
 """
 
+import json
 import os
+import shutil
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from editr1_jax.data import fingerprint as fp
 from editr1_jax.data import folder as folder_format
+
+SOURCE_FILE = "source.json"  # the folder and the contents' digest the copy was made from
+
+
+class _LocalInfo(tfds.core.DatasetInfo):
+  """The info of a local folder's dataset."""
+
+  def initialize_from_bucket(self) -> None:
+    """No look-up of pre-computed info on GCS: a local folder has none, and tfds' look-up leaves an empty
+    `tmp*tfds` folder in the system temp dir on every first build."""
 
 
 class EditR1(tfds.core.GeneratorBasedBuilder):
@@ -18,12 +31,13 @@ class EditR1(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
 
-  def __init__(self, *, source_dir: str, **kwargs):
+  def __init__(self, *, source_dir: str, allow_outside: bool = False, **kwargs):
     self._source_dir = os.path.abspath(source_dir)
+    self._allow_outside = allow_outside
     super().__init__(file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalInfo(
         builder=self,
         description="Instruction-based image editing prompts in the Edit-R1 folder format.",
         disable_shuffling=True,  # record i is line i of the metadata file: position == id
@@ -40,7 +54,8 @@ class EditR1(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     # Validate every split before writing anything.
-    return {split: self._generate_examples(folder_format.read_records(self._source_dir, split))
+    return {split: self._generate_examples(folder_format.read_records(self._source_dir, split,
+                                                                      allow_outside=self._allow_outside))
             for split in folder_format.SPLITS}
 
   def _generate_examples(self, records):
@@ -51,10 +66,36 @@ class EditR1(tfds.core.GeneratorBasedBuilder):
                    "image_bytes": data, "image_path": os.path.relpath(r.image_path, self._source_dir)}
 
 
-def prepare(source_dir: str, data_dir: str) -> EditR1:
-  """Validate and write the dataset once (a second call reuses what was written)."""
-  builder = EditR1(source_dir=source_dir, data_dir=data_dir)
+def fingerprint(source_dir: str, data_dir: str, *, allow_outside: bool = False) -> fp.Fingerprint:
+  """Fingerprints what a build reads (digests cached in `data_dir`). Images are decoded only by a build: a
+  start-up that reuses its copy reads each image once at most (to hash it, when its size or mtime changed)."""
+  records = {split: folder_format.read_records(source_dir, split, allow_outside=allow_outside, decode_images=False)
+             for split in folder_format.SPLITS}
+  return fp.compute(source_dir, fp.read_files(source_dir, records), cache_dir=data_dir)
+
+
+def prepare(source_dir: str, data_dir: str, source: fp.Fingerprint | None = None, *,
+            allow_outside: bool = False) -> EditR1:
+  """Validate and write the dataset once: a second call reuses the copy when it was made from the same folder
+  with the same contents (`source`, computed if not given), and replaces it otherwise. `allow_outside` admits
+  image paths that leave `source_dir`."""
+  source = source or fingerprint(source_dir, data_dir, allow_outside=allow_outside)
+  marker = os.path.join(data_dir, SOURCE_FILE)
+  made_from = None
+  if os.path.isfile(marker):
+    with open(marker) as f:
+      made_from = json.load(f)
+  builder = EditR1(source_dir=source_dir, data_dir=data_dir, allow_outside=allow_outside)
+  if made_from != {"source": source.source, "digest": source.digest}:
+    if os.path.exists(builder.data_dir):  # a copy of another folder or of older contents: never reused
+      shutil.rmtree(builder.data_dir)
+    if os.path.exists(marker):
+      os.remove(marker)
+    builder = EditR1(source_dir=source_dir, data_dir=data_dir, allow_outside=allow_outside)
   builder.download_and_prepare()
+  with open(marker + ".tmp", "w") as f:
+    json.dump({"source": source.source, "digest": source.digest}, f)
+  os.replace(marker + ".tmp", marker)
   return builder
 
 
