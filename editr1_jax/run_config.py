@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from editr1_jax import advantages, nft, sampling
+from editr1_jax import reward as rewards
 from editr1_jax.models import flux
 
 DTYPES = ("float32", "bfloat16")
@@ -21,7 +22,6 @@ CHOICES = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.adapter_dtype": DTYPES,
-    "reward.kind": ("mllm", "colour"),
     "reward.dtype": DTYPES,
     "rollout.sampler": sampling.SOLVERS,
     "rollout.eval_sampler": sampling.SOLVERS,
@@ -107,6 +107,8 @@ def _get(config, dotted: str):
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_processes: int = 1) -> None:
   """Every check that needs no model or data: run before anything is loaded."""
+  if config.reward.kind not in rewards.REWARDS:  # read at call time: a reward registered later is accepted
+    raise ConfigError(f"config.reward.kind = {config.reward.kind!r}; expected one of {rewards.kinds()}")
   for field, choices in CHOICES.items():
     if _get(config, field) not in choices:
       raise ConfigError(f"config.{field} = {_get(config, field)!r}; expected one of {tuple(choices)}")

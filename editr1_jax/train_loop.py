@@ -1,5 +1,5 @@
 """The Edit-R1 training program: one epoch is rollouts -> decode -> reward -> advantages/filtering ->
-NFT training -> old-policy update (+ EMA inside the optimizer step), in that order (REFERENCE.md 2).
+NFT training -> old-policy update (+ EMA inside the optimizer step), in that order (docs/METHOD.md section 2).
 
 Every process computes the same epoch plan (record ids, noise keys) from (seed, epoch), so host
 inputs are identical everywhere and enter the jitted, mesh-sharded steps as global arrays; what a
@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from editr1_jax import advantages as adv
+from editr1_jax import reward as rewards
 from editr1_jax import latents, metrics, nft, run_config, sampling
 from editr1_jax import sharding as shd
 from editr1_jax.checkpoint import CheckpointDamaged, Checkpointer
@@ -31,7 +32,6 @@ from editr1_jax.data import fingerprint
 from editr1_jax.data.sampler import GroupedSampler
 from editr1_jax.layers import LoraSpec
 from editr1_jax.models import autoencoder, flux
-from editr1_jax.reward.colour import colour_scores
 
 _LOG = logging.getLogger(__name__)
 
@@ -94,18 +94,6 @@ def build_conditioning(config, mesh, rules):
   text = TextEncoders.from_pipeline(folder, dtype=config.model.dtype, max_sequence_length=config.data.t5_max_length,
                                     mesh=mesh, rules=rules)
   return vae, text
-
-
-def build_judge(config, mesh, rules):
-  if config.reward.kind == "colour":
-    return None
-  if config.reward.tiny:
-    from editr1_jax import tiny
-    return tiny.tiny_judge(config.seed, config.reward.batch_size, template_file=config.reward.template_file or None,
-                           mesh=mesh, rules=rules)
-  from editr1_jax.reward.mllm import MllmJudge
-  return MllmJudge(config.reward.model_dir, template_file=config.reward.template_file or None,
-                   dtype=config.reward.dtype, mesh=mesh, rules=rules, batch_size=config.reward.batch_size)
 
 
 def mesh_rules(config) -> tuple:
@@ -185,7 +173,7 @@ class Trainer:
     transformer = build_transformer(config, self.mesh, self.rules)
     self.vae, text = build_conditioning(config, self.mesh, self.rules)
     self.prompts = PromptCache(text, config.data.prompt_cache_entries, self.chunk)
-    self.judge = build_judge(config, self.mesh, self.rules)
+    self.reward = rewards.build(config, self.mesh, self.rules)
     self.nft, params, self.frozen = build_nft_trainer(config, transformer, self.mesh, self.rules)
     self.policy = self.nft.policy
     self.frozen = self.nft.place(self.frozen, "frozen")
@@ -278,20 +266,14 @@ class Trainer:
 
   def _score(self, sources, edits, records) -> tuple[np.ndarray, np.ndarray]:
     """(scores, valid): an edit that decoded to non-finite pixels is masked (NaN, invalid), never judged."""
-    instructions = [r["prompt"] for r in records]
     finite = np.isfinite(edits).reshape(len(edits), -1).all(axis=1)
     if not finite.all():
       _LOG.warning("%d of %d edits decoded to non-finite pixels: their rewards are masked", (~finite).sum(), len(edits))
     edits = np.where(finite[:, None, None, None], edits, 0.0)
-    if self.judge is None:
-      scores = colour_scores(edits, instructions).astype(np.float32)
-      valid = np.isfinite(scores)
-    else:
-      result = self.judge.score(list(metrics.to_uint8(sources)), list(metrics.to_uint8(edits)), instructions,
-                                [r["requirement"] for r in records], progress=f"epoch {self.epoch} reward" if self.is_main else None)
-      scores, valid = result.scores, result.valid
-    valid = valid & finite
-    return np.where(valid, scores, np.nan).astype(np.float32), valid
+    result = self.reward.score(list(metrics.to_uint8(sources)), list(metrics.to_uint8(edits)), records,
+                               progress=f"epoch {self.epoch} reward" if self.is_main else None)
+    valid = result.valid & finite
+    return np.where(valid, result.scores, np.nan).astype(np.float32), valid
 
   # ------------------------------------------------------------------------------------------------
   def run_epoch(self) -> dict:

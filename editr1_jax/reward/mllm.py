@@ -1,4 +1,4 @@
-"""The MLLM logit reward (REFERENCE.md section 4): Qwen2.5-VL judges (source, edit, instruction,
+"""The MLLM logit reward (docs/METHOD.md section 4): Qwen2.5-VL judges (source, edit, instruction,
 requirement) in one prefill; the reward is the expected digit, sum_k k * softmax(z_"0".."z_"5")_k / 5,
 read at the first answer position.
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from editr1_jax import sharding as shd
 from editr1_jax.models import qwen2_5_vl
 from editr1_jax.reward import processor as proc
+from editr1_jax.reward.base import RewardResult, register  # RewardResult: scores (N,) in [0, 1], probs (N, 6)
 
 DIGITS = tuple(str(k) for k in range(6))
 PLACEHOLDERS = ("instruction", "requirement")
@@ -82,17 +83,6 @@ def digit_scores(digit_logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
   score = probs @ (jnp.arange(len(DIGITS), dtype=jnp.float32) / (len(DIGITS) - 1))
   valid = jnp.isfinite(z).all(axis=-1) & jnp.isfinite(score)
   return jnp.where(valid, score, jnp.nan), jnp.where(valid[:, None], probs, jnp.nan), valid
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardResult:
-  scores: np.ndarray  # (N,) float32 in [0, 1]; NaN where not valid
-  probs: np.ndarray  # (N, 6) float32, the probabilities of "0".."5"; NaN rows where not valid
-  valid: np.ndarray  # (N,) bool
-
-  @property
-  def num_invalid(self) -> int:
-    return int((~self.valid).sum())
 
 
 def _bucket(n: int, batch_size: int, multiple: int) -> int:
@@ -211,3 +201,30 @@ class MllmJudge:
 def _mesh_axes(rules, name: str) -> tuple[str, ...]:
   target = dict(rules).get(name)
   return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+# --------------------------------------------------------------------------------------------------
+class MllmReward:
+  """An `MllmJudge` as a `Reward`: each record's "prompt" is the instruction, its "requirement" the requirement."""
+
+  def __init__(self, judge: MllmJudge):
+    self.judge = judge
+
+  def score(self, sources, edits, records, *, progress: str | None = None) -> RewardResult:
+    return self.judge.score(sources, edits, [r["prompt"] for r in records], [r["requirement"] for r in records],
+                            progress=progress)
+
+
+@register("mllm")
+def build_mllm(config, mesh=None, rules=None) -> MllmReward:
+  """The tiny random judge (`config.reward.tiny`: the demo's, drawn from `config.seed`) or Qwen2.5-VL read from
+  `config.reward.model_dir`, placed on `mesh`."""
+  rules = shd.DEFAULT_RULES if rules is None else rules
+  template_file = config.reward.template_file or None
+  if config.reward.tiny:
+    from editr1_jax import tiny
+    judge = tiny.tiny_judge(config.seed, config.reward.batch_size, template_file=template_file, mesh=mesh, rules=rules)
+  else:
+    judge = MllmJudge(config.reward.model_dir, template_file=template_file, dtype=config.reward.dtype, mesh=mesh,
+                      rules=rules, batch_size=config.reward.batch_size)
+  return MllmReward(judge)
