@@ -101,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.nft.kl_weight = 1e-4
   c.nft.timestep_fraction = 0.99  # T = int(num_steps * fraction) training timesteps per sample
   c.nft.micro_batch = 3  # samples per device per micro-batch
-  c.nft.old_policy_schedule = 1  # 0 | 1 | 2 (REFERENCE.md section 7)
+  c.nft.old_policy_schedule = 1  # 0 | 1 | 2 (docs/METHOD.md section 7)
   c.nft.ema_max_decay = 0.9
 
   c.optim = ml_collections.ConfigDict()

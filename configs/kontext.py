@@ -1,4 +1,4 @@
-"""The paper's FLUX.1-Kontext-dev run (REFERENCE.md section 7).
+"""The paper's FLUX.1-Kontext-dev run (docs/METHOD.md section 7).
 
   python launch/train.py --config=configs/kontext.py --workdir=gs://... \
     --config.model.pipeline_dir=/ckpt/FLUX.1-Kontext-dev --config.reward.model_dir=/ckpt/Qwen2.5-VL-32B-Instruct \

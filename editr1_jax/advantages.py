@@ -1,4 +1,4 @@
-"""Group-relative advantages and low-variance group filtering (REFERENCE.md section 5), on the host.
+"""Group-relative advantages and low-variance group filtering (docs/METHOD.md section 5), on the host.
 
 A group is the k rollouts of one dataset sample, keyed by the sample id (never by instruction
 text). Invalid rewards (a failed or non-finite score) are masked, never read as 0:

@@ -1,4 +1,4 @@
-"""The DiffusionNFT loss and its pure, sharded train step (REFERENCE.md sections 6 and 7).
+"""The DiffusionNFT loss and its pure, sharded train step (docs/METHOD.md sections 6 and 7).
 
 One epoch of training is: `accumulate` once per micro-batch of kept rollouts (each call runs the
 T = int(N * timestep_fraction) training timesteps of every sample), then `apply` (one optimizer

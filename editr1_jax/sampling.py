@@ -1,4 +1,4 @@
-"""Flow-matching schedules and solvers (REFERENCE.md section 3).
+"""Flow-matching schedules and solvers (docs/METHOD.md section 3).
 
 Convention: x_t = (1 - t) x0 + t eps, t = 1 is pure noise, the network predicts v = eps - x0.
 A solver integrates `v = velocity_fn(z, sigma)` over a sigma list ending in 0 with one `lax.scan`;

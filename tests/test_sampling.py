@@ -1,10 +1,10 @@
-"""Schedules and solvers against diffusers and against NumPy float64 loops written from REFERENCE.md section 3."""
+"""Schedules and solvers against diffusers and against NumPy float64 loops written from docs/METHOD.md section 3."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_rel_err
+from helpers import float32_bound, max_rel_err
 
 from editr1_jax import sampling
 
@@ -45,7 +45,7 @@ def test_schedule_equals_diffusers(steps, tokens):
 
 
 def test_reference_512_schedule():
-  # REFERENCE.md: 512x512 -> 1024 tokens, 6 steps
+  # docs/METHOD.md section 3: 512x512 -> 1024 tokens, 6 steps
   np.testing.assert_allclose(SIGMAS, [1, .9037, .7897, .6525, .4842, .2730, 0], atol=5e-5)
 
 
@@ -64,7 +64,7 @@ def np_euler(z, sigmas):
 
 
 def np_dpm2m(z, sigmas):
-  """DPM-Solver++(2M) as written in REFERENCE.md, with lambda and r spelled out."""
+  """DPM-Solver++(2M) as written in docs/METHOD.md section 3, with lambda and r spelled out."""
   sigmas = np.asarray(sigmas, np.float64)
   n = len(sigmas) - 1
   x0_prev = None
@@ -205,5 +205,7 @@ def test_kontext_rollout_runs_the_transformer_on_target_and_reference_tokens():
     return full[:, :4]
 
   out = sampling.kontext_rollout(model, cond, z, sigmas, solver="dpm2")
-  assert max_rel_err(out.x0, sampling.dpm_solver_2m(velocity, z, jnp.asarray(sigmas))) <= 1e-6
+  # other programs around the same math: float32 rounding of 3 transformer calls (27 reductions each, see test_nft)
+  bound = float32_bound(256, depth=(len(sigmas) - 1) * 27)  # 3.4e-5; measured 6.5e-7
+  assert max_rel_err(out.x0, sampling.dpm_solver_2m(velocity, z, jnp.asarray(sigmas))) <= bound
   assert out.x0.shape == z.shape

@@ -23,7 +23,7 @@ from editr1_jax import weights as wio
 from editr1_jax.layers import AdapterRows, Dense, LoraSpec, RMSNorm, attention, gelu_tanh, layer_norm, lora_init, \
   remat_policy, target_matches
 
-# peft target keys of REFERENCE.md section 7; matched as dotted suffixes of diffusers module names.
+# peft target keys of docs/METHOD.md section 7; matched as dotted suffixes of diffusers module names.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 REMAT_POLICIES = ("none", "full", "flux")
 # The "flux" remat policy keeps what is costly to recompute: the q/k/v projections and attention output.
