@@ -18,3 +18,42 @@ def perturb_(module, scale: float = 0.1, seed: int = 0) -> None:
     for p in list(module.parameters()) + list(module.buffers()):
       if p.is_floating_point():
         p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+EPS32 = 2.0 ** -24  # float32 unit roundoff: half an ulp of 1.0, 6.0e-8
+
+
+def float32_bound(reduction_length: int, depth: int = 1, *, condition: float = 1.0, safety: float = 4.0) -> float:
+  """The max_rel_err allowed between two float32 evaluations of the same math that differ only in rounding:
+  the order of a sum (devices splitting it, vectorisation, fusion, jit vs eager, PyTorch's kernels), or
+  float32 against a float64 reference.
+
+  Model: a float32 sum of n terms is off by at most n * eps relative (eps = 2^-24) and, its rounding errors
+  being independent and of either sign, typically by sqrt(n) * eps. A value whose path goes through `depth`
+  reductions in sequence (matmul K, conv kh*kw*Cin, norm statistics, attention over the sequence), each at
+  most `reduction_length` long, in a network that keeps activations normalised (norms, residuals: relative
+  errors pass through about 1:1), collects `depth` such independent errors: sqrt(depth * n) * eps.
+  `condition` scales it where an operation amplifies relative error (a difference of close values; a
+  square doubles it). `safety` 4 = sqrt(2) (both sides round) * sqrt(2 ln 1e5) (the largest of up to 1e5
+  outputs, 4.8 sigmas) / sqrt(3) (the sigma of a rounding error uniform in +-eps is eps / sqrt(3)).
+  XLA and PyTorch sum in blocks, and most reductions on a path are shorter than the longest, so the model
+  overestimates: the tests measure 0.002x..0.15x of their bounds. A real bug (a wrong sign, a missing term, a
+  transposed layout) errs by 1e-2..1, and no bound may come within 10x of that.
+  """
+  bound = safety * condition * (depth * reduction_length) ** 0.5 * EPS32
+  assert bound <= 1e-3, f"float32_bound {bound:.1e}: this loose, it would hide real bugs"
+  return bound
+
+
+EPS_BF16 = 2.0 ** -9  # bfloat16 unit roundoff (8 significant bits), 2.0e-3
+
+
+def bfloat16_bound(depth: int, *, safety: float = 8.0) -> float:
+  """The max_rel_err allowed between a bfloat16 run and the float32 one: every stored activation rounds to 8
+  bits, and a value passing `depth` normalised layers collects sqrt(depth) such errors. Safety 8 (twice the
+  float32 model's): these errors are not small next to the values, so nonlinearities (softmax, gelu, silu)
+  widen their tails, and CPUs differ in how they compute bf16 dots (native bf16 units or float32 upcast).
+  A real bug in the bf16 path (a wrong cast, a missing scale) errs by 1e-1..1: the bound stays below 0.15."""
+  bound = safety * depth ** 0.5 * EPS_BF16
+  assert bound <= 0.15, f"bfloat16_bound {bound:.2f}: this loose, it would hide real bugs"
+  return bound

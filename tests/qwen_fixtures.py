@@ -4,16 +4,19 @@ pre-tokenizer and special tokens, the Qwen2.5-VL chat template, a random perturb
 
 Use `write_tokenizer`, `write_preprocessor_config` and `write_model` to build a folder, or the
 `qwen_reference` fixture (import it into the test module) for one shared per module.
+`qwen_tiny_reference` (and its load `qwen_tiny_ours`): `qwen2_5_vl.tiny()` saved by transformers, weights and config
+only, shared by test_qwen2_5_vl.py and test_models_contract.py.
 """
 
 
 import numpy as np
 import pytest
 import torch
-from helpers import perturb_
+from helpers import float32_bound, perturb_
 from PIL import Image
 
 from editr1_jax import tiny
+from editr1_jax.models import qwen2_5_vl as qv
 from editr1_jax.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL
 
 CORPUS = ("You are a helpful assistant. The first image is the source, the second the edited result. "
@@ -21,6 +24,9 @@ CORPUS = ("You are a helpful assistant. The first image is the source, the secon
           "background unchanged. Rate the edit from 0 to 5 and answer with the digit only.")
 # Preprocessing bounds that make the test images resize (min 2x2 merged patches, max 20).
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 20
+# float32 rounding of tiny logits (helpers.float32_bound): the patch embedding (K = 3 x 2 x 14 x 14) is the longest
+# reduction; <= 51 in sequence: patch 1, 3 vision blocks x 9 (qv.tiny; 2 here), merger 3, 2 layers x 9, norm, head.
+QWEN_BOUND = float32_bound(3 * 2 * 14 * 14, depth=51)  # 5.8e-5
 
 
 def special_ids(vocab_size: int) -> dict[str, int]:
@@ -90,3 +96,48 @@ def qwen_reference(tmp_path_factory):
   """(torch model, folder) of a tiny perturbed Qwen2.5-VL with tokenizer and preprocessor config."""
   folder = str(tmp_path_factory.mktemp("qwen2_5_vl"))
   return write_model(folder), folder
+
+
+# --------------------------------------------------------------------------------------------------
+def hf_config(cfg: qv.Qwen25VLConfig) -> dict:
+  """The transformers config of one of our configs (kwargs of `Qwen2_5_VLConfig`)."""
+  v = cfg.vision
+  return dict(
+      text_config=dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                       num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps,
+                       rope_parameters=dict(rope_type="default", mrope_section=list(cfg.mrope_section),
+                                            rope_theta=cfg.rope_theta)),
+      vision_config=dict(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                         num_heads=v.num_heads, out_hidden_size=v.out_hidden_size, window_size=v.window_size,
+                         fullatt_block_indexes=list(v.fullatt_block_indexes)),
+      image_token_id=cfg.image_token_id, vision_start_token_id=cfg.vision_start_token_id,
+      vision_end_token_id=cfg.vision_end_token_id, tie_word_embeddings=cfg.tie_word_embeddings)
+
+
+def save_reference(cfg, folder):
+  """A perturbed Qwen2_5_VLForConditionalGeneration of our config `cfg`, saved to `folder`; eager attention."""
+  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+  torch.manual_seed(0)
+  model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config(cfg))).eval()
+  # perturb_ also moves the rotary frequency buffers, which are not saved: put those back.
+  rotary = {n: b.clone() for n, b in model.named_buffers() if "inv_freq" in n}
+  perturb_(model)
+  with torch.no_grad():
+    for n, b in model.named_buffers():
+      if n in rotary:
+        b.copy_(rotary[n])
+  model.save_pretrained(folder)
+  model.config._attn_implementation = "eager"
+  return model
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny_reference(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("qwen") / "model")
+  return save_reference(qv.tiny(), folder), folder
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny_ours(qwen_tiny_reference):
+  return qv.load_qwen2_5_vl(qwen_tiny_reference[1])

@@ -1,4 +1,4 @@
-"""Advantages and group filtering on hand-made reward tables (REFERENCE.md section 5)."""
+"""Advantages and group filtering on hand-made reward tables (docs/METHOD.md section 5)."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""CLIP text encoder: parity with transformers through our loader, pooling rules, full-size shapes, errors."""
+"""CLIP text encoder: pooling rules, bf16, name schemes, config errors (loader errors, full size and parity with
+transformers: test_models_contract.py)."""
 
 import json
 import os
@@ -8,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import max_rel_err
-from text_fixtures import CLIP_MAX_LENGTH, CLIP_TINY, write_clip_model
+from helpers import bfloat16_bound, max_rel_err
+from text_fixtures import CLIP_BOUND, CLIP_MAX_LENGTH, write_clip_model
+from text_fixtures import CLIP_VOCAB as VOCAB
 
 from editr1_jax import weights as wio
 from editr1_jax.models import clip
 
-VOCAB = 100
 BOS, EOS = VOCAB - 2, VOCAB - 1  # CLIP's layout: the special tokens have the highest ids
 
 
@@ -36,10 +37,10 @@ def torch_forward(model, ids):
 
 
 @pytest.fixture(scope="module")
-def legacy(tmp_path_factory):
-  """FLUX's config: eos_token_id 2, so transformers pools at the highest id."""
-  folder = str(tmp_path_factory.mktemp("clip") / "text_encoder")
-  return write_clip_model(folder, VOCAB, eos_token_id=2), folder
+def legacy(clip_reference):
+  """FLUX's config: eos_token_id 2, so transformers pools at the highest id (text_fixtures, shared with
+  test_models_contract.py)."""
+  return clip_reference
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +48,6 @@ def modern(tmp_path_factory):
   """A config with the real end-of-text id (transformers >= 4.31): pools at its first occurrence."""
   folder = str(tmp_path_factory.mktemp("clip_modern"))
   return write_clip_model(folder, VOCAB, eos_token_id=EOS - 10, seed=3), folder
-
-
-def test_parity_eos_at_different_positions(legacy):
-  ids = make_ids([5, 17, 76])
-  ref_hidden, ref_pooled = torch_forward(legacy[0], ids)
-  hidden, pooled = clip.load_clip_text(legacy[1])(ids)
-  assert hidden.shape == ref_hidden.shape == (3, CLIP_MAX_LENGTH, CLIP_TINY["hidden_size"])
-  assert max_rel_err(hidden, ref_hidden) <= 1e-5
-  assert max_rel_err(pooled, ref_pooled) <= 1e-5
-  # the pooled row is the end-of-text token's hidden state, and the three rows differ
-  np.testing.assert_array_equal(np.asarray(pooled), np.asarray(hidden)[np.arange(3), [5, 17, 76]])
 
 
 def test_modern_eos_id_pools_first_occurrence(modern):
@@ -69,8 +59,8 @@ def test_modern_eos_id_pools_first_occurrence(modern):
   model = clip.load_clip_text(modern[1])
   assert model.cfg.eos_token_id == eos
   hidden, pooled = model(ids)
-  assert max_rel_err(hidden, ref_hidden) <= 1e-5
-  assert max_rel_err(pooled, ref_pooled) <= 1e-5
+  assert max_rel_err(hidden, ref_hidden) <= CLIP_BOUND  # float32 rounding only
+  assert max_rel_err(pooled, ref_pooled) <= CLIP_BOUND
   np.testing.assert_array_equal(np.asarray(clip.pooled_positions(ids, eos)), [4, 30])
 
 
@@ -88,8 +78,8 @@ def test_jit_and_bfloat16(legacy):
   model = clip.load_clip_text(legacy[1], dtype="bfloat16")
   hidden, pooled = nnx.jit(lambda m, x: m(x))(model, ids)
   assert hidden.dtype == pooled.dtype == np.dtype("bfloat16")
-  # measured: transformers bf16 9.2e-3, ours 9.2e-3 from float32
-  assert max_rel_err(pooled, exact) <= 2 * max_rel_err(theirs, exact)
+  # measured: transformers bf16 9.2e-3, ours 9.2e-3 from float32; 24 layers deep (see bfloat16_bound)
+  assert max_rel_err(pooled, exact) <= max(2 * max_rel_err(theirs, exact), bfloat16_bound(24))
 
 
 def test_transformers4_prefix_and_pipeline_layout(legacy, tmp_path):
@@ -112,20 +102,6 @@ CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hid
               bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 
-def test_full_size_shapes_and_count():
-  from transformers import CLIPTextConfig, CLIPTextModel
-  with torch.device("meta"):
-    ref = CLIPTextModel(CLIPTextConfig(**CLIP_L))
-  ref_shapes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
-  cfg = clip.CLIPTextConfig.from_transformers_config(CLIP_L)
-  assert cfg == clip.clip_l()
-  abstract = nnx.eval_shape(lambda: clip.CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
-  ours = {k: v[0] for k, v in wio.reference_shapes(nnx.state(abstract), clip.CLIP_WEIGHTS).items()}
-  assert ours == ref_shapes
-  count = sum(int(np.prod(s)) for s in ours.values())
-  assert count == sum(p.numel() for p in ref.parameters()) == 123_060_480
-
-
 def test_config_errors():
   with pytest.raises(ValueError, match="hidden_act 'gelu'"):
     clip.CLIPTextConfig.from_transformers_config(dict(CLIP_L, hidden_act="gelu"), source="x/config.json")
@@ -137,26 +113,6 @@ def test_config_errors():
   model = clip.CLIPTextModel(clip.tiny(), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="17 tokens; the model has 16 positions"):
     model(np.zeros((1, 17), np.int32))
-
-
-@pytest.mark.parametrize("change,message", [
-    ("missing", r"missing \(1\): encoder.layers.1.mlp.fc2.bias"),
-    ("extra", r"unexpected \(1\): encoder.layers.1.mlp.fc3.weight"),
-    ("misshaped", r"mis-shaped \(1\): final_layer_norm.weight: checkpoint \(31,\), model expects \(32,\)"),
-])
-def test_loader_errors(legacy, tmp_path, change, message):
-  reader = wio.SafetensorsReader.from_folder(legacy[1])
-  tensors = {n: reader.read(n) for n in reader.names()}
-  if change == "missing":
-    del tensors["encoder.layers.1.mlp.fc2.bias"]
-  elif change == "extra":
-    tensors["encoder.layers.1.mlp.fc3.weight"] = np.zeros((2, 2), np.float32)
-  else:
-    tensors["final_layer_norm.weight"] = tensors["final_layer_norm.weight"][:31]
-  shutil.copy(os.path.join(legacy[1], "config.json"), tmp_path)
-  wio.save_safetensors(tensors, str(tmp_path / "model.safetensors"))
-  with pytest.raises(wio.CheckpointError, match=message):
-    clip.load_clip_text(str(tmp_path))
 
 
 def test_missing_config(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import max_rel_err
-from text_fixtures import CORPUS
+from text_fixtures import CLIP_BOUND, CORPUS, T5_BOUND
 
 from editr1_jax import conditioning
 from editr1_jax import sharding as shd
@@ -66,15 +66,15 @@ def test_encode_prompts_equals_pipeline(pipeline, encoders):
   ref = reference(pipeline, PROMPTS)
   embeds, pooled, txt_ids = encoders(PROMPTS)
   assert embeds.shape == ref["embeds"].shape and pooled.shape == ref["pooled"].shape
-  assert max_rel_err(embeds, ref["embeds"]) <= 1e-5
-  assert max_rel_err(pooled, ref["pooled"]) <= 1e-5
+  assert max_rel_err(embeds, ref["embeds"]) <= T5_BOUND  # embeds are T5's, pooled CLIP's: float32 rounding only
+  assert max_rel_err(pooled, ref["pooled"]) <= CLIP_BOUND
   np.testing.assert_array_equal(np.asarray(txt_ids), ref["text_ids"])
 
 
 def test_single_string_prompt(pipeline, encoders):
   ref = reference(pipeline, "add a cat")
   embeds, pooled, _ = encoders("add a cat")
-  assert max_rel_err(embeds, ref["embeds"]) <= 1e-5 and max_rel_err(pooled, ref["pooled"]) <= 1e-5
+  assert max_rel_err(embeds, ref["embeds"]) <= T5_BOUND and max_rel_err(pooled, ref["pooled"]) <= CLIP_BOUND
 
 
 def test_sharded_encode_equals_single_device(text_pipeline, encoders):  # noqa: F811
@@ -84,8 +84,8 @@ def test_sharded_encode_equals_single_device(text_pipeline, encoders):  # noqa: 
   assert wi.sharding.spec == shd.logical_to_spec(("embed", "mlp"), shape=wi.shape, mesh=mesh)
   assert len(wi.sharding.device_set) == 8
   got = sharded(PROMPTS)
-  for a, b in zip(got, encoders(PROMPTS)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(np.asarray(b)).max())
+  for a, b, bound in zip(got, encoders(PROMPTS), (T5_BOUND, CLIP_BOUND, 0.0)):  # embeds, pooled, exact txt_ids
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=bound * np.abs(np.asarray(b)).max())
 
 
 def test_transformers4_clip_tokenizer_files(text_pipeline, encoders, tmp_path):  # noqa: F811

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from flux_fixtures import EXACT, LORA, make_inputs, torch_forward
+from flux_fixtures import EXACT, FLUX_BOUND, LORA, make_inputs, torch_forward
 from helpers import max_rel_err
 
 from editr1_jax import export
@@ -40,7 +40,7 @@ def test_lora_export_loads_into_diffusers_pipeline(reference, trained, tmp_path)
   pipe.load_lora_weights(str(tmp_path))
   inputs = make_inputs(**EXACT)
   ours = np.asarray(nnx.merge(graphdef, adapters, base)(**inputs))
-  assert max_rel_err(ours, torch_forward(pipe.transformer, inputs)) <= 1e-5
+  assert max_rel_err(ours, torch_forward(pipe.transformer, inputs)) <= FLUX_BOUND  # float32 rounding only
   assert max_rel_err(ours, torch_forward(reference[0], inputs)) > 1e-2  # the adapter matters
 
 
@@ -64,9 +64,10 @@ def test_merged_export_equals_adapted_model(trained, tmp_path):
   ref = FluxTransformer2DModel.from_pretrained(folder).eval()
   inputs = make_inputs(**EXACT)
   ours = np.asarray(nnx.merge(graphdef, adapters, base)(**inputs))
-  assert max_rel_err(ours, torch_forward(ref, inputs)) <= 1e-5
+  # W + B A merged in float32 rounds once more per weight (eps, far under the forward's FLUX_BOUND)
+  assert max_rel_err(ours, torch_forward(ref, inputs)) <= FLUX_BOUND
   # and our own loader reads the merged folder back (with a no-op fresh adapter)
-  assert max_rel_err(ours, flux.load_flux_transformer(folder)(**inputs)) <= 1e-5
+  assert max_rel_err(ours, flux.load_flux_transformer(folder)(**inputs)) <= FLUX_BOUND
 
 
 def test_merged_export_shards_large_models(trained, tmp_path, monkeypatch):

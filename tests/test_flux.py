@@ -1,4 +1,5 @@
-"""FLUX transformer: parity with diffusers through our loader, LoRA, full-size shapes, errors, sharding."""
+"""FLUX transformer: LoRA (vs peft), shared ids, folder layouts, bf16, sharding (loader errors, full size and parity
+with diffusers: test_models_contract.py)."""
 
 import json
 import os
@@ -7,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
-from flux_fixtures import EXACT, LORA, REAL, TINY, make_inputs, torch_forward
+from flux_fixtures import EXACT, FLUX_BOUND, LORA, REAL, TINY, make_inputs, torch_forward
 from helpers import max_rel_err
 
 from editr1_jax import sharding as shd
@@ -18,20 +18,13 @@ from editr1_jax.layers import AdapterRows, LoraSpec
 from editr1_jax.models import flux
 
 
-@pytest.mark.parametrize("regime,bound", [(EXACT, 1e-5), (REAL, 1e-4)], ids=["exact", "real_timesteps"])
-def test_forward_parity(reference, ours, regime, bound):
-  inputs = make_inputs(**regime)
-  ref = torch_forward(reference[0], inputs)
-  out = np.asarray(ours(**inputs))
-  assert out.shape == ref.shape == (2, 22, TINY["in_channels"])
-  assert max_rel_err(out, ref) <= bound
-
-
 def test_batched_ids_equal_shared_ids(ours):
   inputs = make_inputs(**EXACT)
   shared = ours(**inputs)
   batched = dict(inputs, img_ids=np.stack([inputs["img_ids"]] * 2), txt_ids=np.stack([inputs["txt_ids"]] * 2))
-  np.testing.assert_allclose(np.asarray(ours(**batched)), np.asarray(shared), rtol=0, atol=1e-6)
+  # the same forward with ids shared or per row: float32 rounding at most (measured 0)
+  np.testing.assert_allclose(np.asarray(ours(**batched)), np.asarray(shared), rtol=0,
+                             atol=FLUX_BOUND * np.abs(np.asarray(shared)).max())
 
 
 def test_pipeline_folder_layout(reference):
@@ -57,7 +50,7 @@ def test_lora_parity(reference, lora_reference):
   model = flux.load_flux_transformer(reference[1], lora=LORA, lora_weights=lora_reference[1])
   inputs = make_inputs(**EXACT)
   ref = torch_forward(lora_reference[0], inputs)
-  assert max_rel_err(ours_out := np.asarray(model(**inputs)), ref) <= 1e-5
+  assert max_rel_err(ours_out := np.asarray(model(**inputs)), ref) <= FLUX_BOUND  # rank-4 adapters: K <= 256 still
   # and the adapter really changes the output
   assert max_rel_err(torch_forward(reference[0], inputs), ref) > 1e-3
   del ours_out
@@ -80,11 +73,13 @@ def test_per_row_adapters_equal_separate_calls(reference, lora_reference):
     return np.asarray(nnx.merge(graphdef, adapter_state, base)(**inputs, adapters=rows))
 
   mixed = run(stacked, AdapterRows(jnp.array([0, 1, 1]), jnp.array([1.0, 1.0, 0.0])))
-  np.testing.assert_allclose(mixed[0], run(adapters, None)[0], rtol=0, atol=1e-6)
-  np.testing.assert_allclose(mixed[1], run(other, None)[1], rtol=0, atol=1e-6)
+  # gathered per-row adapters vs one shared adapter (and vs torch): other programs, float32 rounding only
+  atol = FLUX_BOUND * np.abs(mixed).max()
+  np.testing.assert_allclose(mixed[0], run(adapters, None)[0], rtol=0, atol=atol)
+  np.testing.assert_allclose(mixed[1], run(other, None)[1], rtol=0, atol=atol)
   np.testing.assert_allclose(mixed[2], np.asarray(nnx.merge(graphdef, adapters, base)(
-      **inputs, adapters=AdapterRows.uniform(3, scale=0.0)))[2], rtol=0, atol=1e-6)
-  np.testing.assert_allclose(mixed[2], torch_forward(reference[0], inputs)[2], rtol=0, atol=1e-5 * np.abs(mixed).max())
+      **inputs, adapters=AdapterRows.uniform(3, scale=0.0)))[2], rtol=0, atol=atol)
+  np.testing.assert_allclose(mixed[2], torch_forward(reference[0], inputs)[2], rtol=0, atol=atol)
 
 
 def test_remat_policies_keep_values_and_gradients(reference, lora_reference):
@@ -108,21 +103,6 @@ def test_remat_policies_keep_values_and_gradients(reference, lora_reference):
 
 
 # --------------------------------------------------------------------------------------------------
-def test_full_size_without_memory():
-  from diffusers import FluxTransformer2DModel
-  with torch.device("meta"):
-    ref = FluxTransformer2DModel(guidance_embeds=True)
-  ref_shapes = {n: tuple(p.shape) for n, p in ref.state_dict().items()}
-  abstract = nnx.eval_shape(lambda: flux.FluxTransformer(flux.kontext_dev(), rngs=nnx.Rngs(0)))
-  _, adapters, base = flux.split_params(abstract)
-  assert not jax.tree.leaves(adapters)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
-  assert n_params == 11_901_408_320 == sum(int(np.prod(s)) for s in ref_shapes.values())
-  ours = {k: v[0] for k, v in wio.reference_shapes(base, flux.FLUX_WEIGHTS).items()}
-  assert len(ref_shapes) == 1160
-  assert ours == ref_shapes
-
-
 def test_kontext_dev_lora_count():
   cfg = flux.kontext_dev(lora=LoraSpec(rank=32, alpha=64.0, targets=flux.DEFAULT_LORA_TARGETS))
   _, adapters, _ = flux.split_params(nnx.eval_shape(lambda: flux.FluxTransformer(cfg, rngs=nnx.Rngs(0))))
@@ -131,38 +111,6 @@ def test_kontext_dev_lora_count():
 
 
 # --------------------------------------------------------------------------------------------------
-def _rewrite(folder, dst, edit):
-  reader = wio.SafetensorsReader.from_folder(folder)
-  tensors = {n: np.array(reader.read(n)) for n in reader.names()}
-  edit(tensors)
-  os.makedirs(dst)
-  wio.save_safetensors(tensors, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
-  with open(os.path.join(folder, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
-    g.write(f.read())
-  return dst
-
-
-@pytest.mark.parametrize("kind", ["missing", "extra", "misshaped"])
-def test_loader_errors_name_the_tensor(reference, tmp_path, kind):
-  name = "transformer_blocks.1.attn.add_k_proj.weight"
-
-  def edit(t):
-    if kind == "missing":
-      del t[name]
-    elif kind == "extra":
-      t["transformer_blocks.1.attn.bogus.weight"] = np.zeros((2, 2), np.float32)
-    else:
-      t[name] = t[name][:, :-1]
-
-  folder = _rewrite(reference[1], str(tmp_path / kind), edit)
-  with pytest.raises(wio.CheckpointError) as e:
-    flux.load_flux_transformer(folder)
-  msg = str(e.value)
-  assert folder in msg
-  assert {"missing": name, "extra": "transformer_blocks.1.attn.bogus.weight", "misshaped": name}[kind] in msg
-  assert {"missing": "missing (1)", "extra": "unexpected (1)", "misshaped": "mis-shaped (1)"}[kind] in msg
-
-
 def test_sharded_index_folder_loads(reference, ours, tmp_path):
   """A checkpoint split over two shards with an index json, as save_pretrained writes large models."""
   reader = wio.SafetensorsReader.from_folder(reference[1])
@@ -209,8 +157,8 @@ def test_sharded_forward_equals_single_device(reference, ours):
   inputs = make_inputs(**EXACT, batch=4)
   with shd.use_mesh(mesh):
     out = jax.jit(lambda m, x: m(**x))(model, inputs)
-  # sharded reductions sum in another order: equal up to float32 rounding
-  assert max_rel_err(out, ours(**inputs)) <= 1e-6
+  # sharded reductions sum in another order: equal up to float32 rounding (measured 3e-7)
+  assert max_rel_err(out, ours(**inputs)) <= FLUX_BOUND
 
 
 def test_lora_target_matching_no_layer_is_an_error():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import max_rel_err
 from PIL import Image
-from test_autoencoder import nchw, nhwc, save_reference
+from test_autoencoder import DECODE_BOUND, ENCODE_BOUND, nchw, nhwc, save_reference
 
 from editr1_jax import latents as lt
 from editr1_jax.models import autoencoder as ae
@@ -69,7 +69,7 @@ def test_reference_latents_equal_prepare_latents(reference):
         nchw(images), 2, ours.cfg.latent_channels, 24, 40, torch.float32, "cpu", torch.Generator().manual_seed(0))
   tokens, ids = lt.reference_latents(ours, images)
   assert tokens.shape == ref_tokens.shape == (2, 15, 16)
-  assert max_rel_err(tokens, ref_tokens.numpy()) <= 1e-5
+  assert max_rel_err(tokens, ref_tokens.numpy()) <= ENCODE_BOUND  # the VAE's rounding at 28 x 44 covers 24 x 40
   np.testing.assert_array_equal(ids, ref_ids.numpy())
   np.testing.assert_array_equal(lt.target_ids(3, 5), ref_target_ids.numpy())
 
@@ -84,7 +84,7 @@ def test_decode_tokens_equals_pipeline_output_path(reference):
     ref = nhwc(pipeline.vae.decode(z).sample)
   out = np.asarray(lt.decode_tokens(ours, tokens, 6, 10))
   assert out.shape == ref.shape == (2, 24, 40, 3)
-  assert max_rel_err(out, ref) <= 1e-5
+  assert max_rel_err(out, ref) <= DECODE_BOUND  # the VAE's rounding at 28 x 44 covers 24 x 40
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Qwen2.5-VL: parity with transformers through our loader, host structure, full-size shapes, loader errors."""
+"""Qwen2.5-VL: host structure (windows, M-RoPE index), logits_at, jit / sharding / remat, dtypes, tied embeddings,
+name schemes, config and input errors (loader errors, full size and parity with transformers: test_models_contract.py)."""
 
 import json
 import os
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import max_rel_err, perturb_
+from helpers import bfloat16_bound, float32_bound, max_rel_err
+from qwen_fixtures import QWEN_BOUND
+from qwen_fixtures import save_reference as _save_reference
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
@@ -20,22 +23,6 @@ PAD = 7  # padding token id (any non-image id)
 # 2x3 merged grid (partial windows on both axes / on one axis); row 1: 4x2 (exact windows) and 3x3.
 GRIDS = [[(1, 6, 10), (1, 4, 6)], [(1, 8, 4), (1, 6, 6)]]
 TEXT_RUNS = [(3, 2, 4), (5, 1, 2)]  # text tokens before, between and after the two images of each row
-
-
-def hf_config(cfg: qv.Qwen25VLConfig) -> dict:
-  """The transformers config of one of our configs (kwargs of `Qwen2_5_VLConfig`)."""
-  v = cfg.vision
-  return dict(
-      text_config=dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                       num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                       num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps,
-                       rope_parameters=dict(rope_type="default", mrope_section=list(cfg.mrope_section),
-                                            rope_theta=cfg.rope_theta)),
-      vision_config=dict(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                         num_heads=v.num_heads, out_hidden_size=v.out_hidden_size, window_size=v.window_size,
-                         fullatt_block_indexes=list(v.fullatt_block_indexes)),
-      image_token_id=cfg.image_token_id, vision_start_token_id=cfg.vision_start_token_id,
-      vision_end_token_id=cfg.vision_end_token_id, tie_word_embeddings=cfg.tie_word_embeddings)
 
 
 def make_inputs(padding_side: str, seed: int = 0):
@@ -66,58 +53,20 @@ def torch_logits(model, inputs):
     return model(**t).logits.numpy()
 
 
-def _save_reference(cfg, folder):
-  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-  torch.manual_seed(0)
-  model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config(cfg))).eval()
-  # perturb_ also moves the rotary frequency buffers, which are not saved: put those back.
-  rotary = {n: b.clone() for n, b in model.named_buffers() if "inv_freq" in n}
-  perturb_(model)
-  with torch.no_grad():
-    for n, b in model.named_buffers():
-      if n in rotary:
-        b.copy_(rotary[n])
-  model.save_pretrained(folder)
-  model.config._attn_implementation = "eager"
-  return model
+# The tiny reference and its load are session fixtures (qwen_fixtures), shared with test_models_contract.py.
+@pytest.fixture(scope="module")
+def reference(qwen_tiny_reference):
+  return qwen_tiny_reference
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("qwen") / "model")
-  return _save_reference(TINY, folder), folder
-
-
-@pytest.fixture(scope="module")
-def ours(reference):
-  return qv.load_qwen2_5_vl(reference[1])
+def ours(qwen_tiny_ours):
+  return qwen_tiny_ours
 
 
 # --------------------------------------------------------------------------------------------------
 def test_config_round_trip(reference):
   assert qv.Qwen25VLConfig.from_hf_config(wio.read_config(reference[1])) == TINY
-
-
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_logits_parity(reference, ours, padding_side):
-  inputs = make_inputs(padding_side)
-  ref = torch_logits(reference[0], inputs)
-  out = np.asarray(ours(**inputs))
-  assert out.shape == ref.shape == inputs["input_ids"].shape + (TINY.vocab_size,)
-  valid = inputs["attention_mask"].astype(bool)
-  err = max_rel_err(out[valid], ref[valid])
-  print(f"qwen2.5-vl logits parity ({padding_side} padding): max rel err {err:.2e}")
-  assert err <= 1e-5
-
-
-def test_vision_tower_parity(reference, ours):
-  inputs = make_inputs("left")
-  with torch.no_grad():
-    ref = reference[0].model.visual(torch.from_numpy(inputs["pixel_values"]),
-                                    grid_thw=torch.from_numpy(inputs["image_grid_thw"])).pooler_output.numpy()
-  layout = qv.vision_layout(inputs["image_grid_thw"], TINY.vision)
-  out = np.asarray(ours.visual(inputs["pixel_values"], layout))
-  assert max_rel_err(out, ref) <= 1e-5
 
 
 def test_window_structure_equals_transformers():
@@ -151,9 +100,10 @@ def test_logits_at_equals_gathered_logits(ours):
   full = np.asarray(ours(**inputs))
   positions = np.array([[33, 5, 20], [33, 10, 6]])
   picked = np.asarray(ours.logits_at(**inputs, positions=positions))
-  # the head's matmul on 3 rows vs on all rows: float32 rounding only
+  # the same hidden states; only the head's dot products (K = hidden_size) on 3 rows vs all rows may sum in another
+  # order: one reduction, condition 2 as its sum |w h| reaches 1.9 max |logit| here
   np.testing.assert_allclose(picked, np.take_along_axis(full, positions[..., None], axis=1), rtol=0,
-                             atol=1e-6 * np.abs(full).max())
+                             atol=float32_bound(TINY.hidden_size, condition=2) * np.abs(full).max())
 
 
 def test_jit_sharded_remat_equal_eager(reference, ours):
@@ -172,7 +122,7 @@ def test_jit_sharded_remat_equal_eager(reference, ours):
       return model.logits_at_batch(batch, positions)
 
   out = step(model, batch, positions)
-  np.testing.assert_allclose(np.asarray(out), eager, rtol=0, atol=1e-5 * np.abs(eager).max())
+  np.testing.assert_allclose(np.asarray(out), eager, rtol=0, atol=QWEN_BOUND * np.abs(eager).max())  # rounding only
   embedding = model.language_model.embed_tokens.embedding[...]
   assert embedding.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
@@ -183,7 +133,8 @@ def test_bf16_close_to_float32(reference, ours):
   model = qv.load_qwen2_5_vl(reference[1], dtype="bfloat16")
   out = np.asarray(model.logits_at(**inputs, positions=positions))
   assert out.dtype == np.float32 and np.isfinite(out).all()
-  assert max_rel_err(out, np.asarray(ours.logits_at(**inputs, positions=positions))) <= 3e-2
+  # measured 1.3e-2; 51 layers deep (see bfloat16_bound)
+  assert max_rel_err(out, np.asarray(ours.logits_at(**inputs, positions=positions))) <= bfloat16_bound(51)
 
 
 def test_tied_embeddings_text_only(tmp_path):
@@ -197,7 +148,7 @@ def test_tied_embeddings_text_only(tmp_path):
   with torch.no_grad():
     ref = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
   out = np.asarray(model(ids, mask, None, None))
-  assert max_rel_err(out[mask.astype(bool)], ref[mask.astype(bool)]) <= 1e-5
+  assert max_rel_err(out[mask.astype(bool)], ref[mask.astype(bool)]) <= QWEN_BOUND  # text only: a shorter path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,28 +207,6 @@ def test_hub_config_with_flat_text_fields():
     qv.Qwen25VLConfig.from_hf_config(dict(hub, use_sliding_window=True))
 
 
-@pytest.mark.parametrize("kind", ["missing", "extra", "misshaped"])
-def test_loader_errors_name_the_tensor(reference, tmp_path, kind):
-  name = "visual.blocks.1.attn.qkv.weight"
-  bogus = "model.layers.0.self_attn.bogus.weight"
-
-  def edit(t):
-    if kind == "missing":
-      del t[name]
-    elif kind == "extra":
-      t[bogus] = np.zeros((2, 2), np.float32)
-    else:
-      t[name] = t[name][:, :-1]
-
-  folder = _rewrite(reference[1], str(tmp_path / kind), edit)
-  with pytest.raises(wio.CheckpointError) as e:
-    qv.load_qwen2_5_vl(folder)
-  msg = str(e.value)
-  assert folder in msg
-  assert {"missing": name, "extra": bogus, "misshaped": name}[kind] in msg
-  assert {"missing": "missing (1)", "extra": "unexpected (1)", "misshaped": "mis-shaped (1)"}[kind] in msg
-
-
 def test_input_errors(ours):
   inputs = make_inputs("left")
   ids = inputs["input_ids"]
@@ -295,23 +224,3 @@ def test_input_errors(ours):
     ours(**dict(inputs, input_ids=np.where(ids == PAD, TINY.vocab_size, ids)))
   with pytest.raises(ValueError, match="positions must lie"):
     ours.logits_at(**inputs, positions=np.array([[ids.shape[1]], [0]]))
-
-
-# --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset,n_params", [("qwen2_5_vl_7b", 8_292_166_656), ("qwen2_5_vl_32b", 33_448_292_352)])
-def test_full_size_without_memory(preset, n_params):
-  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-  cfg = getattr(qv, preset)()
-  hf = hf_config(cfg)
-  with torch.device("meta"):
-    ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf))
-  ref_shapes = {qv.hub_name(n): tuple(p.shape) for n, p in ref.state_dict().items()}
-  assert qv.Qwen25VLConfig.from_hf_config(ref.config.to_dict()) == cfg
-  _, state = nnx.split(nnx.eval_shape(lambda: qv.Qwen25VL(cfg, rngs=nnx.Rngs(0))))
-  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state)) == n_params
-  assert sum(int(np.prod(s)) for s in ref_shapes.values()) == n_params
-  assert {k: v[0] for k, v in wio.reference_shapes(state, qv.QWEN25VL_WEIGHTS).items()} == ref_shapes
-  for path, var in nnx.to_flat_state(state):  # every parameter is shardable by name
-    axes = var.get_metadata().get("logical_axes")
-    assert axes is not None and len(axes) == var.get_value().ndim, path
-    shd.logical_to_spec(axes)

@@ -1,4 +1,5 @@
-"""T5 v1.1 encoder: parity with transformers through our loader (padded batch), buckets, full-size shapes, errors."""
+"""T5 v1.1 encoder: the mask, relative position buckets, bf16, embedding names, config errors (loader errors, full
+size and parity with transformers, padded batch: test_models_contract.py)."""
 
 import os
 import shutil
@@ -7,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import max_rel_err
-from text_fixtures import T5_TINY, write_t5_model
+from helpers import bfloat16_bound, max_rel_err
+from text_fixtures import T5_TINY
+from text_fixtures import T5_VOCAB as VOCAB
 
 from editr1_jax import weights as wio
 from editr1_jax.models import t5
 
-VOCAB = 90
 LENGTH = 45  # beyond max_distance 20, so the log-spaced and the clipped buckets are exercised
 
 
@@ -35,31 +36,15 @@ def torch_forward(model, ids, mask=None):
   return out.last_hidden_state.float().numpy()
 
 
+# The tiny reference and its load are session fixtures (text_fixtures), shared with test_models_contract.py.
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("t5") / "text_encoder_2")
-  return write_t5_model(folder, VOCAB), folder
+def reference(t5_reference):
+  return t5_reference
 
 
 @pytest.fixture(scope="module")
-def ours(reference):
-  return t5.load_t5_encoder(reference[1])
-
-
-def test_parity_padded_batch(reference, ours):
-  lengths = [LENGTH, 12, 30]
-  ids, mask = padded_batch(lengths)
-  ref = torch_forward(reference[0], ids, mask)
-  out = np.asarray(ours(ids, mask))
-  assert out.shape == ref.shape == (3, LENGTH, T5_TINY["d_model"])
-  for row, n in enumerate(lengths):  # the valid tokens of each row
-    assert max_rel_err(out[row, :n], ref[row, :n]) <= 1e-5
-
-
-def test_parity_without_mask(reference, ours):
-  """What FLUX's pipeline does: no mask, padding attended to."""
-  ids, _ = padded_batch([LENGTH, 9])
-  assert max_rel_err(np.asarray(ours(ids)), torch_forward(reference[0], ids)) <= 1e-5
+def ours(t5_ours):
+  return t5_ours
 
 
 def test_mask_matters(ours):
@@ -89,8 +74,8 @@ def test_bfloat16(reference):
   exact, theirs, ours = torch_forward(reference[0], ids, mask), torch_forward(ref_bf16, ids, mask), np.asarray(out)
   valid = np.concatenate([np.arange(n) + row * LENGTH for row, n in enumerate(lengths)])
   flat = [x.reshape(-1, x.shape[-1])[valid] for x in (exact, theirs, ours)]
-  # measured: transformers bf16 2.1e-2, ours 2.7e-2 from float32
-  assert max_rel_err(flat[2], flat[0]) <= 2 * max_rel_err(flat[1], flat[0])
+  # measured: transformers bf16 2.1e-2, ours 2.7e-2 from float32; 28 layers deep (see bfloat16_bound)
+  assert max_rel_err(flat[2], flat[0]) <= max(2 * max_rel_err(flat[1], flat[0]), bfloat16_bound(28))
   with pytest.raises(ValueError, match="float16 is not supported"):
     t5.tiny(dtype="float16")
 
@@ -124,27 +109,6 @@ def test_differing_tied_embeddings_rejected(reference, tmp_path):
     t5.load_t5_encoder(folder)
 
 
-@pytest.mark.parametrize("change,message", [
-    ("missing", r"missing \(1\): encoder.block.2.layer.1.DenseReluDense.wi_1.weight"),
-    ("extra", r"unexpected \(1\): encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"),
-    ("misshaped", r"mis-shaped \(1\): encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight: "
-                  r"checkpoint \(7, 4\), model expects \(8, 4\)"),
-])
-def test_loader_errors(reference, tmp_path, change, message):
-  bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-
-  def edit(t):
-    if change == "missing":
-      del t["encoder.block.2.layer.1.DenseReluDense.wi_1.weight"]
-    elif change == "extra":
-      t[bias.replace("block.0", "block.1")] = t[bias]
-    else:
-      t[bias] = t[bias][:7]
-
-  with pytest.raises(wio.CheckpointError, match=message):
-    t5.load_t5_encoder(_rewrite(reference[1], tmp_path, edit))
-
-
 def test_config_errors():
   base = dict(T5_TINY, vocab_size=VOCAB)
   for field, value, message in (("feed_forward_proj", "relu", "feed_forward_proj 'relu'"),
@@ -159,18 +123,3 @@ def test_config_errors():
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
               layer_norm_epsilon=1e-6, tie_word_embeddings=False)
-
-
-def test_full_size_shapes_and_count():
-  from transformers import T5Config, T5EncoderModel
-  with torch.device("meta"):
-    ref = T5EncoderModel(T5Config(**T5_XXL))
-  # named_parameters lists the tied input embedding once, as `shared.weight`
-  ref_shapes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
-  cfg = t5.T5Config.from_transformers_config(T5_XXL)
-  assert cfg == t5.t5_xxl()
-  abstract = nnx.eval_shape(lambda: t5.T5EncoderModel(cfg, rngs=nnx.Rngs(0)))
-  ours = {k: v[0] for k, v in wio.reference_shapes(nnx.state(abstract), t5.T5_WEIGHTS).items()}
-  assert ours == ref_shapes
-  count = sum(int(np.prod(s)) for s in ours.values())
-  assert count == sum(p.numel() for p in ref.parameters()) == 4_762_310_656

@@ -3,15 +3,18 @@
 tokenizer/ and tokenizer_2/: CLIP's and T5's layouts trained in code on CORPUS by `editr1_jax.tiny`.
 text_encoder/, text_encoder_2/: random perturbed transformers models saved with `save_pretrained`.
 Import the `text_pipeline` fixture into a test module for one shared folder per module.
+`clip_reference` / `t5_reference` (and their loads `clip_ours` / `t5_ours`): one encoder folder each, without
+tokenizer, shared by test_clip.py, test_t5.py and test_models_contract.py.
 """
 
 import os
 
 import pytest
 import torch
-from helpers import perturb_
+from helpers import float32_bound, perturb_
 
 from editr1_jax import tiny
+from editr1_jax.models import clip, t5
 from editr1_jax.tiny import CLIP_MAX_LENGTH
 
 CORPUS = [
@@ -26,6 +29,11 @@ CLIP_TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_
                  max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 T5_TINY = dict(d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4, relative_attention_num_buckets=8,
                relative_attention_max_distance=20, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6)
+# float32 rounding of their forwards (helpers.float32_bound); a layer is norm, qkv, QK, softmax, AV, out, norm, MLP in,
+# MLP out (a LayerNorm counts 2). CLIP: attention over 77 tokens the longest, 2 x 11 + final LayerNorm 2 = 24: 1.0e-5.
+CLIP_BOUND = float32_bound(CLIP_MAX_LENGTH, depth=24)
+# T5: d_ff 48 the longest (the tests' sequences are <= 45), 3 x 9 + final RMSNorm = 28: 8.7e-6.
+T5_BOUND = float32_bound(T5_TINY["d_ff"], depth=28)
 
 
 def write_clip_tokenizer(folder: str):
@@ -66,3 +74,32 @@ def text_pipeline(tmp_path_factory):
   parts["text_encoder"] = write_clip_model(os.path.join(root, "text_encoder"), len(parts["tokenizer"]), 2)
   parts["text_encoder_2"] = write_t5_model(os.path.join(root, "text_encoder_2"), len(parts["tokenizer_2"]) + 5)
   return root, parts
+
+
+# --------------------------------------------------------------------------------------------------
+# One encoder each, without tokenizer (the tests make their ids); CLIP's special tokens have the highest ids.
+CLIP_VOCAB = 100
+T5_VOCAB = 90
+
+
+@pytest.fixture(scope="session")
+def clip_reference(tmp_path_factory):
+  """FLUX's config: eos_token_id 2, so transformers pools at the highest id."""
+  folder = str(tmp_path_factory.mktemp("clip") / "text_encoder")
+  return write_clip_model(folder, CLIP_VOCAB, eos_token_id=2), folder
+
+
+@pytest.fixture(scope="session")
+def clip_ours(clip_reference):
+  return clip.load_clip_text(clip_reference[1])
+
+
+@pytest.fixture(scope="session")
+def t5_reference(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("t5") / "text_encoder_2")
+  return write_t5_model(folder, T5_VOCAB), folder
+
+
+@pytest.fixture(scope="session")
+def t5_ours(t5_reference):
+  return t5.load_t5_encoder(t5_reference[1])
