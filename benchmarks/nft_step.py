@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import arguments, print_table, same_footing  # noqa: E402
 from editr1_jax import latents, nft, sampling  # noqa: E402
 from editr1_jax.advantages import AdvantageConfig, compute_advantages  # noqa: E402
+from editr1_jax.families import kontext  # noqa: E402
 from editr1_jax.layers import LoraSpec  # noqa: E402
 from editr1_jax.models import flux  # noqa: E402
 
@@ -54,7 +55,7 @@ def epoch_inputs(size, n, steps, seed=0):
   f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   grid, text = SIZES[size]["grid"], SIZES[size]["text"]
   tokens = grid[0] * grid[1]
-  cond = sampling.EditCondition(
+  cond = kontext.KontextCondition(
       reference=jnp.asarray(f32(n, tokens, 64)), text=jnp.asarray(f32(n, text, 4096)),
       pooled=jnp.asarray(f32(n, 768)), guidance=jnp.full((n,), 2.5, jnp.float32),
       img_ids=jnp.asarray(np.concatenate([latents.target_ids(*grid), latents.reference_ids(*grid)])),
@@ -67,7 +68,7 @@ def ours_epoch(trainer, state, frozen, x0, cond, sigmas, ids, rewards, micro_bat
   """Advantages and filtering on the host, then only kept rollouts go through the transformer."""
   epoch = compute_advantages(ids, rewards, cfg=AdvantageConfig())
   for m, (index, adv, mask) in enumerate(zip(*epoch.micro_batches(micro_batch))):
-    batch = nft.gather_batch(x0, cond, sigmas, index, adv, mask)
+    batch = nft.gather_batch(x0, cond, kontext.KontextCondition.logical_axes(), sigmas, index, adv, mask)
     state, _ = trainer.accumulate(state, frozen, batch, jax.random.fold_in(key, m))
   state, metrics = trainer.apply(state)
   state, _ = trainer.update_old(state)
@@ -77,7 +78,7 @@ def ours_epoch(trainer, state, frozen, x0, cond, sigmas, ids, rewards, micro_bat
 
 def bench_ours(size, folder, k, micro_batch, steps):
   model = flux.load_flux_transformer(folder, lora=LORA)
-  policy, params, frozen = nft.Policy.from_model(model)
+  policy, params, frozen = nft.Policy.from_model(model, kontext.velocity, kontext.KontextCondition.logical_axes())
   abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
   trainer = nft.NFTTrainer(policy, NFT, abstract(params), abstract(frozen))
   state = trainer.init(params)

@@ -30,11 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
   # --config.resume_accept="('optim.learning_rate',)". Cadence, logging and evaluation fields may always change.
   c.resume_accept = ()
 
-  # Models. `tiny` builds small random models in code (CPU demo, tests); otherwise weights are read from
-  # `pipeline_dir`, a diffusers FLUX.1-Kontext folder (transformer/, vae/, text_encoder/, text_encoder_2/,
-  # tokenizer/, tokenizer_2/).
+  # Models. `family` names the base model (docs: WORKSPACE.md "Adding a base model"); `preset` "tiny" builds
+  # its small random models in code (CPU demo, tests); otherwise weights are read from `pipeline_dir`, the
+  # family's diffusers folder (Kontext: transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
+  # tokenizer_2/, scheduler/).
   c.model = ml_collections.ConfigDict()
-  c.model.tiny = False
+  c.model.family = "kontext"  # the base model's family (editr1_jax.families.FAMILIES)
+  c.model.preset = ""  # "" reads pipeline_dir; "tiny" builds the family's small random models in code
   c.model.pipeline_dir = ""
   c.model.dtype = "bfloat16"  # compute dtype of the transformer, VAE and text encoders
   c.model.param_dtype = "bfloat16"  # storage dtype of the frozen base weights

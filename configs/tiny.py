@@ -16,7 +16,7 @@ def get_config():
   c.checkpoint_every = 2
   c.eval_every = 2
   c.eval_samples = 4
-  c.model.tiny = True
+  c.model.preset = "tiny"
   c.model.dtype = c.model.param_dtype = "float32"
   c.model.remat = "none"
   c.lora.rank, c.lora.alpha = 4, 8.0

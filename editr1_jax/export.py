@@ -17,22 +17,23 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 SHARD_BYTES = 5 * 1024**3  # diffusers' default max shard size
 
 
-def lora_tensors(adapters, spec: LoraSpec) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def lora_tensors(adapters, spec: LoraSpec, table=flux.FLUX_LORA_WEIGHTS) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Adapter state -> (diffusers LoRA tensors with the `transformer.` prefix, safetensors metadata).
 
   The metadata carries rank and alpha the way diffusers' `save_lora_weights` writes them, so
   `load_lora_weights` applies the same alpha / rank scale we trained with.
   """
-  tensors = {f"transformer.{k}": v for k, v in wio.to_reference(adapters, flux.FLUX_LORA_WEIGHTS).items()}
+  tensors = {f"transformer.{k}": v for k, v in wio.to_reference(adapters, table).items()}
   modules = sorted({k[len("transformer."):].rsplit(".lora_", 1)[0] for k in tensors})
   config = {"transformer.r": spec.rank, "transformer.lora_alpha": spec.alpha,
             "transformer.target_modules": modules, "transformer.init_lora_weights": "gaussian"}
   return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
 
 
-def save_lora(adapters, spec: LoraSpec, out_dir: str) -> str:
+def save_lora(adapters, spec: LoraSpec, out_dir: str, table=flux.FLUX_LORA_WEIGHTS) -> str:
+  """`table`: the family's adapter weight table (its `lora_weight_table`)."""
   os.makedirs(out_dir, exist_ok=True)
-  tensors, metadata = lora_tensors(adapters, spec)
+  tensors, metadata = lora_tensors(adapters, spec, table)
   path = os.path.join(out_dir, LORA_FILE)
   wio.save_safetensors(tensors, path, metadata=metadata)
   return path
@@ -54,10 +55,11 @@ def merge_adapters(adapters, base, spec: LoraSpec):
   return nnx.from_flat_state(list(merged.items()))
 
 
-def save_transformer(base, cfg: flux.FluxConfig, out_dir: str) -> str:
-  """A diffusers `FluxTransformer2DModel` folder: config.json + safetensors shards + index json."""
+def save_transformer(base, cfg, out_dir: str, table=flux.FLUX_WEIGHTS) -> str:
+  """A diffusers transformer folder (`cfg.to_diffusers_config()` as config.json, `table` the family's
+  `weight_table`): config.json + safetensors shards + index json."""
   os.makedirs(out_dir, exist_ok=True)
-  tensors = wio.to_reference(base, flux.FLUX_WEIGHTS)
+  tensors = wio.to_reference(base, table)
   shards, current, size = [], {}, 0
   for name in sorted(tensors):
     if current and size + tensors[name].nbytes > SHARD_BYTES:
@@ -87,7 +89,7 @@ def export_run(workdir: str, out: str, *, weights: str = "ema", merged: bool = F
                epoch: int | None = None) -> list[str]:
   """A training run's checkpoint -> `save_lora` (and `save_transformer` of the merged weights) under `out`;
   a full fine-tune run -> `save_transformer` of its weights."""
-  from editr1_jax import train_loop  # the run's own builders, so the export sees the trained model
+  from editr1_jax import families, train_loop  # the run's own builders, so the export sees the trained model
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
   intact, damaged = ckpt.intact_epochs()
   if epoch is None and (intact or damaged):  # the newest, damaged or not: never an older one without a word
@@ -97,18 +99,20 @@ def export_run(workdir: str, out: str, *, weights: str = "ema", merged: bool = F
     raise FileNotFoundError(f"{ckpt.directory}: cannot export epoch {epoch}: {reason}; intact epochs: {intact}")
   meta = ckpt.restore_meta(epoch)
   config = ml_collections.ConfigDict(meta["config"])
-  spec = train_loop.lora_spec(config)
-  transformer = train_loop.build_transformer(config, mesh=None, rules=train_loop.mesh_rules(config))
-  trainer, params, frozen = train_loop.build_nft_trainer(config, transformer)
+  family = families.family_class(config.model.family)
+  spec = None if config.optim.full_finetune else LoraSpec(rank=config.lora.rank, alpha=float(config.lora.alpha),
+                                                          targets=tuple(config.lora.targets))
+  transformer = family.transformer_from_config(config, mesh=None, rules=train_loop.mesh_rules(config))
+  trainer, params, frozen = train_loop.build_nft_trainer(config, family, transformer)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         jax.eval_shape(trainer.init, params))
   state, _ = ckpt.restore(epoch, {"train": target})
   trained = state["train"].ema_params if weights == "ema" else state["train"].params
   if spec is None:  # full fine-tune: the trained weights are the transformer
-    return [save_transformer(trained, transformer.cfg, os.path.join(out, "transformer"))]
-  written = [save_lora(trained, spec, out)]
+    return [save_transformer(trained, transformer.cfg, os.path.join(out, "transformer"), family.weight_table)]
+  written = [save_lora(trained, spec, out, family.lora_weight_table)]
   if merged:
     written.append(save_transformer(merge_adapters(trained, frozen, spec), transformer.cfg,
-                                    os.path.join(out, "transformer")))
+                                    os.path.join(out, "transformer"), family.weight_table))
   return written

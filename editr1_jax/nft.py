@@ -12,7 +12,7 @@ scale 0 = the base model); v from the current adapter, with gradient. Loss math 
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -23,9 +23,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from editr1_jax import sharding as shd
+from editr1_jax.families.base import take_rows, tile_rows
 from editr1_jax.layers import AdapterRows
-from editr1_jax.models import flux
-from editr1_jax.sampling import EditCondition, kontext_velocity
 
 ADV_MODES = ("all", "positive", "negative", "binary")
 DECAY_SCHEDULES = (0, 1, 2)
@@ -155,24 +154,27 @@ def blend(average, current, decay: jax.Array):
 # The policy: which parameters make v, v_old and v_ref
 @dataclasses.dataclass(frozen=True)
 class Policy:
-  """LoRA: trainable = adapters, frozen = base. Full fine-tune: trainable = all parameters, frozen = the
-  reference copy (a second network, so v_old and v_ref take two calls there)."""
+  """A family's velocity function and the parameters that make v, v_old and v_ref. LoRA: trainable =
+  adapters, frozen = base. Full fine-tune: trainable = all parameters, frozen = the reference copy (a
+  second network, so v_old and v_ref take two calls there)."""
 
   graphdef: Any
   full_finetune: bool
   no_adapters: Any  # the empty adapter state that completes a full-fine-tune merge
+  velocity_fn: Callable  # (model, z, sigma, cond, adapters) -> v: the family's `velocity`
+  cond_axes: Any  # the logical axes of the family's condition
 
   @classmethod
-  def from_model(cls, model: flux.FluxTransformer, full_finetune: bool = False):
-    """(policy, trainable params, frozen params) of a FLUX transformer."""
-    graphdef, adapters, base = flux.split_params(model)
+  def from_model(cls, model: nnx.Module, velocity_fn: Callable, cond_axes, full_finetune: bool = False):
+    """(policy, trainable params, frozen params) of a family's transformer."""
+    graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
     if full_finetune:
       if jax.tree.leaves(adapters):
         raise ValueError("full fine-tuning trains every parameter: build the transformer without a LoraSpec")
-      return cls(graphdef, True, adapters), base, jax.tree.map(jnp.copy, base)
+      return cls(graphdef, True, adapters, velocity_fn, cond_axes), base, jax.tree.map(jnp.copy, base)
     if not jax.tree.leaves(adapters):
       raise ValueError("the transformer has no LoRA adapters: build it with a LoraSpec, or pass full_finetune=True")
-    return cls(graphdef, False, None), adapters, base
+    return cls(graphdef, False, None, velocity_fn, cond_axes), adapters, base
 
   def model(self, params, frozen):
     """The transformer with these parameters (adapters at full scale)."""
@@ -180,20 +182,20 @@ class Policy:
       return nnx.merge(self.graphdef, self.no_adapters, params)
     return nnx.merge(self.graphdef, params, frozen)
 
-  def velocity(self, params, frozen, x_t, t, cond: EditCondition) -> jax.Array:
+  def velocity(self, params, frozen, x_t, t, cond) -> jax.Array:
     """v of the trainable parameters (the current adapter at full scale)."""
-    return kontext_velocity(self.model(params, frozen), x_t, t, cond)
+    return self.velocity_fn(self.model(params, frozen), x_t, t, cond)
 
-  def old_and_reference(self, old, frozen, x_t, t, cond: EditCondition) -> tuple[jax.Array, jax.Array]:
+  def old_and_reference(self, old, frozen, x_t, t, cond) -> tuple[jax.Array, jax.Array]:
     """(v_old, v_ref), no gradient: with LoRA one call on [rows | rows], old adapter at scale 1 then 0."""
     if self.full_finetune:
-      v_old = kontext_velocity(self.model(old, None), x_t, t, cond)
-      v_ref = kontext_velocity(self.model(frozen, None), x_t, t, cond)
+      v_old = self.velocity_fn(self.model(old, None), x_t, t, cond)
+      v_ref = self.velocity_fn(self.model(frozen, None), x_t, t, cond)
     else:
       b = x_t.shape[0]
       rows = AdapterRows(jnp.zeros((2 * b,), jnp.int32), jnp.concatenate([jnp.ones((b,)), jnp.zeros((b,))]))
-      both = kontext_velocity(self.model(old, frozen), jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                              cond.tile(2), rows)
+      both = self.velocity_fn(self.model(old, frozen), jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+                              tile_rows(cond, self.cond_axes, 2), rows)
       v_old, v_ref = both[:b], both[b:]
     return jax.lax.stop_gradient(v_old), jax.lax.stop_gradient(v_ref)
 
@@ -216,28 +218,27 @@ class TrainBatch:
   """One micro-batch of kept rollouts (rows with mask 0 are padding)."""
 
   x0: jax.Array  # (B, L, C) the rollouts' final clean latents
-  cond: EditCondition
+  cond: Any  # the family's condition, B rows
   sigmas: jax.Array  # (B, N) each rollout's timesteps (its sigma list without the final 0)
   advantages: jax.Array  # (B,)
   mask: jax.Array  # (B,) 1 for a kept rollout, 0 for padding
   index: jax.Array  # (B,) int32 the rollout's index in the epoch: its randomness is fold_in(key, index)
 
   @staticmethod
-  def logical_axes() -> "TrainBatch":
-    return TrainBatch(("batch", "seq", None), EditCondition.logical_axes(), ("batch", None), ("batch",), ("batch",),
-                      ("batch",))
+  def logical_axes(cond_axes) -> "TrainBatch":
+    return TrainBatch(("batch", "seq", None), cond_axes, ("batch", None), ("batch",), ("batch",), ("batch",))
 
 
-def gather_batch(x0: jax.Array, cond: EditCondition, sigmas, indices, advantages, mask) -> TrainBatch:
+def gather_batch(x0: jax.Array, cond, cond_axes, sigmas, indices, advantages, mask) -> TrainBatch:
   """The micro-batch of rollouts `indices` (one row of `EpochAdvantages.micro_batches`) from an epoch's arrays:
-  `x0` (n, L, C), `cond` with n rows, `sigmas` the rollouts' (N + 1,) schedule ending in 0."""
+  `x0` (n, L, C), `cond` a family's condition with n rows (`cond_axes` its logical axes), `sigmas` the
+  rollouts' (N + 1,) schedule ending in 0."""
   sigmas = np.asarray(sigmas, np.float32)
   if sigmas.ndim != 1 or sigmas[-1] != 0:
     raise ValueError(f"sigmas must be the rollout's (N + 1,) schedule ending in 0, got shape {sigmas.shape}")
   indices = np.asarray(indices)
   take = lambda x: jnp.take(x, indices, axis=0)
-  rows = cond.replace(reference=take(cond.reference), text=take(cond.text), pooled=take(cond.pooled),
-                      guidance=take(cond.guidance))
+  rows = take_rows(cond, cond_axes, indices)
   steps = np.broadcast_to(sigmas[:-1], (len(indices), len(sigmas) - 1))
   return TrainBatch(x0=take(x0), cond=rows, sigmas=jnp.asarray(steps), advantages=jnp.asarray(advantages, jnp.float32),
                     mask=jnp.asarray(mask, jnp.float32), index=jnp.asarray(indices, jnp.int32))
@@ -296,7 +297,7 @@ class NFTTrainer:
           params=tree_shardings(abstract_params, mesh, rules), frozen=tree_shardings(abstract_frozen, mesh, rules),
           state=tree_shardings(jax.eval_shape(self._init, abstract_params), mesh, rules),
           batch=jax.tree.map(lambda axes: NamedSharding(mesh, shd.logical_to_spec(axes, rules)),
-                             TrainBatch.logical_axes(), is_leaf=lambda x: isinstance(x, tuple)),
+                             TrainBatch.logical_axes(policy.cond_axes), is_leaf=lambda x: isinstance(x, tuple)),
           key=replicated, metrics=replicated)
     step_io = dict(inputs=("state", "frozen", "batch", "key"), outputs=("state", "metrics"))
     self.init = self._jit(self._init, inputs=("params",), outputs="state")

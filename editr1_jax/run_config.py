@@ -11,12 +11,13 @@ import os
 
 import ml_collections
 
-from editr1_jax import advantages, nft, sampling
+from editr1_jax import advantages, families, nft, sampling
 from editr1_jax import reward as rewards
 from editr1_jax.models import flux
 
 DTYPES = ("float32", "bfloat16")
 CHOICES = {
+    "model.preset": ("", "tiny"),
     "model.remat": flux.REMAT_POLICIES,
     "model.attention_impl": ("xla", "cudnn"),
     "model.dtype": DTYPES,
@@ -30,7 +31,7 @@ CHOICES = {
     "filter.semantics": advantages.FILTERS,
     "nft.old_policy_schedule": nft.DECAY_SCHEDULES,
 }
-BOOLS = ("model.tiny", "reward.tiny", "data.ban_filtered", "data.allow_outside_paths", "data.accept_changed_data",
+BOOLS = ("reward.tiny", "data.ban_filtered", "data.allow_outside_paths", "data.accept_changed_data",
          "advantage.rloo", "optim.full_finetune", "eval_before_training")
 
 
@@ -107,8 +108,10 @@ def _get(config, dotted: str):
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_processes: int = 1) -> None:
   """Every check that needs no model or data: run before anything is loaded."""
-  if config.reward.kind not in rewards.REWARDS:  # read at call time: a reward registered later is accepted
+  if config.reward.kind not in rewards.REWARDS:  # registries are read at call time: a later entry is accepted
     raise ConfigError(f"config.reward.kind = {config.reward.kind!r}; expected one of {rewards.kinds()}")
+  if config.model.family not in families.FAMILIES:
+    raise ConfigError(f"config.model.family = {config.model.family!r}; expected one of {sorted(families.FAMILIES)}")
   for field, choices in CHOICES.items():
     if _get(config, field) not in choices:
       raise ConfigError(f"config.{field} = {_get(config, field)!r}; expected one of {tuple(choices)}")
@@ -128,7 +131,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
                       "timestep")
   if not config.optim.full_finetune:
     try:
-      flux.check_lora_targets(tuple(config.lora.targets), "config.lora.targets")
+      families.family_class(config.model.family).check_lora_targets(tuple(config.lora.targets), "config.lora.targets")
     except ValueError as e:
       raise ConfigError(str(e)) from e
   for field in config.resume_accept:
@@ -145,7 +148,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
     fixed *= s if s != -1 else 1
   if num_devices % fixed or (-1 not in shape and fixed != num_devices):
     raise ConfigError(f"config.mesh.shape = {shape} does not fit {num_devices} devices")
-  if not config.model.tiny:
+  if not config.model.preset:
     _require_dir(config, "model.pipeline_dir")
   if config.reward.kind == "mllm" and not config.reward.tiny:
     _require_dir(config, "reward.model_dir")

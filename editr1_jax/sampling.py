@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editr1_jax.layers import AdapterRows
 
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (z (B, L, C), sigma ()) -> v (B, L, C)
 SOLVERS = ("euler", "sde", "dpm2")
@@ -172,58 +171,3 @@ def sample(velocity_fn: VelocityFn, noise: jax.Array, sigmas, *, solver: str = "
   else:
     raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
   return Rollout(x0, sigmas)
-
-
-# --------------------------------------------------------------------------------------------------
-@flax.struct.dataclass
-class EditCondition:
-  """Everything the Kontext transformer sees besides the noisy target latent, batched over rows."""
-
-  reference: jax.Array  # (B, Lr, C) packed, normalised reference-image latents
-  text: jax.Array  # (B, Lt, D) T5 hidden states
-  pooled: jax.Array  # (B, P) CLIP pooled output
-  guidance: jax.Array  # (B,) guidance-embedding value
-  img_ids: jax.Array  # (L + Lr, 3): target ids, then reference ids
-  txt_ids: jax.Array  # (Lt, 3)
-
-  @staticmethod
-  def logical_axes() -> "EditCondition":
-    """Logical axis names per field, for shardings."""
-    return EditCondition(("batch", "seq", None), ("batch", "seq", None), ("batch", None), ("batch",), (None, None),
-                         (None, None))
-
-  def tile(self, n: int) -> "EditCondition":
-    """The batch repeated n times along rows (position ids are shared and stay as they are)."""
-    rep = lambda x: jnp.concatenate([x] * n, axis=0)
-    return self.replace(reference=rep(self.reference), text=rep(self.text), pooled=rep(self.pooled),
-                        guidance=rep(self.guidance))
-
-
-def kontext_velocity(model, z: jax.Array, sigma: jax.Array, cond: EditCondition,
-                     adapters: AdapterRows | None = None) -> jax.Array:
-  """The Kontext transformer as a velocity field on the target tokens: reference tokens appended, output cut back.
-
-  `sigma` is the flow time in [0, 1] (scalar or (B,)); FLUX scales it by 1000 itself.
-  """
-  n = z.shape[1]
-  hidden = jnp.concatenate([z, cond.reference.astype(z.dtype)], axis=1)
-  out = model(hidden_states=hidden, encoder_hidden_states=cond.text, pooled_projections=cond.pooled,
-              timestep=sigma, img_ids=cond.img_ids, txt_ids=cond.txt_ids, guidance=cond.guidance, adapters=adapters)
-  return out[:, :n]
-
-
-@functools.partial(jax.jit, static_argnames=("solver", "progress"))
-def kontext_rollout(model, cond: EditCondition, noise: jax.Array, sigmas: jax.Array, keys: jax.Array | None = None, *,
-                    solver: str = "dpm2", noise_level: float = 0.7,
-                    progress: Callable[[jax.Array], None] | None = None) -> Rollout:
-  """Rollouts of an (nnx) Kontext transformer from explicit initial noise (B, L, C); see `sample`.
-
-  `progress(sigma)` (a host function, e.g. a progress bar's update) runs after each velocity evaluation.
-  """
-  def velocity(z, sigma):
-    v = kontext_velocity(model, z, sigma, cond)
-    if progress is not None:  # depends on v, so it fires once the step's transformer call is done
-      jax.debug.callback(lambda s, _: progress(s), sigma, v[0, 0, 0])
-    return v
-
-  return sample(velocity, noise, sigmas, solver=solver, keys=keys, noise_level=noise_level)

@@ -11,6 +11,7 @@ import math
 from typing import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -135,3 +136,19 @@ def to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
+
+
+def put_rows(x, mesh: Mesh | None, rules=DEFAULT_RULES, axes: Sequence[str | None] | None = None) -> jax.Array:
+  """Host rows (identical on every process) -> a global array split over data x fsdp as far as the row count
+  divides (`axes`: the logical axes, default ("batch", None, ...)); a plain device array without a mesh."""
+  if mesh is None:
+    return jnp.asarray(x)
+  axes = ("batch",) + (None,) * (np.ndim(x) - 1) if axes is None else axes
+  return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, rules, np.shape(x), mesh)))
+
+
+def put_tree(tree, axes_tree, mesh: Mesh | None, rules=DEFAULT_RULES):
+  """`put_rows` leaf by leaf, each leaf with its logical axes from `axes_tree` (a pytree of tuples)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  axes = treedef.flatten_up_to(axes_tree)
+  return treedef.unflatten([put_rows(x, mesh, rules, a) for x, a in zip(leaves, axes)])

@@ -8,30 +8,23 @@ exactly lives in the checkpoint: train state (adapters, old policy, EMA, optimiz
 set, epoch and counters.
 """
 
-import collections
-import json
 import logging
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from editr1_jax import advantages as adv
+from editr1_jax import evaluation, families, metrics, nft, rollouts, run_config, streams
 from editr1_jax import reward as rewards
-from editr1_jax import latents, metrics, nft, run_config, sampling
 from editr1_jax import sharding as shd
 from editr1_jax.checkpoint import CheckpointDamaged, Checkpointer
-from editr1_jax.conditioning import TextEncoders
 from editr1_jax.data import builder as data_builder
 from editr1_jax.data import fingerprint
 from editr1_jax.data.sampler import GroupedSampler
-from editr1_jax.layers import LoraSpec
-from editr1_jax.models import autoencoder, flux
 
 _LOG = logging.getLogger(__name__)
 
@@ -46,12 +39,6 @@ class RewardError(RuntimeError):
 
 class ResumeError(ValueError):
   """The workdir's checkpoint cannot continue with this config or this data; the message lists why."""
-
-
-def lora_spec(config) -> LoraSpec | None:
-  if config.optim.full_finetune:
-    return None
-  return LoraSpec(rank=config.lora.rank, alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
 
 
 def nft_config(config) -> nft.NFTConfig:
@@ -69,75 +56,59 @@ def advantage_config(config) -> adv.AdvantageConfig:
                              ban_filtered=config.data.ban_filtered)
 
 
-def build_transformer(config, mesh, rules) -> flux.FluxTransformer:
-  """The policy network: tiny random (demo) or read from the pipeline folder, placed on the mesh."""
-  lora = lora_spec(config)
-  if config.model.tiny:
-    from editr1_jax import tiny
-    return tiny.tiny_transformer(config.seed, lora, mesh=mesh, rules=rules, dtype=config.model.dtype,
-                                 param_dtype=config.model.param_dtype, remat=config.model.remat,
-                                 attention_impl=config.model.attention_impl)
-  return flux.load_flux_transformer(
-      config.model.pipeline_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype, lora=lora,
-      lora_weights=config.model.init_lora or None, remat=config.model.remat,
-      attention_impl=config.model.attention_impl, mesh=mesh, rules=rules, seed=config.seed)
-
-
-def build_conditioning(config, mesh, rules):
-  """(VAE, text encoders) of the pipeline, or their tiny random stand-ins."""
-  if config.model.tiny:
-    from editr1_jax import tiny
-    return (tiny.tiny_vae(config.seed, mesh=mesh, rules=rules),
-            tiny.tiny_text_encoders(config.seed, config.data.t5_max_length, mesh=mesh, rules=rules))
-  folder = config.model.pipeline_dir
-  vae = autoencoder.load_autoencoder(folder, dtype=config.model.dtype, mesh=mesh, rules=rules)
-  text = TextEncoders.from_pipeline(folder, dtype=config.model.dtype, max_sequence_length=config.data.t5_max_length,
-                                    mesh=mesh, rules=rules)
-  return vae, text
-
-
 def mesh_rules(config) -> tuple:
   """The config's sharding rules as the hashable tuple the jitted steps take."""
   return tuple(tuple(r) for r in config.mesh.rules)
 
 
-def build_nft_trainer(config, transformer: flux.FluxTransformer, mesh=None, rules=shd.DEFAULT_RULES):
-  """(NFTTrainer, trainable params in `config.model.adapter_dtype`, frozen params) of the policy network."""
-  policy, params, frozen = nft.Policy.from_model(transformer, config.optim.full_finetune)
+def build_nft_trainer(config, family, transformer, mesh=None, rules=shd.DEFAULT_RULES):
+  """(NFTTrainer, trainable params in `config.model.adapter_dtype`, frozen params) of a family's (class or
+  instance) policy network `transformer`."""
+  policy, params, frozen = nft.Policy.from_model(transformer, family.velocity, family.condition_axes(),
+                                                 config.optim.full_finetune)
   params = jax.tree.map(lambda x: x.astype(config.model.adapter_dtype), params)
   trainer = nft.NFTTrainer(policy, nft_config(config), jax.eval_shape(lambda: params), jax.eval_shape(lambda: frozen),
                            mesh=mesh, rules=rules)
   return trainer, params, frozen
 
 
-class PromptCache:
-  """Instruction -> (T5 hidden states, CLIP pooled), computed once per instruction (LRU-bounded).
+# ----------------------------------------------------------------------------------------------------
+# The epoch as functions: each takes what it needs and returns what the next step needs.
+def train_epoch(trainer: nft.NFTTrainer, state: nft.TrainState, frozen, result: rollouts.Rollouts,
+                advantages: adv.EpochAdvantages, *, micro_batch: int, key: jax.Array, rng: np.random.Generator,
+                desc: str | None = None):
+  """NFT accumulate over the kept rollouts' micro-batches, one optimizer step, the old-policy update ->
+  (state, per-micro-batch device metrics, apply metrics, old-policy metrics). Nothing is read back here:
+  the host never waits on the device between micro-batches."""
+  indices, advs, mask = advantages.micro_batches(micro_batch, rng)
+  axes = trainer.policy.cond_axes
+  launched = []
+  for m in tqdm(range(len(indices)), desc=desc, disable=desc is None, leave=False):
+    batch = nft.gather_batch(result.x0, result.cond, axes, result.sigmas, indices[m], advs[m], mask[m])
+    state, step_metrics = trainer.accumulate(state, frozen, trainer.place(batch, "batch"), key)
+    launched.append(step_metrics)
+  state, applied = trainer.apply(state)
+  state, old = trainer.update_old(state)
+  return state, launched, applied, old
 
-  Missing instructions are encoded in chunks of a fixed size (the last one padded), so the encoders
-  compile once and an instruction's embedding does not depend on which others were encoded with it
-  (a resumed run computes exactly what the uninterrupted one did).
-  """
 
-  def __init__(self, encoders: TextEncoders, max_entries: int, chunk: int):
-    self._encoders, self._max, self._chunk = encoders, max_entries, chunk
-    self._entries: collections.OrderedDict = collections.OrderedDict()
-    self.misses = 0
-
-  def __call__(self, prompts) -> tuple[np.ndarray, np.ndarray]:
-    missing = [p for p in dict.fromkeys(prompts) if p not in self._entries]
-    self.misses += len(missing)
-    for s in range(0, len(missing), self._chunk):
-      part = missing[s:s + self._chunk]
-      hidden, pooled, _ = self._encoders(part + [part[0]] * (self._chunk - len(part)))
-      hidden, pooled = shd.to_host(hidden), shd.to_host(pooled)
-      for i, p in enumerate(part):
-        self._entries[p] = (hidden[i], pooled[i])
-    for p in prompts:
-      self._entries.move_to_end(p)
-    out = [self._entries[p] for p in prompts]
-    while len(self._entries) > self._max:
-      self._entries.popitem(last=False)
-    return np.stack([h for h, _ in out]), np.stack([q for _, q in out])
+def epoch_train_metrics(per_batch: list[dict], applied: dict, old: dict, learning_rate: float) -> dict:
+  """The epoch's train/* metrics from the device metrics of `train_epoch`, read back once."""
+  per_batch, applied, old = jax.device_get((per_batch, applied, old))
+  terms = sum(float(b["terms"]) for b in per_batch)
+  mean = lambda k: sum(float(b[k]) * float(b["terms"]) for b in per_batch) / terms if terms else 0.0
+  divergence = sum(float(b["old_deviate_sum"]) for b in per_batch) / terms if terms else 0.0
+  divergence_sq = sum(float(b["old_deviate_sq_sum"]) for b in per_batch) / terms if terms else 0.0
+  return {"train/policy": mean("policy"), "train/kl": mean("kl"), "train/loss": mean("loss"),
+          "train/x0_norm": sum(float(b["x0_norm"]) for b in per_batch) / max(len(per_batch), 1),
+          "train/terms": terms, "train/micro_batches": len(per_batch), "train/grad_norm": float(applied["grad_norm"]),
+          "train/applied": float(applied["applied"]), "train/finite": float(applied["finite"]),
+          "train/step": int(applied["step"]),
+          "train/learning_rate": learning_rate, "train/ema_decay": float(applied["ema_decay"]),
+          "train/old_decay": float(old["old_decay"]),
+          # the public code's old-policy divergence: mean((v - v_old)^2) of a term, mean and std over the terms
+          "train/old_divergence": divergence,
+          "train/old_divergence_std": float(np.sqrt(max(divergence_sq - divergence ** 2, 0.0)))}
 
 
 class Trainer:
@@ -170,28 +141,16 @@ class Trainer:
     self.sampler = GroupedSampler(len(self.train_split), config.data.groups_per_epoch, config.data.group_size,
                                   config.seed)
 
-    transformer = build_transformer(config, self.mesh, self.rules)
-    self.vae, text = build_conditioning(config, self.mesh, self.rules)
-    self.prompts = PromptCache(text, config.data.prompt_cache_entries, self.chunk)
+    self.family = families.build(config, self.mesh, self.rules)
+    self.grid = self.family.grid(config.data.resolution, config.data.resolution)
     self.reward = rewards.build(config, self.mesh, self.rules)
-    self.nft, params, self.frozen = build_nft_trainer(config, transformer, self.mesh, self.rules)
+    self.nft, params, self.frozen = build_nft_trainer(config, self.family, self.family.transformer, self.mesh,
+                                                      self.rules)
     self.policy = self.nft.policy
     self.frozen = self.nft.place(self.frozen, "frozen")
     self.state = self.nft.init(self.nft.place(params, "params"))
-    self.guidance = config.rollout.guidance
-
-    factor = self.vae.cfg.downsample_factor
-    self.latent_side = config.data.resolution // factor
-    if self.latent_side % 2:
-      raise run_config.ConfigError(f"config.data.resolution = {config.data.resolution}: the latent side "
-                                   f"{self.latent_side} (resolution / {factor}) must be even to pack 2x2 patches")
-    self.grid = self.latent_side // 2
-    self.img_ids = np.concatenate([latents.target_ids(self.grid, self.grid), latents.reference_ids(self.grid, self.grid)])
-    self.token_channels = 4 * self.vae.cfg.latent_channels
-
-    self._encode = jax.jit(lambda vae, x: latents.reference_latents(vae, x)[0])
-    self._decode = jax.jit(lambda vae, t: latents.decode_tokens(vae, t, self.latent_side, self.latent_side))
-    self._rollout = jax.jit(self._rollout_fn, static_argnames=("solver",))
+    self.rollout_sampler = rollouts.Sampler(self.family, lambda states: self.policy.model(*states),
+                                            noise_level=config.rollout.sde_noise)
 
     self.writer = metrics.MetricsWriter(os.path.join(workdir, "tensorboard"), enabled=self.is_main,
                                         image_dir=os.path.join(workdir, "images"))
@@ -202,121 +161,62 @@ class Trainer:
       self._restore(*resume)
 
   # ------------------------------------------------------------------------------------------------
-  def _rows(self, x):
-    """Host rows (identical on every process) -> a global array split over data x fsdp."""
-    axes = ("batch",) + (None,) * (np.ndim(x) - 1)
-    return jax.device_put(x, NamedSharding(self.mesh, shd.logical_to_spec(axes, self.rules, np.shape(x), self.mesh)))
-
-  def _replicated(self, x):
-    return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
-
-  def _rollout_fn(self, params, frozen, cond, noise, sigmas, keys, *, solver):
-    with shd.use_mesh(self.mesh, self.rules):
-      def velocity(z, sigma):
-        return self.policy.velocity(params, frozen, z, jnp.broadcast_to(sigma, (z.shape[0],)), cond)
-      return sampling.sample(velocity, noise, sigmas, solver=solver, keys=keys,
-                             noise_level=self.config.rollout.sde_noise).x0
-
-  def _conditions(self, records: list[dict]) -> tuple[np.ndarray, dict]:
-    """Source images (n, H, W, 3) in [-1, 1] and the per-row conditioning (host arrays)."""
-    res = self.config.data.resolution
-    sources = np.stack([latents.training_image(r["image"], res, res) for r in records])
-    hidden, pooled = self.prompts([r["prompt"] for r in records])
-    return sources, dict(text=hidden, pooled=pooled)
-
-  def _generate(self, params, records, keys_data, *, steps, sampler, guidance, desc):
-    """Rollouts of `params` for the rows `records`: (x0 tokens (device), edited images (host), sources, conds)."""
-    n = len(records)
-    uniq = list(dict.fromkeys(r["id"] for r in records))
-    by_id = {r["id"]: r for r in records}
-    src_u, cond_u = self._conditions([by_id[i] for i in uniq])
-    chunk = self.chunk
-    refs_u = []
-    for s in range(0, len(uniq), chunk):  # fixed-size calls: one compile, row results independent of the rest
-      part = src_u[s:s + chunk]
-      padded = np.concatenate([part, part[:1].repeat(chunk - len(part), 0)])
-      refs_u.append(shd.to_host(self._encode(self.vae, self._rows(padded)))[:len(part)])
-    refs_u = np.concatenate(refs_u)
-    where = np.array([uniq.index(r["id"]) for r in records])
-    rows = dict(reference=refs_u[where], text=cond_u["text"][where], pooled=cond_u["pooled"][where])
-    sigmas = sampling.shifted_sigmas(steps, self.grid * self.grid)
-    x0_parts, images = [], []
-    padded_n = -(-n // chunk) * chunk
-    order = np.concatenate([np.arange(n), np.zeros(padded_n - n, np.int64)])
-    for s in tqdm(range(0, padded_n, chunk), desc=desc, disable=not self.is_main, leave=False):
-      idx = order[s:s + chunk]
-      cond = sampling.EditCondition(
-          reference=self._rows(rows["reference"][idx]), text=self._rows(rows["text"][idx]),
-          pooled=self._rows(rows["pooled"][idx]), guidance=self._rows(np.full(len(idx), guidance, np.float32)),
-          img_ids=self._replicated(self.img_ids), txt_ids=self._replicated(np.zeros((rows["text"].shape[1], 3),
-                                                                                   np.float32)))
-      keys = jax.random.wrap_key_data(self._rows(keys_data[idx]))
-      noise = sampling.initial_noise(keys, (self.grid * self.grid, self.token_channels))
-      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-      x0 = self._rollout(params, self.frozen, cond, noise, jnp.asarray(sigmas), step_keys, solver=sampler)
-      x0_parts.append(x0)
-      images.append(shd.to_host(self._decode(self.vae, x0)))
-    x0 = jnp.concatenate(x0_parts)[:n]
-    edits = np.concatenate(images)[:n]
-    return x0, edits, src_u[where], rows, sigmas
-
-  def _noise_keys(self, stream: int, epoch: int, n: int) -> np.ndarray:
-    base = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), stream), epoch)
-    return np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))))
-
-  def _score(self, sources, edits, records) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, valid): an edit that decoded to non-finite pixels is masked (NaN, invalid), never judged."""
-    finite = np.isfinite(edits).reshape(len(edits), -1).all(axis=1)
-    if not finite.all():
-      _LOG.warning("%d of %d edits decoded to non-finite pixels: their rewards are masked", (~finite).sum(), len(edits))
-    edits = np.where(finite[:, None, None, None], edits, 0.0)
-    result = self.reward.score(list(metrics.to_uint8(sources)), list(metrics.to_uint8(edits)), records,
-                               progress=f"epoch {self.epoch} reward" if self.is_main else None)
-    valid = result.valid & finite
-    return np.where(valid, result.scores, np.nan).astype(np.float32), valid
-
-  # ------------------------------------------------------------------------------------------------
   def run_epoch(self) -> dict:
+    """One epoch (docs/METHOD.md section 2), top to bottom."""
     config, epoch = self.config, self.epoch
     record_ids = self.sampler.rollouts(epoch)  # the global plan, the same on every process
     records = data_builder.read(self.train_split, record_ids)
     timing = {}
 
     t0 = time.perf_counter()
-    x0, edits, sources, rows, sigmas = self._generate(
-        self.state.old_params, records, self._noise_keys(0, epoch, len(records)), steps=config.rollout.num_steps,
-        sampler=config.rollout.sampler, guidance=config.rollout.guidance, desc=f"epoch {epoch} rollouts")
-    jax.block_until_ready(x0)
+    result = rollouts.collect(
+        self.family, self.rollout_sampler, (self.state.old_params, self.frozen), records,
+        streams.row_keys(config.seed, "rollout", epoch, len(records)), resolution=config.data.resolution,
+        num_steps=config.rollout.num_steps, solver=config.rollout.sampler, guidance=config.rollout.guidance,
+        chunk=self.chunk, desc=f"epoch {epoch} rollouts" if self.is_main else None)
+    jax.block_until_ready(result.x0)
     timing["rollout_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    scores, valid = self._score(sources, edits, records)
+    scores, valid = rollouts.score(self.reward, result, records, progress=f"epoch {epoch} reward" if self.is_main else None)
     timing["reward_s"] = time.perf_counter() - t0
-
     self.invalid_streak = 0 if valid.any() else self.invalid_streak + 1
     if not valid.any():
       _LOG.warning("epoch %d: the reward gave no valid score (%d epochs in a row): nothing is learned", epoch,
                    self.invalid_streak)
-    result = adv.compute_advantages(record_ids, scores, valid, advantage_config(config))
-    self.sampler.ban(result.to_ban)
+
+    advantages = adv.compute_advantages(record_ids, scores, valid, advantage_config(config))
+    self.sampler.ban(advantages.to_ban)
 
     t0 = time.perf_counter()
-    train_metrics = self._train(x0, rows, sigmas, result, epoch)
+    key_data = np.asarray(jax.random.key_data(streams.key(config.seed, "train", epoch)))  # host: same on every process
+    key = jax.random.wrap_key_data(jax.device_put(key_data, self.nft.shardings["key"]))
+    self.state, launched, applied, old = train_epoch(
+        self.nft, self.state, self.frozen, result, advantages, micro_batch=config.nft.micro_batch * self.rows_multiple,
+        key=key, rng=streams.numpy_rng(config.seed, "micro_batches", epoch),
+        desc=f"epoch {epoch} train" if self.is_main else None)
+    train_metrics = epoch_train_metrics(launched, applied, old, config.optim.learning_rate)
     timing["train_s"] = time.perf_counter() - t0
+    if train_metrics["train/finite"]:
+      self.nonfinite_streak = 0
+    else:
+      self.nonfinite_streak += 1
+      _LOG.warning("epoch %d: non-finite gradient or parameters; update refused (%d in a row)", epoch,
+                   self.nonfinite_streak)
 
     self.epoch += 1
-    s = result.stats
+    s = advantages.stats
     out = {"reward/mean": s["reward_mean"], "reward/std": s["reward_std"], "reward/min": s["reward_min"],
            "reward/max": s["reward_max"], "reward/invalid": s["invalid_rewards"],
            "filter/kept_fraction": s["kept_fraction"], "filter/groups_filtered": s["groups_filtered"],
-           "filter/banned_total": len(self.sampler.banned), "data/prompt_cache_misses": self.prompts.misses,
+           "filter/banned_total": len(self.sampler.banned), "data/prompt_cache_misses": self.family.prompts.misses,
            "filter/zero_std_fraction": s["zero_std_ratio"], "reward/group_std_mean": s["reward_std_mean"],
            **{f"reward/top{p}_mean": s[f"mean_reward_{p}"] for p in adv.TOP_PERCENTS},
            **train_metrics, **{f"time/{k}": v for k, v in timing.items()},
            "time/rollouts_per_s": len(records) / max(timing["rollout_s"], 1e-9)}
     if self.is_main and config.log_images_every and epoch % config.log_images_every == 0:
       g = min(4, config.data.groups_per_epoch) * config.data.group_size
-      self.writer.image(self.epoch, "rollouts", metrics.group_grid(sources[:g], edits[:g], scores[:g],
+      self.writer.image(self.epoch, "rollouts", metrics.group_grid(result.sources[:g], result.edits[:g], scores[:g],
                                                                     config.data.group_size))
     self._stop_if_stuck()
     return out
@@ -334,57 +234,11 @@ class Trainer:
                         f"max_invalid_reward_epochs = {config.max_invalid_reward_epochs}); stopping at epoch "
                         f"{self.epoch} (saved). Check the judge: python launch/score.py --model=... on one edit.")
 
-  def _train(self, x0, rows, sigmas, result, epoch) -> dict:
-    config = self.config
-    size = config.nft.micro_batch * self.rows_multiple
-    indices, advantages, mask = result.micro_batches(size, np.random.default_rng([config.seed, epoch, 7]))
-    key = self._replicated(jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed + 1), epoch)))
-    key = jax.random.wrap_key_data(key)
-    cond = sampling.EditCondition(reference=rows["reference"], text=rows["text"], pooled=rows["pooled"],
-                                  guidance=np.full(len(rows["pooled"]), self.guidance, np.float32),
-                                  img_ids=self.img_ids, txt_ids=np.zeros((rows["text"].shape[1], 3), np.float32))
-    launched = []  # device metrics, read once after the last micro-batch: the host never waits in between
-    for m in tqdm(range(len(indices)), desc=f"epoch {epoch} train", disable=not self.is_main, leave=False):
-      batch = nft.gather_batch(x0, cond, sigmas, indices[m], advantages[m], mask[m])
-      self.state, step_metrics = self.nft.accumulate(self.state, self.frozen, self.nft.place(batch, "batch"), key)
-      launched.append(step_metrics)
-    per_batch = jax.device_get(launched)
-    terms = sum(float(b["terms"]) for b in per_batch)
-    sums = {k: sum(float(b[k]) * float(b["terms"]) for b in per_batch) for k in ("policy", "kl", "loss")}
-    sums["x0_norm"] = sum(float(b["x0_norm"]) for b in per_batch)
-    divergence = sum(float(b["old_deviate_sum"]) for b in per_batch) / terms if terms else 0.0
-    divergence_sq = sum(float(b["old_deviate_sq_sum"]) for b in per_batch) / terms if terms else 0.0
-    self.state, applied = self.nft.apply(self.state)
-    self.state, old = self.nft.update_old(self.state)
-    if bool(applied["finite"]):
-      self.nonfinite_streak = 0
-    else:
-      self.nonfinite_streak += 1
-      _LOG.warning("epoch %d: non-finite gradient or parameters; update refused (%d in a row)", epoch,
-                   self.nonfinite_streak)
-    out = {f"train/{k}": (sums[k] / terms if terms else 0.0) for k in ("policy", "kl", "loss")}
-    out.update({"train/x0_norm": sums["x0_norm"] / max(len(indices), 1), "train/terms": terms,
-                "train/micro_batches": len(indices), "train/grad_norm": float(applied["grad_norm"]),
-                "train/applied": float(applied["applied"]), "train/step": int(applied["step"]),
-                "train/learning_rate": config.optim.learning_rate, "train/ema_decay": float(applied["ema_decay"]),
-                "train/old_decay": float(old["old_decay"]),
-                # the public code's old-policy divergence: mean((v - v_old)^2) of a term, mean and std over the terms
-                "train/old_divergence": divergence,
-                "train/old_divergence_std": float(np.sqrt(max(divergence_sq - divergence ** 2, 0.0)))})
-    return out
-
   def evaluate(self) -> dict:
-    """One rollout per test record (or the first `eval_samples`) with the EMA parameters, scored by the run's
-    reward; the noise is the same at every evaluation."""
-    config = self.config
-    n = len(self.test_split) if config.eval_samples == -1 else min(config.eval_samples, len(self.test_split))
-    records = data_builder.read(self.test_split, range(n))
-    _, edits, sources, _, _ = self._generate(
-        self.state.ema_params, records, self._noise_keys(1, 0, n), steps=config.rollout.eval_steps,
-        sampler=config.rollout.eval_sampler, guidance=config.rollout.eval_guidance, desc="eval")
-    scores, valid = self._score(sources, edits, records)
-    return {"eval/reward_mean": float(np.mean(scores[valid])) if valid.any() else float("nan"),
-            "eval/invalid": int((~valid).sum()), "eval/samples": n}
+    """The EMA parameters on the test split (docs/METHOD.md section 2, step 7)."""
+    return evaluation.evaluate(self.family, self.rollout_sampler, (self.state.ema_params, self.frozen),
+                               self.test_split, self.reward, self.config, chunk=self.chunk,
+                               desc="eval" if self.is_main else None)
 
   # ------------------------------------------------------------------------------------------------
   def _sync(self, name: str) -> None:

@@ -12,9 +12,8 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 _MODEL = flags.DEFINE_string("model", None, "FLUX.1-Kontext pipeline folder (diffusers layout).")
 _LORA = flags.DEFINE_string("lora", None, "LoRA safetensors file to apply to the transformer.")
@@ -84,9 +83,9 @@ def edit(model: str, image: str, instruction: str, out: str, *, lora: str | None
   from tqdm import tqdm
 
   from editr1_jax.metrics import to_uint8
-  from editr1_jax.pipeline import KontextPipeline
+  from editr1_jax.pipeline import Editor
 
-  pipe = KontextPipeline.from_folder(model, dtype=dtype, lora_weights=lora, lora_alpha=lora_alpha)
+  pipe = Editor.from_folder(model, dtype=dtype, lora_weights=lora, lora_alpha=lora_alpha)
   with tqdm(total=steps, desc="editing", unit="step") as bar:
     images, _ = pipe([source], [instruction], num_steps=steps, guidance=guidance, seed=seed, solver=sampler,
                      auto_resize=auto_resize, progress=lambda sigma: bar.update(1))

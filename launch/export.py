@@ -7,9 +7,8 @@ and, with --merged, OUT/transformer/ (a diffusers FluxTransformer2DModel folder 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")

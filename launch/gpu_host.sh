@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 # One-time setup: the runtime requirements plus jax's CUDA build of the same version.
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[cuda12]==0.10.2'
+  python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt -e . 'jax[cuda12]==0.10.2'
 fi
 
 # Overlap FSDP all-gathers with compute; let XLA take most of the GPU memory up front.

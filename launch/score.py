@@ -14,8 +14,7 @@ import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from editr1_jax.reward import mllm, processor  # noqa: E402
+from editr1_jax.reward import mllm, processor
 
 flags.DEFINE_string("model", None, "Qwen2.5-VL folder (transformers layout).", required=True)
 flags.DEFINE_string("source", None, "The source image.", required=True)

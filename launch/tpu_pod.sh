@@ -15,7 +15,7 @@ DATASET_DIR=${DATASET_DIR:-/mnt/disks/data/edit_r1}
 
 # One-time setup on every host: the runtime requirements plus jax's TPU build of the same version.
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
-  cd ~/editr1_jax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==0.10.2'"
+  cd ~/editr1_jax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt -e . 'jax[tpu]==0.10.2'"
 
 # Every value is quoted for the remote shell (printf %q), so spaces and shell characters arrive as typed.
 ARGS=$(printf ' %q' --workdir="$WORKDIR" --config.model.pipeline_dir="$PIPELINE_DIR" \

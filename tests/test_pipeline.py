@@ -1,4 +1,4 @@
-"""The Kontext pipeline against diffusers' FluxKontextPipeline on a tiny pipeline folder written here."""
+"""Editing with the Kontext family against diffusers' FluxKontextPipeline on a tiny pipeline folder written here."""
 
 import json
 import os
@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import max_rel_err, perturb_
+from helpers import float32_bound, max_rel_err, perturb_
 from PIL import Image
 from test_autoencoder import save_reference as save_vae
 
 from editr1_jax import export, pipeline, sampling
+from editr1_jax.families import kontext
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
 from editr1_jax.layers import LoraSpec
@@ -28,6 +29,10 @@ HEIGHT, WIDTH = 32, 48  # multiples of 16: both pipelines keep the sources' size
 GRID = (HEIGHT // 8, WIDTH // 8)  # packed target grid: (latent / 2)
 PROMPTS = ["make the sky a deep orange sunset", "add a small cat sitting on the wooden table"]
 STEPS = 4
+# float32 rounding of a rollout's x0 (helpers.float32_bound): the VAE encodes the sources (61 reductions, the longest a
+# GroupNorm over 32 x 48 x 8 / 4), then STEPS transformer calls (27 each, see test_nft); the decoder adds 79.
+ROLLOUT_BOUND = float32_bound(HEIGHT * WIDTH * 8 // 4, depth=61 + STEPS * 27)  # 1.7e-4
+DECODE_BOUND = float32_bound(HEIGHT * WIDTH * 8 // 4, depth=79)  # 1.2e-4
 
 
 def sources():
@@ -53,7 +58,7 @@ def folder(text_pipeline):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def ours(folder):
-  return pipeline.KontextPipeline.from_folder(folder[0])
+  return pipeline.Editor.from_folder(folder[0])
 
 
 def noise():
@@ -77,7 +82,8 @@ def test_euler_rollout_equals_diffusers(folder, ours):
   # decoded images too: diffusers' "np" output is the decode mapped to [0, 1]
   ref_images = reference_run(folder[1], "np")
   assert images.shape == ref_images.shape == (2, HEIGHT, WIDTH, 3)
-  assert max_rel_err(np.clip(images / 2 + 0.5, 0, 1), ref_images) <= 1e-4
+  # x0's error (above) passes the decoder about 1:1, and the decoder rounds on its own
+  assert max_rel_err(np.clip(images / 2 + 0.5, 0, 1), ref_images) <= 1e-4 + DECODE_BOUND
 
 
 def test_dpm2_seeded_rollouts(ours):
@@ -85,7 +91,7 @@ def test_dpm2_seeded_rollouts(ours):
   b, rb = ours(sources()[:1], PROMPTS[:1], auto_resize=False, num_steps=STEPS, solver="dpm2", seed=3)
   assert np.isfinite(a).all() and a.shape == (2, HEIGHT, WIDTH, 3)
   # row 0's noise comes from (seed, row 0) alone: the same edit alone or in a batch
-  np.testing.assert_allclose(ra.x0[:1], rb.x0, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(ra.x0[:1], rb.x0, rtol=0, atol=ROLLOUT_BOUND * np.abs(rb.x0).max())  # batch 2 vs 1
   euler = ours(sources(), PROMPTS, auto_resize=False, num_steps=STEPS, solver="euler", seed=3)[1]
   assert max_rel_err(euler.x0, ra.x0) > 1e-3
 
@@ -98,10 +104,10 @@ def test_progress_ticks_once_per_step(ours):
 
 
 def test_sharded_pipeline_equals_single_device(folder, ours):
-  sharded = pipeline.KontextPipeline.from_folder(folder[0], mesh=shd.make_mesh((2, 2, 2)))
+  sharded = pipeline.Editor.from_folder(folder[0], mesh=shd.make_mesh((2, 2, 2)))
   _, a = sharded(sources(), PROMPTS, auto_resize=False, num_steps=STEPS, noise=noise())
   _, b = ours(sources(), PROMPTS, auto_resize=False, num_steps=STEPS, noise=noise())
-  assert max_rel_err(a.x0, b.x0) <= 1e-6  # measured 2e-7
+  assert max_rel_err(a.x0, b.x0) <= ROLLOUT_BOUND  # sharded sums in another order: measured 2e-7
 
 
 def test_lora_file_spec_and_load(folder, tmp_path):
@@ -113,7 +119,7 @@ def test_lora_file_spec_and_load(folder, tmp_path):
   read = pipeline.lora_spec_of_file(path)
   assert (read.rank, read.alpha) == (4, 8.0)
   assert {"transformer_blocks.0.attn.to_out.0", "single_transformer_blocks.0.attn.to_q"} <= set(read.targets)
-  model = pipeline.KontextPipeline.from_folder(folder[0], lora_weights=path).transformer
+  model = pipeline.Editor.from_folder(folder[0], lora_weights=path).family.transformer
   np.testing.assert_array_equal(model.transformer_blocks[0].attn.to_q.lora_b[...],
                                 adapters["transformer_blocks"][0]["attn"]["to_q"]["lora_b"][...])
 
@@ -127,16 +133,16 @@ def test_lora_file_spec_and_load(folder, tmp_path):
 
 def test_errors_name_the_problem(folder, ours, tmp_path):
   with pytest.raises(ValueError, match="instructions"):
-    ours.condition(np.zeros((2, HEIGHT, WIDTH, 3), np.float32), PROMPTS[:1], grid=GRID, guidance=3.5)
+    ours.family.condition(np.zeros((2, HEIGHT, WIDTH, 3), np.float32), PROMPTS[:1], grid=GRID, guidance=3.5)
   with pytest.raises(ValueError, match="different sizes"):
     ours([sources()[0], sources()[1].resize((64, 32))], PROMPTS, auto_resize=False)
   with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
-    pipeline.scheduler_shift(str(tmp_path))
+    kontext.scheduler_shift(str(tmp_path))
   os.makedirs(tmp_path / "scheduler")
   with open(tmp_path / "scheduler" / "scheduler_config.json", "w") as f:
     json.dump({"use_dynamic_shifting": False}, f)
   with pytest.raises(ValueError, match="use_dynamic_shifting"):
-    pipeline.scheduler_shift(str(tmp_path))
+    kontext.scheduler_shift(str(tmp_path))
 
 
 def test_launch_edit_writes_the_image_without_torch(folder, tmp_path):
@@ -175,9 +181,9 @@ def test_a_16_bit_source_is_edited_as_its_8_bit_grey(ours, tmp_path):
 def test_truncation_warning_names_the_instruction(ours, caplog):
   long = "make the sky a deep orange sunset " * 40
   with caplog.at_level("WARNING", logger="editr1_jax.conditioning"):
-    ours.text.tokenize(["add a cat", long])
+    ours.family.text.tokenize(["add a cat", long])
   start = json.dumps(long[:40] + "...")
-  assert f"T5: 1 prompt(s) truncated to {ours.text.max_sequence_length} tokens: {start}" in caplog.text
+  assert f"T5: 1 prompt(s) truncated to {ours.family.text.max_sequence_length} tokens: {start}" in caplog.text
   assert "add a cat" not in caplog.text
 
 

@@ -179,15 +179,16 @@ def test_per_sample_randomness_does_not_depend_on_the_batch():
 
 
 # --------------------------------------------------------------------------------------------------
-def test_kontext_rollout_runs_the_transformer_on_target_and_reference_tokens():
+def test_kontext_velocity_runs_the_transformer_on_target_and_reference_tokens():
   from test_nft import TINY, random_transformer
 
   from editr1_jax import latents
+  from editr1_jax.families import kontext
   cfg = TINY
   model = random_transformer(cfg)
   rng = np.random.default_rng(0)
   n_txt = 5
-  cond = sampling.EditCondition(
+  cond = kontext.KontextCondition(
       reference=jnp.asarray(rng.standard_normal((2, 6, cfg.in_channels)), jnp.float32),
       text=jnp.asarray(rng.standard_normal((2, n_txt, cfg.joint_attention_dim)), jnp.float32),
       pooled=jnp.asarray(rng.standard_normal((2, cfg.pooled_projection_dim)), jnp.float32),
@@ -204,7 +205,8 @@ def test_kontext_rollout_runs_the_transformer_on_target_and_reference_tokens():
                  guidance=cond.guidance)
     return full[:, :4]
 
-  out = sampling.kontext_rollout(model, cond, z, sigmas, solver="dpm2")
+  out = sampling.sample(lambda z, s: kontext.velocity(model, z, jnp.broadcast_to(s, (2,)), cond), z, sigmas,
+                        solver="dpm2")
   # other programs around the same math: float32 rounding of 3 transformer calls (27 reductions each, see test_nft)
   bound = float32_bound(256, depth=(len(sigmas) - 1) * 27)  # 3.4e-5; measured 6.5e-7
   assert max_rel_err(out.x0, sampling.dpm_solver_2m(velocity, z, jnp.asarray(sigmas))) <= bound

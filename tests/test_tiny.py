@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 
-from editr1_jax import latents, metrics, sampling, tiny
+from editr1_jax import latents, metrics, tiny
+from editr1_jax.families import kontext
 from editr1_jax.layers import LoraSpec
 
 
@@ -39,11 +40,10 @@ def test_tiny_models_fit_together():
   reference, ref_ids = latents.reference_latents(vae, images)
   h, w = images.shape[1] // 8, images.shape[2] // 8  # packed grid: VAE factor 4, then 2x2 patches
   noise = np.random.default_rng(1).standard_normal((2, h * w, model.cfg.in_channels)).astype(np.float32)
-  cond = sampling.EditCondition(reference=reference, text=hidden, pooled=pooled,
-                                guidance=np.full((2,), 2.5, np.float32),
-                                img_ids=np.concatenate([latents.target_ids(h, w), ref_ids]),
-                                txt_ids=txt_ids)
-  velocity = np.asarray(sampling.kontext_velocity(model, noise, np.array([1.0, 0.5], np.float32), cond))
+  cond = kontext.KontextCondition(reference=reference, text=hidden, pooled=pooled,
+                                  guidance=np.full((2,), 2.5, np.float32),
+                                  img_ids=np.concatenate([latents.target_ids(h, w), ref_ids]), txt_ids=txt_ids)
+  velocity = np.asarray(kontext.velocity(model, noise, np.array([1.0, 0.5], np.float32), cond))
   assert velocity.shape == noise.shape and np.isfinite(velocity).all()
   edits = np.asarray(latents.decode_tokens(vae, velocity, 2 * h, 2 * w))
   assert edits.shape == images.shape

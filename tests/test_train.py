@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editr1_jax import export, train_loop
+from editr1_jax import export, rollouts, train_loop
+from editr1_jax.layers import LoraSpec
+from editr1_jax.reward.base import RewardResult
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,24 +56,48 @@ def test_run_writes_checkpoints_logs_and_learns_nothing_silently(straight):
 
 
 def test_resume_is_bit_identical(straight, tmp_path):
-  workdir = str(tmp_path / "resumed")
-  first = train_loop.Trainer(tiny_config(), workdir)
-  first.run(stop_after=2)
-  assert first.epoch == 2 and first.checkpoints.latest_epoch() == 2
-  second = train_loop.Trainer(tiny_config(), workdir)  # a new process would do exactly this
-  assert second.epoch == 2
-  second.run()
-  for a, b in zip(_leaves(second.state), _leaves(straight[0].state)):
+  """A new process resuming from the straight run's epoch-2 checkpoint ends where the straight run ended."""
+  workdir = tmp_path / "resumed"
+  shutil.copytree(straight[1], workdir)
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  resumed = train_loop.Trainer(tiny_config(), str(workdir))  # a new process would do exactly this
+  assert resumed.epoch == 2
+  resumed.run(stop_after=1)
+  assert resumed.epoch == 3
+  resumed.run()
+  for a, b in zip(_leaves(resumed.state), _leaves(straight[0].state)):
     np.testing.assert_array_equal(a, b)
 
 
-def test_non_finite_updates_are_refused_then_stop_the_run(tmp_path, monkeypatch):
+class FixedReward:
+  """A reward of the registry's protocol that says what the test wants."""
+
+  def __init__(self, scores, valid):
+    self.scores, self.valid = scores, valid
+
+  def score(self, sources, edits, records, *, progress=None):
+    n = len(records)
+    return RewardResult(np.resize(np.float32(self.scores), n), None, np.resize(self.valid, n))
+
+
+class RolloutsOnBase(rollouts.Sampler):
+  """Samples with the given base weights whatever the trainer passes (its own base is broken in the test)."""
+
+  def __init__(self, sampler, base):
+    super().__init__(sampler.family, sampler.model_fn, noise_level=sampler.noise_level)
+    self.base = base
+
+  def __call__(self, states, *args, **kw):
+    return super().__call__((states[0], self.base), *args, **kw)
+
+
+def test_non_finite_updates_are_refused_then_stop_the_run(tmp_path):
   trainer = train_loop.Trainer(tiny_config(max_nonfinite_updates=2), str(tmp_path))
   before = _leaves(trainer.state)
-  rollout = trainer._rollout
-  monkeypatch.setattr(trainer, "_rollout", lambda *a, **k: rollout(*a, **k) * np.nan)
-  monkeypatch.setattr(trainer, "_score", lambda s, e, r: (np.full(len(r), 0.5, np.float32) +
-                                                          np.arange(len(r)) % 2, np.ones(len(r), bool)))
+  # finite rollouts and rewards, but a NaN base network in training: every gradient is NaN
+  trainer.rollout_sampler = RolloutsOnBase(trainer.rollout_sampler, trainer.frozen)
+  trainer.frozen = jax.tree.map(lambda x: x * np.nan, trainer.frozen)
+  trainer.reward = FixedReward([0.5, 1.5], True)
   trainer.run_epoch()
   assert trainer.nonfinite_streak == 1
   after = _leaves(trainer.state)
@@ -87,7 +113,8 @@ def test_non_finite_edits_are_masked_not_judged(straight):
   images = np.random.default_rng(0).uniform(-1, 1, (3, 64, 64, 3)).astype(np.float32)
   edits = images.copy()
   edits[1, 5, 7, 0] = np.nan
-  scores, valid = trainer._score(images, edits, records)
+  result = rollouts.Rollouts(x0=None, edits=edits, sources=images, cond=None, sigmas=None)
+  scores, valid = rollouts.score(FixedReward([0.5], True), result, records)
   assert valid.tolist() == [True, False, True]
   assert np.isnan(scores[1]) and np.isfinite(scores[[0, 2]]).all()
 
@@ -97,7 +124,8 @@ def test_export_of_a_run(straight, tmp_path):
   written = export.export_run(workdir, str(tmp_path), weights="ema", merged=True)
   assert written == [str(tmp_path / export.LORA_FILE), str(tmp_path / "transformer")]
   from editr1_jax.models import flux
-  spec = train_loop.lora_spec(trainer.config)
+  spec = LoraSpec(rank=trainer.config.lora.rank, alpha=trainer.config.lora.alpha,
+                  targets=tuple(trainer.config.lora.targets))
   model = flux.load_flux_transformer(str(tmp_path / "transformer"))
   lora_model = flux.load_flux_transformer(str(tmp_path / "transformer"), lora=spec, lora_weights=written[0])
   _, loaded, _ = flux.split_params(lora_model)
@@ -206,9 +234,9 @@ def test_a_failing_evaluation_costs_no_training(tmp_path, monkeypatch):
   assert trainer.checkpoints.all_epochs() == [1]
 
 
-def test_a_judge_without_valid_scores_stops_the_run_after_saving(tmp_path, monkeypatch):
+def test_a_judge_without_valid_scores_stops_the_run_after_saving(tmp_path):
   trainer = train_loop.Trainer(tiny_config(max_invalid_reward_epochs=2, checkpoint_every=5), str(tmp_path))
-  monkeypatch.setattr(trainer, "_score", lambda s, e, r: (np.full(len(r), np.nan, np.float32), np.zeros(len(r), bool)))
+  trainer.reward = FixedReward([np.nan], False)
   trainer.run_epoch()
   assert trainer.invalid_streak == 1
   with pytest.raises(train_loop.RewardError, match="2 consecutive epochs without one valid reward"):

@@ -1,0 +1,222 @@
+"""FLUX.1-Kontext as a model family: the FLUX transformer over [text | target | reference] tokens, the
+FLUX VAE (2x2-packed 16-channel latents), CLIP-L pooled + T5 hidden states as text conditioning, a
+resolution-shifted flow schedule read from the folder's scheduler config.
+
+Equal to diffusers' `FluxKontextPipeline` without true CFG: reference latents are the normalised VAE
+posterior mode, packed; reference token ids are (1, row, col), the target's (0, row, col).
+"""
+
+import collections
+import json
+import os
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from editr1_jax import chunks, latents, sampling
+from editr1_jax import sharding as shd
+from editr1_jax.conditioning import MAX_T5_LENGTH, TextEncoders
+from editr1_jax.families.base import register
+from editr1_jax.layers import AdapterRows, LoraSpec
+from editr1_jax.models import autoencoder, flux
+
+
+@flax.struct.dataclass
+class KontextCondition:
+  """Everything the Kontext transformer sees besides the noisy target latent, batched over rows."""
+
+  reference: jax.Array  # (B, Lr, C) packed, normalised reference-image latents
+  text: jax.Array  # (B, Lt, D) T5 hidden states
+  pooled: jax.Array  # (B, P) CLIP pooled output
+  guidance: jax.Array  # (B,) guidance-embedding value
+  img_ids: jax.Array  # (L + Lr, 3): target ids, then reference ids
+  txt_ids: jax.Array  # (Lt, 3)
+
+  @staticmethod
+  def logical_axes() -> "KontextCondition":
+    return KontextCondition(("batch", "seq", None), ("batch", "seq", None), ("batch", None), ("batch",), (None, None),
+                            (None, None))
+
+
+def velocity(model, z: jax.Array, sigma: jax.Array, cond: KontextCondition,
+             adapters: AdapterRows | None = None) -> jax.Array:
+  """The Kontext transformer as a velocity field on the target tokens: reference tokens appended, output cut back.
+
+  `sigma` is the flow time in [0, 1] (scalar or (B,)); FLUX scales it by 1000 itself.
+  """
+  n = z.shape[1]
+  hidden = jnp.concatenate([z, cond.reference.astype(z.dtype)], axis=1)
+  out = model(hidden_states=hidden, encoder_hidden_states=cond.text, pooled_projections=cond.pooled,
+              timestep=sigma, img_ids=cond.img_ids, txt_ids=cond.txt_ids, guidance=cond.guidance, adapters=adapters)
+  return out[:, :n]
+
+
+def scheduler_shift(folder: str) -> sampling.ShiftConfig:
+  """The resolution-dependent shift of a pipeline folder's scheduler/scheduler_config.json."""
+  path = os.path.join(folder, "scheduler", "scheduler_config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: scheduler config not found")
+  with open(path) as f:
+    return sampling.ShiftConfig.from_diffusers_config(json.load(f), source=path)
+
+
+class PromptCache:
+  """Instruction -> (T5 hidden states, CLIP pooled), computed once per instruction (LRU-bounded), in
+  fixed-size chunks (an instruction's embedding does not depend on which others were encoded with it)."""
+
+  def __init__(self, encoders: TextEncoders, max_entries: int):
+    self._encoders, self._max = encoders, max_entries
+    self._entries: collections.OrderedDict = collections.OrderedDict()
+    self.misses = 0
+
+  def __call__(self, prompts: Sequence[str], chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    missing = [p for p in dict.fromkeys(prompts) if p not in self._entries]
+    self.misses += len(missing)
+    if missing:
+      hidden, pooled = chunks.map_chunks(lambda idx: self._encoders([missing[i] for i in idx])[:2], len(missing),
+                                         chunk)
+      for i, p in enumerate(missing):
+        self._entries[p] = (hidden[i], pooled[i])
+    for p in prompts:
+      self._entries.move_to_end(p)
+    out = [self._entries[p] for p in prompts]
+    while len(self._entries) > self._max:
+      self._entries.popitem(last=False)
+    return np.stack([h for h, _ in out]), np.stack([q for _, q in out])
+
+
+@register("kontext")
+class Kontext:
+  """A FLUX.1-Kontext pipeline's transformer, VAE and text encoders, and what the method needs of them."""
+
+  name = "kontext"
+  default_lora_targets = flux.DEFAULT_LORA_TARGETS
+  check_lora_targets = staticmethod(flux.check_lora_targets)
+  velocity = staticmethod(velocity)
+  weight_table, lora_weight_table = flux.FLUX_WEIGHTS, flux.FLUX_LORA_WEIGHTS
+  lora_prefixes = flux.LORA_PREFIXES
+
+  def __init__(self, transformer: flux.FluxTransformer, vae: autoencoder.Autoencoder, text: TextEncoders,
+               shift: sampling.ShiftConfig = sampling.FLUX_SHIFT, *, mesh=None, rules=shd.DEFAULT_RULES,
+               chunk: int | None = None, prompt_cache_entries: int = 4096):
+    """`chunk`: rows per encoding call (default: all rows of a call at once)."""
+    if transformer.cfg.in_channels != 4 * vae.cfg.latent_channels:
+      raise ValueError(f"transformer in_channels {transformer.cfg.in_channels} must be 4 x the VAE's "
+                       f"{vae.cfg.latent_channels} latent channels (2x2 packed tokens)")
+    self.transformer, self.vae, self.text, self.shift = transformer, vae, text, shift
+    self.mesh, self.rules, self.chunk = mesh, tuple(rules), chunk
+    self.prompts = PromptCache(text, prompt_cache_entries)
+    self.multiple_of = 2 * vae.cfg.downsample_factor  # a VAE pixel block times the 2x2 packing
+    self._encode = jax.jit(lambda vae, images: latents.reference_latents(vae, images)[0])
+    self._decode = jax.jit(latents.decode_tokens, static_argnames=("height", "width"))
+
+  # building ---------------------------------------------------------------------------------------
+  @classmethod
+  def from_folder(cls, folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
+                  lora: LoraSpec | None = None, lora_weights: str | None = None, remat: str = "none",
+                  attention_impl: str = "xla", max_sequence_length: int = MAX_T5_LENGTH, mesh=None,
+                  rules=shd.DEFAULT_RULES, seed: int = 0, **kw) -> "Kontext":
+    """A diffusers pipeline folder (transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/)."""
+    transformer = flux.load_flux_transformer(folder, dtype=dtype, param_dtype=param_dtype, lora=lora,
+                                             lora_weights=lora_weights, remat=remat, attention_impl=attention_impl,
+                                             mesh=mesh, rules=rules, seed=seed)
+    vae = autoencoder.load_autoencoder(folder, dtype=dtype, mesh=mesh, rules=rules)
+    text = TextEncoders.from_pipeline(folder, dtype=dtype, max_sequence_length=max_sequence_length, mesh=mesh,
+                                      rules=rules)
+    return cls(transformer, vae, text, scheduler_shift(folder), mesh=mesh, rules=rules, **kw)
+
+  @classmethod
+  def tiny(cls, seed: int = 0, *, lora: LoraSpec | None = None, max_sequence_length: int = 16, mesh=None,
+           rules=shd.DEFAULT_RULES, dtype: str = "float32", param_dtype: str | None = None, remat: str = "none",
+           attention_impl: str = "xla", **kw) -> "Kontext":
+    """Small random models drawn from `seed`, sized to the shipped tiny tokenizers (the CPU demo, tests);
+    FLUX's default schedule."""
+    from editr1_jax import tiny
+    transformer = tiny.tiny_transformer(seed, lora, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,
+                                        remat=remat, attention_impl=attention_impl)
+    return cls(transformer, tiny.tiny_vae(seed, mesh=mesh, rules=rules),
+               tiny.tiny_text_encoders(seed, max_sequence_length, mesh=mesh, rules=rules), mesh=mesh, rules=rules,
+               **kw)
+
+  @classmethod
+  def from_config(cls, config, mesh=None, rules=None) -> "Kontext":
+    """`config.model.preset` "tiny" (built in code) or "" (read from `config.model.pipeline_dir`)."""
+    rules = shd.DEFAULT_RULES if rules is None else rules
+    rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    transformer = cls.transformer_from_config(config, mesh, rules)
+    kw = dict(mesh=mesh, rules=rules, chunk=config.rollout.batch_size * rows,
+              prompt_cache_entries=config.data.prompt_cache_entries)
+    if config.model.preset == "tiny":
+      from editr1_jax import tiny
+      return cls(transformer, tiny.tiny_vae(config.seed, mesh=mesh, rules=rules),
+                 tiny.tiny_text_encoders(config.seed, config.data.t5_max_length, mesh=mesh, rules=rules), **kw)
+    folder = config.model.pipeline_dir
+    vae = autoencoder.load_autoencoder(folder, dtype=config.model.dtype, mesh=mesh, rules=rules)
+    text = TextEncoders.from_pipeline(folder, dtype=config.model.dtype, max_sequence_length=config.data.t5_max_length,
+                                      mesh=mesh, rules=rules)
+    return cls(transformer, vae, text, scheduler_shift(folder), **kw)
+
+  @staticmethod
+  def transformer_from_config(config, mesh=None, rules=shd.DEFAULT_RULES) -> flux.FluxTransformer:
+    """The policy network alone (what an export needs), with the config's LoRA unless fully fine-tuned."""
+    lora = None if config.optim.full_finetune else LoraSpec(
+        rank=config.lora.rank, alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
+    kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+              attention_impl=config.model.attention_impl, mesh=mesh, rules=rules)
+    if config.model.preset == "tiny":
+      from editr1_jax import tiny
+      return tiny.tiny_transformer(config.seed, lora, **kw)
+    return flux.load_flux_transformer(config.model.pipeline_dir, lora=lora, lora_weights=config.model.init_lora or None,
+                                      seed=config.seed, **kw)
+
+  # the family interface ---------------------------------------------------------------------------
+  @staticmethod
+  def condition_axes() -> KontextCondition:
+    return KontextCondition.logical_axes()
+
+  def grid(self, height: int, width: int) -> tuple[int, int]:
+    f = self.multiple_of
+    if height % f or width % f:
+      raise ValueError(f"an image of {height}x{width} pixels: sides must be multiples of {f}")
+    return height // f, width // f
+
+  def condition(self, sources: np.ndarray, instructions: Sequence[str], *, grid: tuple[int, int],
+                guidance: float) -> KontextCondition:
+    """Sources (n, H, W, 3) in [-1, 1], one instruction each, the target's token grid -> host condition rows;
+    each distinct instruction is encoded once (cached), the sources in fixed-size chunks."""
+    if len(instructions) != len(sources):
+      raise ValueError(f"{len(sources)} source images but {len(instructions)} instructions")
+    ref_grid = self.grid(sources.shape[1], sources.shape[2])
+    n = len(sources)
+    chunk = self.chunk or n
+    reference = chunks.map_chunks(lambda idx: self._encode(self.vae, shd.put_rows(sources[idx], self.mesh,
+                                                                                 self.rules)), n, chunk)
+    text, pooled = self.prompts(list(instructions), chunk)
+    img_ids = np.concatenate([latents.target_ids(*grid), latents.reference_ids(*ref_grid)])
+    return KontextCondition(reference=reference, text=text, pooled=pooled,
+                            guidance=np.full(n, guidance, np.float32), img_ids=img_ids,
+                            txt_ids=np.zeros((text.shape[1], 3), np.float32))
+
+  def sigmas(self, num_steps: int, grid: tuple[int, int]) -> np.ndarray:
+    return sampling.shifted_sigmas(num_steps, grid[0] * grid[1], self.shift)
+
+  def noise_shape(self, grid: tuple[int, int]) -> tuple[int, int]:
+    return grid[0] * grid[1], self.transformer.cfg.in_channels
+
+  def decode(self, tokens: jax.Array, grid: tuple[int, int]) -> np.ndarray:
+    return shd.to_host(self._decode(self.vae, tokens, height=2 * grid[0], width=2 * grid[1]))
+
+  @staticmethod
+  def training_image(source, resolution: int) -> np.ndarray:
+    return latents.training_image(source, resolution, resolution)
+
+  @staticmethod
+  def inference_image(source, auto_resize: bool = True) -> np.ndarray:
+    return latents.inference_image(source, auto_resize)
+
+  def transformer_config(self) -> dict:
+    """The diffusers config.json of the transformer (for a merged export)."""
+    return self.transformer.cfg.to_diffusers_config()
