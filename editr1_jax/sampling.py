@@ -40,11 +40,20 @@ class ShiftConfig:
       raise ValueError(f"{source}: use_dynamic_shifting must be true for a resolution-dependent schedule")
     if config.get("time_shift_type", "exponential") != "exponential":
       raise ValueError(f"{source}: time_shift_type {config['time_shift_type']!r} is not supported (exponential)")
+    # Every other field of FlowMatchEulerDiscreteScheduler that would change the sigmas must be at its default:
+    # a schedule we would compute differently from the folder's is an error, never a silent difference.
+    changing = {k: config[k] for k, default in _SCHEDULE_DEFAULTS.items() if config.get(k, default) != default}
+    if changing:
+      raise ValueError(f"{source}: {changing} change the schedule and are not supported (expected {_SCHEDULE_DEFAULTS})")
     return cls(config.get("base_image_seq_len", cls.base_len), config.get("max_image_seq_len", cls.max_len),
                config.get("base_shift", cls.base_shift), config.get("max_shift", cls.max_shift))
 
 
 FLUX_SHIFT = ShiftConfig()
+# Fields of diffusers' FlowMatchEulerDiscreteScheduler config that alter the sigmas, at their defaults (FLUX.1
+# folders ship these values or leave them out). `shift` itself is unused with dynamic shifting.
+_SCHEDULE_DEFAULTS = {"shift_terminal": None, "invert_sigmas": False, "use_karras_sigmas": False,
+                      "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False}
 
 
 def shifted_sigmas(num_steps: int, image_tokens: int, shift: ShiftConfig = FLUX_SHIFT) -> np.ndarray:

@@ -140,10 +140,12 @@ def to_host(x) -> np.ndarray:
 
 def put_rows(x, mesh: Mesh | None, rules=DEFAULT_RULES, axes: Sequence[str | None] | None = None) -> jax.Array:
   """Host rows (identical on every process) -> a global array split over data x fsdp as far as the row count
-  divides (`axes`: the logical axes, default ("batch", None, ...)); a plain device array without a mesh."""
+  divides (`axes`: the logical axes of the leading dimensions, default ("batch",); the rest are not split);
+  a plain device array without a mesh."""
   if mesh is None:
     return jnp.asarray(x)
-  axes = ("batch",) + (None,) * (np.ndim(x) - 1) if axes is None else axes
+  axes = ("batch",) if axes is None else tuple(axes)
+  axes = axes + (None,) * (np.ndim(x) - len(axes))
   return jax.device_put(x, NamedSharding(mesh, logical_to_spec(axes, rules, np.shape(x), mesh)))
 
 

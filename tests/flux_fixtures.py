@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import float32_bound, perturb_
 
+from editr1_jax import latents
 from editr1_jax.layers import LoraSpec
 from editr1_jax.models import autoencoder as ae
 from editr1_jax.models import flux
@@ -17,15 +18,10 @@ TINY = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_di
 LORA = LoraSpec(rank=4, alpha=8.0, targets=flux.DEFAULT_LORA_TARGETS)
 
 
-def _grid_ids(first: int, rows: int, cols: int) -> np.ndarray:
-  r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-  return np.stack([np.full(r.size, first), r.ravel(), c.ravel()], -1).astype(np.float32)
-
-
 def make_inputs(t, g, batch=2, txt=7, seed=0):
   """Kontext layout: 3x4 target grid then a 2x5 reference grid (non-square, different sizes)."""
   rng = np.random.default_rng(seed)
-  img_ids = np.concatenate([_grid_ids(0, 3, 4), _grid_ids(1, 2, 5)])
+  img_ids = np.concatenate([latents.grid_ids(0, 3, 4), latents.grid_ids(1, 2, 5)])
   return dict(
       hidden_states=rng.standard_normal((batch, len(img_ids), TINY["in_channels"])).astype(np.float32),
       encoder_hidden_states=rng.standard_normal((batch, txt, TINY["joint_attention_dim"])).astype(np.float32),

@@ -54,6 +54,8 @@ def test_scheduler_config_errors_name_the_field():
     sampling.ShiftConfig.from_diffusers_config({"use_dynamic_shifting": False})
   with pytest.raises(ValueError, match="time_shift_type"):
     sampling.ShiftConfig.from_diffusers_config({"use_dynamic_shifting": True, "time_shift_type": "linear"})
+  with pytest.raises(ValueError, match="shift_terminal"):  # would end the schedule elsewhere: never ignored
+    sampling.ShiftConfig.from_diffusers_config({"use_dynamic_shifting": True, "shift_terminal": 0.02})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from editr1_jax import sharding as shd
@@ -177,7 +176,7 @@ class MllmJudge:
                                                length=-(-longest // self.length_multiple) * self.length_multiple)
     batch = qwen2_5_vl.prepare_batch(input_ids, mask, np.concatenate([pv for _, pv, _ in padded]),
                                      np.concatenate([g for _, _, g in padded]), self.cfg)
-    s, p, v = self._step(self._state, self._place(batch), self._split(positions[:, None]))
+    s, p, v = self._step(self._state, self._place(batch), shd.put_rows(positions[:, None], self.mesh, self.rules))
     k = len(pairs)
     return shd.to_host(s)[:k], shd.to_host(p)[:k], shd.to_host(v)[:k]
 
@@ -185,17 +184,10 @@ class MllmJudge:
     """Batch-major inputs split over the data-parallel mesh axes; the vision layout replicated."""
     if self.mesh is None:
       return batch
-    replicated = jax.tree.map(lambda x: self._split(x, axes=()), batch)
-    return replicated.replace(input_ids=self._split(batch.input_ids), attention_mask=self._split(batch.attention_mask),
-                              position_ids=self._split(batch.position_ids, axes=(None, "batch")),
-                              pixel_values=self._split(batch.pixel_values))
-
-  def _split(self, x, axes=("batch",)):
-    if self.mesh is None:
-      return jnp.asarray(x)
-    x = np.asarray(x)
-    axes = tuple(axes) + (None,) * (x.ndim - len(axes))
-    return jax.device_put(x, NamedSharding(self.mesh, shd.logical_to_spec(axes, self.rules, x.shape, self.mesh)))
+    put = lambda x, axes=("batch",): shd.put_rows(np.asarray(x), self.mesh, self.rules, axes)
+    replicated = jax.tree.map(lambda x: put(x, ()), batch)
+    return replicated.replace(input_ids=put(batch.input_ids), attention_mask=put(batch.attention_mask),
+                              position_ids=put(batch.position_ids, (None, "batch")), pixel_values=put(batch.pixel_values))
 
 
 def _mesh_axes(rules, name: str) -> tuple[str, ...]:
