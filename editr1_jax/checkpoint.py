@@ -28,7 +28,8 @@ class CheckpointDamaged(RuntimeError):
   """A checkpoint's files do not match its manifest, or its metadata does not parse."""
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+  """The SHA-256 of a file, read in blocks (checkpoint manifests, data fingerprints)."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 24), b""):
@@ -70,7 +71,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     if jax.process_index() == 0:  # after the save is final on every process (orbax's barrier)
       folder = self.path(epoch)
-      manifest = {f: [os.path.getsize(os.path.join(folder, f)), _sha256(os.path.join(folder, f))]
+      manifest = {f: [os.path.getsize(os.path.join(folder, f)), sha256_file(os.path.join(folder, f))]
                   for f in _files(folder)}
       tmp = os.path.join(folder, MANIFEST + ".tmp")
       with open(tmp, "w") as f:
@@ -94,7 +95,7 @@ class Checkpointer:
           raise CheckpointDamaged(f"checkpoint {folder}: {name} is missing")
         if os.path.getsize(path) != size:
           raise CheckpointDamaged(f"checkpoint {folder}: {name} has {os.path.getsize(path)} bytes, {size} were saved")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
           raise CheckpointDamaged(f"checkpoint {folder}: {name} is corrupted (its SHA-256 differs from the saved one)")
     try:
       self.restore_meta(epoch)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 
+from editr1_jax.checkpoint import sha256_file
 from editr1_jax.data import folder as folder_format
 
 CACHE = "source_digests.json"
@@ -32,14 +33,6 @@ class Fingerprint:
   @classmethod
   def from_json(cls, obj: dict) -> "Fingerprint":
     return cls(obj["source"], dict(obj["files"]))
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def read_files(source_dir: str, records: dict) -> list[str]:
@@ -66,7 +59,7 @@ def compute(source_dir: str, paths: list[str], cache_dir: str | None = None) -> 
     st = os.stat(path)
     key = os.path.abspath(path)
     hit = cache.get(key)
-    digest = hit[2] if hit and hit[:2] == [st.st_size, st.st_mtime_ns] else _sha256(path)
+    digest = hit[2] if hit and hit[:2] == [st.st_size, st.st_mtime_ns] else sha256_file(path)
     fresh[key] = [st.st_size, st.st_mtime_ns, digest]
     rel = os.path.relpath(key, source_dir)
     files[key if rel.startswith("..") else rel] = digest
