@@ -69,13 +69,14 @@ class Editor:
   def __call__(self, sources, instructions: Sequence[str], *, height: int | None = None, width: int | None = None,
                num_steps: int = 28, guidance: float = 3.5, seed: int = 0, solver: str = "euler",
                auto_resize: bool = True, max_area: int | None = None, noise: np.ndarray | None = None,
+               keys: np.ndarray | None = None,
                progress: Callable[[jax.Array], None] | None = None) -> tuple[np.ndarray, sampling.Rollout]:
     """Edit each source (path, PIL image or uint8 array) by its instruction -> (images in [-1, 1], rollout).
 
     Sources are resized as the family's pipeline does (`inference_image`) and must then share one size.
     The output is height x width (default: the resized sources' size), rescaled to `max_area` pixels at that
     aspect ratio if given (diffusers always rescales, to 1024 ** 2 by default). Row b samples from the key
-    fold_in(key(seed, "edit", 0), b) (`streams`), unless `noise` is given.
+    fold_in(key(seed, "edit", 0), b) (`streams`), or from `keys[b]` (host key data) if given, unless `noise` is.
     """
     family = self.family
     images = [family.inference_image(s, auto_resize) for s in sources]
@@ -89,7 +90,8 @@ class Editor:
     grid = family.grid(height, width)
     cond = family.condition(sources, list(instructions), grid=grid, guidance=guidance)
     sampler = rollouts.Sampler(family, lambda state: nnx.merge(self._graphdef, state), progress=progress)
-    x0, edited, sigmas = rollouts.generate(sampler, self._state, cond, streams.row_keys(seed, "edit", 0, len(sources)),
+    keys = streams.row_keys(seed, "edit", 0, len(sources)) if keys is None else np.asarray(keys)
+    x0, edited, sigmas = rollouts.generate(sampler, self._state, cond, keys,
                                            grid=grid, num_steps=num_steps, solver=solver, chunk=len(sources),
                                            noise=noise)
     return edited, sampling.Rollout(x0, sigmas)

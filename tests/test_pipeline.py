@@ -228,3 +228,35 @@ def test_launch_edit_refuses_bad_arguments_before_loading(tmp_path, replace, err
   lines = result.stderr.strip().splitlines()
   assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith(error.format(tmp=tmp_path)), lines
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("benchmark,items,subset", [("imgedit", 9, "all"), ("gedit", 22, "en")])
+def test_launch_evaluate_samples_judges_and_resumes(folder, qwen_reference, tmp_path, benchmark, items, subset):
+  """launch/evaluate.py end to end on a mini-benchmark (one item per category; GEdit in two languages) with the
+  tiny editor and a tiny judge (its random answers are unparseable: counted, never scored); a second run reuses
+  every edit and judgment."""
+  import subprocess
+  import sys
+
+  from editr1_jax.bench import mini
+  mini.write(str(tmp_path / "mini"), per_category=1)
+  out = tmp_path / "out"
+  command = [sys.executable, "launch/evaluate.py", f"--benchmark={benchmark}", f"--data={tmp_path / 'mini' / benchmark}",
+             f"--prompts={tmp_path / 'mini' / (benchmark + '_prompts' if benchmark == 'gedit' else 'imgedit')}",
+             f"--model={folder[0]}", f"--judge={qwen_reference[1]}", f"--out={out}", "--steps=2", "--batch_size=3",
+             "--max_new_tokens=4", "--dtype=float32", "--noauto_resize"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  first = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+  edits = [os.path.join(d, f) for d, _, fs in os.walk(out / "edits") for f in fs]
+  assert len(results) == len(edits) == items
+  summary = json.loads((out / "summary.json").read_text())["summaries"][subset]
+  assert summary["n_unparseable"] == sum(not r["parsed"] for r in results if r["language"] == subset or
+                                         subset == "all")
+  stamps = {p: os.stat(p).st_mtime_ns for p in edits}
+  second = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert {p: os.stat(p).st_mtime_ns for p in edits} == stamps
+  assert (out / "results.jsonl").read_text().count("\n") == items
+  assert json.loads((out / "summary.json").read_text())["summaries"][subset] == summary

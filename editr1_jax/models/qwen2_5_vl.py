@@ -1,9 +1,10 @@
 """Qwen2.5-VL (vision tower + Qwen2 decoder), equal to transformers' `Qwen2_5_VLForConditionalGeneration`.
 
-Prefill only. Everything that depends on the image sizes and on where the image tokens sit (the
-vision window/frame structure, the M-RoPE position ids) is computed on the host with NumPy from
-`image_grid_thw` and `input_ids` (`prepare_batch`), so the jitted part (`Qwen25VL.hidden_states`,
-`logits_at_batch`) only sees arrays of static shapes.
+Everything that depends on the image sizes and on where the image tokens sit (the vision window/frame
+structure, the M-RoPE position ids) is computed on the host with NumPy from `image_grid_thw` and
+`input_ids` (`prepare_batch`), so the jitted part (`Qwen25VL.hidden_states`, `logits_at_batch`) only
+sees arrays of static shapes. The decoder optionally reads and writes a preallocated `KVCache`
+(`editr1_jax/generation.py` decodes with it).
 
 Vision attention is exact: transformers runs it block-diagonally over the window-reordered patch
 sequence (windows of `window_size` pixels, partial at the image edges) in most blocks and over
@@ -415,6 +416,16 @@ def prepare_batch(input_ids, attention_mask, pixel_values, image_grid_thw, confi
   return Batch(ids.astype(np.int32), mask, position_ids, pixel_values, vision_layout(grids, vcfg))
 
 
+def place_batch(batch: Batch, mesh, rules=shd.DEFAULT_RULES) -> Batch:
+  """Batch-major inputs split over the data-parallel mesh axes, the vision layout replicated (as is without a mesh)."""
+  if mesh is None:
+    return batch
+  put = lambda x, axes=("batch",): jax.tree.map(lambda a: shd.put_rows(np.asarray(a), mesh, rules, axes), x)
+  replicated = put(batch, ())
+  return replicated.replace(input_ids=put(batch.input_ids), attention_mask=put(batch.attention_mask),
+                            position_ids=put(batch.position_ids, (None, "batch")), pixel_values=put(batch.pixel_values))
+
+
 # --------------------------------------------------------------------------------------------------
 def rotate_half_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """x * cos + rotate_half(x) * sin in float32; halves (not pairs) rotate together. cos/sin lack the head axis."""
@@ -578,10 +589,34 @@ class VisionTransformer(nnx.Module):
 # --------------------------------------------------------------------------------------------------
 # Qwen2 decoder.
 _HIDDEN = ("batch", "seq", "act_embed")
+_CACHE = ("batch", None, "seq", "heads", "kv")
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys (after rope) and values of every decoder layer, kv heads not repeated, preallocated in the compute dtype
+  for a whole generation so each step writes in place; positions [0, length) are filled (the same in every row)."""
+
+  keys: jax.Array  # (B, layers, T, kv_heads, head_dim)
+  values: jax.Array
+  length: jax.Array  # () int32
+
+  @classmethod
+  def empty(cls, batch: int, size: int, cfg: Qwen25VLConfig) -> "KVCache":
+    shape = (batch, cfg.num_hidden_layers, size, cfg.num_key_value_heads, cfg.head_dim)
+    zeros = shd.constrain(jnp.zeros(shape, cfg.dtype), _CACHE)
+    return cls(zeros, zeros, jnp.zeros((), jnp.int32))
+
+  def write(self, layer, k: jax.Array, v: jax.Array) -> "KVCache":
+    """The (B, n, kv_heads, head_dim) keys and values of `layer` at positions [length, length + n)."""
+    at = (0, layer, self.length, 0, 0)
+    put = lambda cache, x: jax.lax.dynamic_update_slice(cache, x[:, None].astype(cache.dtype), at)
+    return self.replace(keys=put(self.keys, k), values=put(self.values, v))
 
 
 class DecoderAttention(nnx.Module):
-  """GQA with q/k/v biases; kv heads repeated as transformers' repeat_kv (head h uses kv head h // groups)."""
+  """GQA with q/k/v biases; kv heads repeated as transformers' repeat_kv (head h uses kv head h // groups).
+  With a cache, the new tokens' keys and values are written into it and the queries attend over all its positions."""
 
   def __init__(self, f: _Factory):
     c = f.cfg
@@ -591,15 +626,18 @@ class DecoderAttention(nnx.Module):
     self.v_proj = f.dense(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "heads"))
     self.o_proj = f.dense(c.num_attention_heads * c.head_dim, c.hidden_size, ("heads", "embed"), use_bias=False)
 
-  def __call__(self, x, rope, mask):
+  def __call__(self, x, rope, mask, cache: KVCache | None, layer: int):
     c = self.cfg
     heads = lambda y: shd.constrain(y.reshape(y.shape[:2] + (-1, c.head_dim)), ("batch", "seq", "heads", "kv"))
     q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
     q, k = rotate_half_rope(q, *rope), rotate_half_rope(k, *rope)
+    if cache is not None:
+      cache = cache.write(layer, k, v)
+      k, v = cache.keys[:, layer], cache.values[:, layer]
     groups = c.num_attention_heads // c.num_key_value_heads
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     out = attention(q, k, v, mask=mask, implementation=c.attention_impl)
-    return self.o_proj(out.reshape(out.shape[:2] + (-1,)))
+    return self.o_proj(out.reshape(out.shape[:2] + (-1,))), cache
 
 
 class DecoderLayer(nnx.Module):
@@ -611,10 +649,11 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = f.rms(c.hidden_size, c.rms_norm_eps)
     self.mlp = SwiGLU(f, c.hidden_size, c.intermediate_size, use_bias=False)
 
-  def __call__(self, x, rope, mask):
-    x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+  def __call__(self, x, rope, mask, cache: KVCache | None, layer: int):
+    attended, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
+    x = x + attended
     x = x + self.mlp(self.post_attention_layernorm(x), ("batch", "seq"))
-    return shd.constrain(x, _HIDDEN)
+    return shd.constrain(x, _HIDDEN), cache
 
 
 class TextModel(nnx.Module):
@@ -628,16 +667,21 @@ class TextModel(nnx.Module):
     self.layers = nnx.List([DecoderLayer(f) for _ in range(c.num_hidden_layers)])
     self.norm = f.rms(c.hidden_size, c.rms_norm_eps)
 
-  def __call__(self, x, attention_mask, position_ids):
-    length = x.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
+  def __call__(self, x, attention_mask, position_ids, cache: KVCache | None = None):
+    """(hidden after the final norm, cache). Without a cache, x (B, L) attends to itself and `attention_mask`
+    (B, L) marks its valid tokens; with one, x holds the tokens at cache positions [length, length + n),
+    written into it, and `attention_mask` (B, T) marks the valid positions of the whole cache."""
+    start = 0 if cache is None else cache.length
+    causal = jnp.arange(attention_mask.shape[1])[None, :] <= start + jnp.arange(x.shape[1])[:, None]
     mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
     rope = mrope(position_ids, self.cfg)
     run = _blocks_runner(self.cfg)
     x = shd.constrain(x, _HIDDEN)
-    for layer in self.layers:
-      x = run(layer, x, rope, mask)
-    return self.norm(x)
+    for i, layer in enumerate(self.layers):
+      x, cache = run(layer, x, rope, mask, cache, i)
+    if cache is not None:
+      cache = cache.replace(length=cache.length + x.shape[1])
+    return self.norm(x), cache
 
 
 def scatter_image_features(embeds: jax.Array, is_image: jax.Array, features: jax.Array) -> jax.Array:
@@ -659,13 +703,17 @@ class Qwen25VL(nnx.Module):
     self.lm_head = None if cfg.tie_word_embeddings else f.dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"),
                                                                 use_bias=False)
 
-  def hidden_states(self, batch: Batch) -> jax.Array:
-    """(B, L, hidden) after the final norm."""
+  def embed(self, batch: Batch) -> jax.Array:
+    """(B, L, hidden) input embeddings, the image tokens' replaced by the vision tower's features."""
     embeds = self.language_model.embed_tokens(batch.input_ids)
     if batch.vision is not None:
       features = self.visual(batch.pixel_values, batch.vision)
       embeds = scatter_image_features(embeds, batch.input_ids == self.cfg.image_token_id, features)
-    return self.language_model(embeds, batch.attention_mask, batch.position_ids)
+    return embeds
+
+  def hidden_states(self, batch: Batch) -> jax.Array:
+    """(B, L, hidden) after the final norm."""
+    return self.language_model(self.embed(batch), batch.attention_mask, batch.position_ids)[0]
 
   def project(self, hidden: jax.Array) -> jax.Array:
     """lm_head (or the tied embedding) in the compute dtype, accumulated and returned in float32."""

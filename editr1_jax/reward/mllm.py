@@ -176,18 +176,10 @@ class MllmJudge:
                                                length=-(-longest // self.length_multiple) * self.length_multiple)
     batch = qwen2_5_vl.prepare_batch(input_ids, mask, np.concatenate([pv for _, pv, _ in padded]),
                                      np.concatenate([g for _, _, g in padded]), self.cfg)
-    s, p, v = self._step(self._state, self._place(batch), shd.put_rows(positions[:, None], self.mesh, self.rules))
+    placed = qwen2_5_vl.place_batch(batch, self.mesh, self.rules)
+    s, p, v = self._step(self._state, placed, shd.put_rows(positions[:, None], self.mesh, self.rules))
     k = len(pairs)
     return shd.to_host(s)[:k], shd.to_host(p)[:k], shd.to_host(v)[:k]
-
-  def _place(self, batch: qwen2_5_vl.Batch) -> qwen2_5_vl.Batch:
-    """Batch-major inputs split over the data-parallel mesh axes; the vision layout replicated."""
-    if self.mesh is None:
-      return batch
-    put = lambda x, axes=("batch",): shd.put_rows(np.asarray(x), self.mesh, self.rules, axes)
-    replicated = jax.tree.map(lambda x: put(x, ()), batch)
-    return replicated.replace(input_ids=put(batch.input_ids), attention_mask=put(batch.attention_mask),
-                              position_ids=put(batch.position_ids, (None, "batch")), pixel_values=put(batch.pixel_values))
 
 
 def _mesh_axes(rules, name: str) -> tuple[str, ...]:

@@ -252,20 +252,23 @@ class ChatFormatter:
       raise ProcessorError(f"{self.source}: {text!r} is not a single token (ids {ids})")
     return ids[0]
 
-  def render(self, text: str, num_images: int) -> str:
-    """The chat template applied to one user turn (images first, then text) with the answer prompt."""
+  def render(self, text: str, num_images: int, text_first: bool = False) -> str:
+    """The chat template applied to one user turn (images first, then text, or the text first) with the answer
+    prompt."""
     from transformers.utils.chat_template_utils import render_jinja_template
     for special in self._special_texts:
       if special in text:
         raise ProcessorError(f"prompt text contains the special token {special!r}: {text!r}")
     content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    if text_first:
+      content = content[-1:] + content[:-1]
     rendered, _ = render_jinja_template([[{"role": "user", "content": content}]], chat_template=self.template,
                                         add_generation_prompt=True, **self.template_kwargs)
     return rendered[0]
 
-  def encode(self, text: str, grids: Sequence[Sequence[int]]) -> np.ndarray:
+  def encode(self, text: str, grids: Sequence[Sequence[int]], text_first: bool = False) -> np.ndarray:
     """Token ids (int32) of the turn, each image's pad expanded to its number of merged patches."""
-    ids = np.asarray(self.tokenizer.encode(self.render(text, len(grids))).ids, np.int32)
+    ids = np.asarray(self.tokenizer.encode(self.render(text, len(grids), text_first)).ids, np.int32)
     pads = np.flatnonzero(ids == self.image_token_id)
     if len(pads) != len(grids):
       raise ProcessorError(f"{self.template_source}: the chat template rendered {len(pads)} {IMAGE_TOKEN} tokens "

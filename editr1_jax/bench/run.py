@@ -1,0 +1,259 @@
+"""One benchmark evaluation, end to end and resumable: edits (sampled with a model family, or read from a
+folder of another editor's outputs), the judge's answers, per-item results, summaries and a gallery.
+
+`OUT/edits/<item>.png` and `OUT/results.jsonl` are the state: an edit already on disk is not sampled again,
+an item already in results.jsonl is not judged again (a line torn by a kill is dropped and redone), so a
+killed evaluation continues where it stopped and ends with the same summary. Edits are all sampled before
+the judge is loaded: the editor and the judge are never in memory together.
+"""
+
+import json
+import logging
+import os
+from typing import Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from editr1_jax import images
+from editr1_jax.bench import aggregate, gedit, imgedit
+from editr1_jax.bench.base import BenchError, ItemResult, JudgeQuery, as_result
+
+_LOG = logging.getLogger(__name__)
+RESULTS, EDITS, GALLERY = "results.jsonl", "edits", "gallery"
+
+
+class Task(Protocol):
+  """A benchmark as the runner needs it."""
+
+  name: str
+  items: list
+
+  def edit_source(self, item) -> Image.Image: ...  # what the editor starts from
+  def judge_source(self, item) -> Image.Image: ...  # what the judge compares the edit with
+  def queries(self, item) -> Sequence[JudgeQuery]: ...
+  def result(self, item, answers: dict) -> ItemResult: ...
+  def summaries(self, results) -> dict: ...  # subset name -> aggregate.Summary
+
+
+class GEditTask:
+  """GEdit-Bench: the editor starts from `input_image_raw`, the judge compares with `input_image` (the edit
+  resized to its size), two judgments (SC, PQ)."""
+
+  name = "gedit"
+
+  def __init__(self, data: str, prompts: str | None = None, languages: Sequence[str] | None = None):
+    self.release = gedit.read(data)
+    self.prompts = gedit.load_prompts(prompts or data)
+    self.items = [i for i in self.release.items if languages is None or i.language in languages]
+
+  def edit_source(self, item):
+    return self.release.load_image(item, "raw" if "input_image_raw" in self.release.columns[item.file] else "input")
+
+  def judge_source(self, item):
+    return self.release.load_image(item, "input")
+
+  def queries(self, item):
+    return gedit.queries(item, self.prompts)
+
+  def result(self, item, answers):
+    return gedit.judge_item(item, answers["SC"], answers["PQ"])
+
+  def summaries(self, results):
+    return gedit.summarize(results)
+
+  @staticmethod
+  def judged_edit(edited: Image.Image, source: Image.Image) -> Image.Image:
+    return gedit.resize_like(edited, source)
+
+
+class ImgEditTask:
+  """ImgEdit Basic: one judgment of three criteria per item, the prompt of its edit type."""
+
+  name = "imgedit"
+
+  def __init__(self, data: str, prompts: str | None = None):
+    self.items = imgedit.read(data)
+    self.prompts = imgedit.load_prompts(prompts or imgedit.find_folder(data, imgedit.PROMPTS_FILE))
+
+  def edit_source(self, item):
+    return images.load_rgb(item.image_path)
+
+  judge_source = edit_source
+
+  def queries(self, item):
+    return (imgedit.query(item, self.prompts),)
+
+  def result(self, item, answers):
+    return imgedit.judge_item(item, answers["score"])
+
+  def summaries(self, results):
+    return {"all": imgedit.summarize(results)}
+
+  @staticmethod
+  def judged_edit(edited: Image.Image, source: Image.Image) -> Image.Image:
+    return edited
+
+
+TASKS = {"gedit": GEditTask, "imgedit": ImgEditTask}
+
+
+def make_task(benchmark: str, data: str, prompts: str | None = None) -> Task:
+  if benchmark not in TASKS:
+    raise BenchError(f"benchmark {benchmark!r}: expected one of {sorted(TASKS)}")
+  return TASKS[benchmark](data, prompts)
+
+
+# ---------------------------------------------------------------------------------------------------------- edits
+def edit_path(edits_dir: str, item) -> str:
+  return os.path.join(edits_dir, item.edited_name)
+
+
+def _save_atomic(image: Image.Image, path: str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.png"
+  image.save(tmp)
+  os.replace(tmp, path)
+
+
+def sample_edits(task: Task, edit: Callable, edits_dir: str, *, batch_size: int = 1,
+                 progress: Callable[[int], None] | None = None) -> int:
+  """Writes the missing edits: `edit(sources (PIL list), instructions, indices) -> uint8 images`; items whose
+  sources resize to one size go in batches of `batch_size`. Returns how many were sampled."""
+  todo = [(i, item) for i, item in enumerate(task.items) if not os.path.isfile(edit_path(edits_dir, item))]
+  by_size: dict = {}
+  for i, item in todo:
+    by_size.setdefault(task.edit_source(item).size, []).append((i, item))
+  done = 0
+  for group in by_size.values():
+    for start in range(0, len(group), batch_size):
+      part = group[start:start + batch_size]
+      out = edit([task.edit_source(item) for _, item in part], [item.instruction for _, item in part],
+                 [i for i, _ in part])
+      for (_, item), pixels in zip(part, out):  # each edit saved as it comes: a kill costs at most one batch
+        _save_atomic(Image.fromarray(np.asarray(pixels)), edit_path(edits_dir, item))
+      done += len(part)
+      if progress:
+        progress(len(part))
+  return done
+
+
+# -------------------------------------------------------------------------------------------------------- judging
+def read_done(path: str) -> dict[str, ItemResult]:
+  """The results already written; a last line torn by a kill is dropped (that item is judged again)."""
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  done, kept = {}, []
+  for n, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      result = as_result(json.loads(line), where=f"{path}:{n}")
+    except (json.JSONDecodeError, BenchError):
+      if n >= len(lines) - 1:  # only the last line can be torn
+        _LOG.warning("%s:%d: an unfinished line (a killed run) is dropped; its item is judged again", path, n)
+        break
+      raise BenchError(f"{path}:{n}: not a result line") from None
+    done[result.id] = result
+    kept.append(line)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("".join(k + "\n" for k in kept))
+  return done
+
+
+class Judge(Protocol):
+  def answer(self, requests: Sequence[tuple[str, Sequence[Image.Image], bool]]) -> list[str]:
+    """(prompt, images in order, text first?) per request -> the judge's answers."""
+
+
+def judge_items(task: Task, judge: Judge, edits_dir: str, results_path: str, *, batch_size: int = 1,
+                progress: Callable[[int], None] | None = None) -> dict[str, ItemResult]:
+  """Judges every item not in `results_path` yet (appending a line per item as soon as it is judged)."""
+  done = read_done(results_path)
+  todo = [item for item in task.items if item.id not in done]
+  missing = [edit_path(edits_dir, i) for i in todo if not os.path.isfile(edit_path(edits_dir, i))]
+  if missing:
+    raise BenchError(f"{edits_dir}: {len(missing)} edit(s) missing, e.g. {missing[:3]}")
+  with open(results_path, "a", encoding="utf-8") as out:
+    for start in range(0, len(todo), batch_size):
+      part = todo[start:start + batch_size]
+      requests, owners = [], []
+      for item in part:
+        source = task.judge_source(item)
+        edited = task.judged_edit(images.load_rgb(edit_path(edits_dir, item)), source)
+        pictures = {"source": source, "edited": edited}
+        for q in task.queries(item):
+          requests.append((q.prompt, [pictures[role] for role in q.images], q.text_first))
+          owners.append((item, q.judgement))
+      answers = judge.answer(requests)
+      by_item: dict = {}
+      for (item, judgement), text in zip(owners, answers):
+        by_item.setdefault(item.id, {})[judgement] = text
+      for item in part:
+        result = task.result(item, by_item[item.id])
+        out.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+        out.flush()
+        done[item.id] = result
+      if progress:
+        progress(len(part))
+  return done
+
+
+# -------------------------------------------------------------------------------------------------------- reports
+def write_summary(task: Task, results: Iterable[ItemResult], out: str, compare_out: str | None = None) -> dict:
+  """OUT/summary.json and OUT/summary.md (with another run's results: both and the deltas)."""
+  summaries = task.summaries(list(results))
+  report = {"benchmark": task.name, "summaries": {k: s.to_dict() for k, s in summaries.items()}}
+  md = [f"# {task.name}", "", aggregate.to_markdown(summaries)]
+  if compare_out:
+    other = task.summaries(list(read_done(os.path.join(compare_out, RESULTS)).values()))
+    comparison = aggregate.compare(other, summaries)
+    report["compare"] = {"other": os.path.abspath(compare_out), **{k: c.to_dict() for k, c in comparison.items()}}
+    md += ["", f"## against {compare_out}", "", aggregate.comparison_markdown(comparison, names=("other", "this"))]
+  with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2, ensure_ascii=False)
+  with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(md) + "\n")
+  return report
+
+
+def _score_line(result: ItemResult | None) -> str:
+  if result is None:
+    return "not judged"
+  if not result.parsed:
+    return "unparseable"
+  return " ".join(f"{k} {'/'.join(f'{v:g}' for v in vals)}" for k, vals in result.subscores.items())
+
+
+def write_gallery(task: Task, results: dict, out: str, compare_out: str | None = None, *, per_category: int = 8,
+                  side: int = 192) -> list[str]:
+  """OUT/gallery/<category>.png: rows of source | this run's edit | the other run's edit, each with its scores."""
+  other = read_done(os.path.join(compare_out, RESULTS)) if compare_out else {}
+  runs = [(out, results)] + ([(compare_out, other)] if compare_out else [])
+  by_category: dict = {}
+  for item in task.items:
+    category = getattr(item, "task_type", None) or item.edit_type
+    by_category.setdefault(category, []).append(item)
+  written = []
+  for category, items in by_category.items():
+    items = items[:per_category]
+    label = 14
+    grid = Image.new("RGB", ((1 + len(runs)) * side, len(items) * (side + label)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, item in enumerate(items):
+      y = r * (side + label)
+      cells = [("source", task.judge_source(item))]
+      for run_out, run_results in runs:
+        path = edit_path(os.path.join(run_out, EDITS), item)
+        picture = images.load_rgb(path) if os.path.isfile(path) else Image.new("RGB", (side, side))
+        cells.append((_score_line(run_results.get(item.id)), picture))
+      for c, (caption, picture) in enumerate(cells):
+        grid.paste(picture.resize((side, side)), (c * side, y + label))
+        draw.text((c * side + 2, y), caption[:40], fill=(0, 0, 0))
+    path = os.path.join(out, GALLERY, f"{category.replace('/', '_')}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+    written.append(path)
+  return written

@@ -1,0 +1,128 @@
+"""Benchmark an editor: GEdit-Bench (VIEScore) or ImgEdit (Basic), sampled and judged in JAX, resumable.
+
+  python launch/evaluate.py --benchmark=gedit|imgedit --data=DIR --model=PIPELINE_DIR [--lora=FILE] \
+      --judge=QWEN_DIR --out=OUT [--prompts=DIR_OR_FILE] [--compare=OTHER_OUT] [--edits=DIR]
+
+--data is the benchmark's release as distributed (GEdit-Bench: its Parquet or Arrow files; ImgEdit: the
+unpacked Benchmark/singleturn/ with singleturn.json); --prompts the benchmark's own judge prompts (default:
+looked for in --data). --edits judges edits made elsewhere (any editor: <item>.png as OUT/edits/ lays them
+out) instead of sampling. Writes OUT/edits/, OUT/results.jsonl, OUT/summary.json, OUT/summary.md and
+OUT/gallery/<category>.png; with --compare, both runs side by side. Run it again to continue a killed run.
+Sampling settings default to the ones the benchmark reproductions use for Kontext (28 Euler steps,
+guidance 3.5, Kontext's resolution rule).
+"""
+
+import os
+import shutil
+import sys
+
+from absl import app, flags, logging
+
+flags.DEFINE_enum("benchmark", None, ["gedit", "imgedit"], "Which benchmark protocol.")
+flags.DEFINE_string("data", None, "The benchmark's release folder.")
+flags.DEFINE_string("prompts", None, "The benchmark's judge prompts (default: found in --data).")
+flags.DEFINE_string("model", None, "The editor's pipeline folder (diffusers layout); not needed with --edits.")
+flags.DEFINE_string("family", "kontext", "The editor's model family.")
+flags.DEFINE_string("lora", None, "A LoRA file to apply to the editor (our export or diffusers / peft).")
+flags.DEFINE_float("lora_alpha", None, "LoRA alpha, only for a file without rank/alpha metadata.")
+flags.DEFINE_string("edits", None, "Judge the edits in this folder instead of sampling (<item>.png).")
+flags.DEFINE_string("judge", None, "The judge: a Qwen2.5-VL folder (transformers layout).")
+flags.DEFINE_string("out", None, "Output folder (reused: what it holds is not computed again).")
+flags.DEFINE_string("compare", None, "Another evaluation's OUT, put side by side with this one.")
+flags.DEFINE_integer("steps", 28, "Sampling steps.")
+flags.DEFINE_float("guidance", 3.5, "Guidance-embedding value.")
+flags.DEFINE_enum("sampler", "euler", ["euler", "dpm2", "sde"], "Solver.")
+flags.DEFINE_integer("seed", 0, "Seed: item i's noise is fold_in(key(seed, 'edit'), i).")
+flags.DEFINE_bool("auto_resize", True, "Resize sources as the family's pipeline does (Kontext: its training "
+                  "resolutions); else only floor their sides to the model's multiple.")
+flags.DEFINE_integer("batch_size", 1, "Items per sampling / judging call (a multiple of the device count splits "
+                     "them over the devices).")
+flags.DEFINE_integer("max_new_tokens", 512, "Most tokens of a judge answer.")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype of the editor and the judge.")
+FLAGS = flags.FLAGS
+
+
+def _check_flags() -> None:
+  """Every flag before anything is loaded; exits with one line naming the flag."""
+  def need_dir(name, required=True):
+    value = FLAGS[name].value
+    if value is None and not required:
+      return
+    if value is None or not os.path.isdir(value):
+      sys.exit(f"error: --{name}: {value} is not a folder")
+  need_dir("data")
+  need_dir("judge")
+  need_dir("edits", required=False)
+  need_dir("compare", required=False)
+  if FLAGS.edits is None:
+    need_dir("model")
+  if FLAGS.lora is not None and not os.path.isfile(FLAGS.lora):
+    sys.exit(f"error: --lora: {FLAGS.lora} not found")
+  if FLAGS.out is None or os.path.isfile(FLAGS.out):
+    sys.exit(f"error: --out: {FLAGS.out} must be a folder")
+  if FLAGS.prompts is not None and not os.path.exists(FLAGS.prompts):
+    sys.exit(f"error: --prompts: {FLAGS.prompts} not found")
+  for name, low in (("steps", 1), ("batch_size", 1), ("max_new_tokens", 1)):
+    if FLAGS[name].value < low:
+      sys.exit(f"error: --{name} must be at least {low}, got {FLAGS[name].value}")
+  if FLAGS.guidance < 0:
+    sys.exit(f"error: --guidance must be >= 0, got {FLAGS.guidance}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  _check_flags()
+  import gc
+
+  from tqdm import tqdm
+
+  from editr1_jax import sharding as shd
+  from editr1_jax.bench import BenchError, run
+  mesh = shd.make_mesh((-1, 1, 1))  # data-parallel over every device: a batch's rows split where they divide
+  try:
+    task = run.make_task(FLAGS.benchmark, FLAGS.data, FLAGS.prompts)
+  except BenchError as e:
+    sys.exit(f"error: {e}")
+  edits_dir = os.path.join(FLAGS.out, run.EDITS)
+  os.makedirs(edits_dir, exist_ok=True)
+  if FLAGS.edits is not None:  # another editor's outputs: copied in, so OUT is a complete record
+    for item in task.items:
+      src = run.edit_path(FLAGS.edits, item)
+      if not os.path.isfile(src):
+        sys.exit(f"error: --edits: {src} not found (item {item.id})")
+      if not os.path.isfile(run.edit_path(edits_dir, item)):
+        os.makedirs(os.path.dirname(run.edit_path(edits_dir, item)), exist_ok=True)
+        shutil.copyfile(src, run.edit_path(edits_dir, item))
+  else:
+    from editr1_jax import metrics, streams
+    from editr1_jax.pipeline import Editor
+    editor = Editor.from_folder(FLAGS.model, family=FLAGS.family, dtype=FLAGS.dtype, lora_weights=FLAGS.lora,
+                                lora_alpha=FLAGS.lora_alpha, mesh=mesh)
+    keys = streams.row_keys(FLAGS.seed, "edit", 0, len(task.items))
+
+    def edit(sources, instructions, indices):
+      images, _ = editor(sources, instructions, num_steps=FLAGS.steps, guidance=FLAGS.guidance, keys=keys[indices],
+                         solver=FLAGS.sampler, auto_resize=FLAGS.auto_resize)
+      return metrics.to_uint8(images)
+
+    with tqdm(total=len(task.items), desc="editing", unit="item") as bar:
+      run.sample_edits(task, edit, edits_dir, batch_size=FLAGS.batch_size, progress=bar.update)
+    del editor, edit
+    gc.collect()  # the editor leaves before the judge comes
+  from editr1_jax.bench.judge import QwenJudge
+  judge = QwenJudge(FLAGS.judge, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
+                    mesh=mesh)
+  with tqdm(total=len(task.items), desc="judging", unit="item") as bar:
+    results = run.judge_items(task, judge, edits_dir, os.path.join(FLAGS.out, run.RESULTS),
+                              batch_size=FLAGS.batch_size, progress=bar.update)
+  run.write_summary(task, results.values(), FLAGS.out, FLAGS.compare)
+  run.write_gallery(task, results, FLAGS.out, FLAGS.compare)
+  with open(os.path.join(FLAGS.out, "summary.md"), encoding="utf-8") as f:
+    print(f.read())
+
+
+if __name__ == "__main__":
+  app.run(main)
