@@ -22,6 +22,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 10  # epochs (0: never)
   c.eval_before_training = True  # also evaluate the starting weights (epoch 0)
   c.eval_samples = -1  # -1: every test record; N > 0: the first N
+  # Optionally a benchmark's own protocol at every evaluation too (held-out items of its release, judged by
+  # generation with an open Qwen2.5-VL; see launch/evaluate.py for the formats): "" | "gedit" | "imgedit".
+  c.eval_benchmark = ""
+  c.eval_benchmark_dir = ""  # the release folder (a held-out subset)
+  c.eval_benchmark_prompts = ""  # the benchmark's judge prompts (default: found in eval_benchmark_dir)
+  c.eval_judge_dir = ""  # the judge: a Qwen2.5-VL folder
+  c.eval_judge_max_new_tokens = 512
   c.log_images_every = 1  # epochs; TensorBoard image grid of the first groups (0: never)
   c.max_nonfinite_updates = 3  # consecutive refused (non-finite) updates before the run stops
   c.max_invalid_reward_epochs = 3  # consecutive epochs without one valid reward before the run stops

@@ -1,10 +1,12 @@
 """Training-time evaluation: one rollout per test record with the given parameters (the EMA weights),
 scored by the run's reward, with the same noise at every evaluation (docs/METHOD.md section 12 says
-which settings the public run uses)."""
+which settings the public run uses); optionally a benchmark's protocol on a held-out set as well."""
+
+import os
 
 import numpy as np
 
-from editr1_jax import rollouts, streams
+from editr1_jax import metrics, rollouts, streams
 from editr1_jax.data import builder as data_builder
 
 
@@ -20,3 +22,53 @@ def evaluate(family, sampler, states, split: data_builder.Split, reward, config,
   scores, valid = rollouts.score(reward, result, records)
   return {"eval/reward_mean": float(np.mean(scores[valid])) if valid.any() else float("nan"),
           "eval/invalid": int((~valid).sum()), "eval/samples": n}
+
+
+class BenchmarkEval:
+  """A benchmark protocol (GEdit-Bench / ImgEdit, `config.eval_benchmark`) on a held-out release folder, run at
+  every evaluation beside the reward: the EMA policy edits each item at the training resolution (the same noise
+  every time), an open judge (`config.eval_judge_dir`, loaded at the first evaluation and kept) answers the
+  benchmark's prompts, and the benchmark's own overall scores become eval/<benchmark>/<subset>/<metric>.
+  Edits, answers and summary of evaluation after epoch E are kept in `<workdir>/eval/<benchmark>/<E>/`."""
+
+  def __init__(self, config, workdir: str, mesh=None, rules=None):
+    import jax
+
+    from editr1_jax.bench import run
+    if jax.process_count() > 1:  # its files are written as one process sees them
+      raise ValueError("config.eval_benchmark runs in single-process runs; evaluate a multi-host run's export with "
+                       "launch/evaluate.py")
+    self.config, self.run, self.mesh, self.rules = config, run, mesh, rules
+    try:
+      self.task = run.make_task(config.eval_benchmark, config.eval_benchmark_dir,
+                                config.eval_benchmark_prompts or None)
+    except run.BenchError as e:
+      raise ValueError(f"config.eval_benchmark_dir: {e}") from e
+    self.folder = os.path.join(workdir, "eval", config.eval_benchmark)
+    self._judge = None
+
+  def __call__(self, family, sampler, states, epoch: int, *, chunk: int, desc: str | None = None) -> dict:
+    config, run = self.config, self.run
+    out = os.path.join(self.folder, f"{epoch:05d}")
+    records = [{"id": i, "image": self.task.edit_source(item), "prompt": item.instruction}
+               for i, item in enumerate(self.task.items)]
+    result = rollouts.collect(
+        family, sampler, states, records, streams.row_keys(config.seed, "eval", 1, len(records)),
+        resolution=config.data.resolution, num_steps=config.rollout.eval_steps, solver=config.rollout.eval_sampler,
+        guidance=config.rollout.eval_guidance, chunk=chunk, desc=desc)
+    edits = metrics.to_uint8(np.nan_to_num(result.edits, nan=-1.0))
+    run.sample_edits(self.task, lambda sources, instructions, idx: edits[idx], os.path.join(out, run.EDITS))
+    if self._judge is None:
+      from editr1_jax.bench.judge import QwenJudge
+      self._judge = QwenJudge(config.eval_judge_dir, max_new_tokens=config.eval_judge_max_new_tokens,
+                              batch_size=config.reward.batch_size, dtype=config.reward.dtype, mesh=self.mesh,
+                              rules=self.rules)
+    results = run.judge_items(self.task, self._judge, os.path.join(out, run.EDITS), os.path.join(out, run.RESULTS),
+                              batch_size=config.reward.batch_size)
+    report = run.write_summary(self.task, results.values(), out)
+    scores = {}
+    for subset, summary in report["summaries"].items():
+      prefix = f"eval/{config.eval_benchmark}/{subset}"
+      scores.update({f"{prefix}/{m}": float("nan") if v is None else v for m, v in summary["overall"].items()})
+      scores[f"{prefix}/unparseable"] = summary["n_unparseable"]
+    return scores

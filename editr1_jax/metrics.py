@@ -76,4 +76,6 @@ def summary_line(epoch: int, num_epochs: int, m: dict) -> str:
               f"rollout {m['time/rollout_s']:.1f}s reward {m['time/reward_s']:.1f}s train {m['time/train_s']:.1f}s"]
   if "eval/reward_mean" in m:
     parts.append(f"eval reward {m['eval/reward_mean']:.4f}")
+  for key in sorted(k for k in m if k.count("/") == 3 and k.startswith("eval/")):  # eval/<benchmark>/<subset>/<metric>
+    parts.append(f"{key[len('eval/'):]} {m[key]:.4g}")
   return " | ".join(parts)

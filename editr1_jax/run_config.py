@@ -69,7 +69,7 @@ DECAY = Range(0, 1, high_open=True)  # Adam betas, EMA decay: 1 would never move
 RANGES = {
     "seed": _ints(0), "num_epochs": _ints(1), "checkpoint_every": _ints(1), "keep_checkpoints": _ints(1),
     "eval_every": _ints(0), "eval_samples": _ints(-1), "log_images_every": _ints(0),
-    "max_nonfinite_updates": _ints(1), "max_invalid_reward_epochs": _ints(1),
+    "max_nonfinite_updates": _ints(1), "max_invalid_reward_epochs": _ints(1), "eval_judge_max_new_tokens": _ints(1),
     "data.groups_per_epoch": _ints(1), "data.group_size": _ints(2), "data.resolution": _ints(16),
     "data.t5_max_length": _ints(1), "data.prompt_cache_entries": _ints(1),
     "rollout.num_steps": _ints(1), "rollout.batch_size": _ints(1), "rollout.eval_steps": _ints(1),
@@ -86,7 +86,8 @@ RANGES = {
 # Fields a resumed run may change: they do not change what the saved state means (cadence, logging, evaluation,
 # batching of pure inference calls, where the data copy lives, the mesh the state is restored into). The
 # dataset's content is checked by its fingerprint, not by its path.
-RESUME_SAFE = ("num_epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples",
+RESUME_SAFE = ("num_epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "eval_benchmark",
+               "eval_benchmark_dir", "eval_benchmark_prompts", "eval_judge_dir", "eval_judge_max_new_tokens",
                "eval_before_training", "log_images_every", "max_nonfinite_updates", "max_invalid_reward_epochs",
                "resume_accept", "rollout.eval_steps", "rollout.eval_guidance", "rollout.eval_sampler",
                "reward.batch_size", "data.tfds_dir", "data.prompt_cache_entries", "data.dataset_dir",
@@ -136,6 +137,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
       raise ConfigError(str(e)) from e
   for field in config.resume_accept:
     _get(config, field)
+  if config.eval_benchmark:
+    from editr1_jax.bench.run import TASKS
+    if config.eval_benchmark not in TASKS:
+      raise ConfigError(f"config.eval_benchmark = {config.eval_benchmark!r}; expected '' or one of {sorted(TASKS)}")
+    _require_dir(config, "eval_benchmark_dir")
+    _require_dir(config, "eval_judge_dir")
+    if config.eval_benchmark_prompts and not os.path.exists(config.eval_benchmark_prompts):
+      raise ConfigError(f"config.eval_benchmark_prompts = {config.eval_benchmark_prompts!r}: not found")
   rollouts = config.data.groups_per_epoch * config.data.group_size
   if rollouts % num_processes:
     raise ConfigError(f"config.data.groups_per_epoch * config.data.group_size = {rollouts} rollouts do not divide "

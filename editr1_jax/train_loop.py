@@ -140,6 +140,8 @@ class Trainer:
     self.test_split = data_builder.Split(built, "test")
     self.sampler = GroupedSampler(len(self.train_split), config.data.groups_per_epoch, config.data.group_size,
                                   config.seed)
+    self.benchmark = (evaluation.BenchmarkEval(config, workdir, self.mesh, self.rules) if config.eval_benchmark
+                      else None)
 
     self.family = families.build(config, self.mesh, self.rules)
     self.grid = self.family.grid(config.data.resolution, config.data.resolution)
@@ -235,10 +237,13 @@ class Trainer:
                         f"{self.epoch} (saved). Check the judge: python launch/score.py --model=... on one edit.")
 
   def evaluate(self) -> dict:
-    """The EMA parameters on the test split (docs/METHOD.md section 2, step 7)."""
-    return evaluation.evaluate(self.family, self.rollout_sampler, (self.state.ema_params, self.frozen),
-                               self.test_split, self.reward, self.config, chunk=self.chunk,
-                               desc="eval" if self.is_main else None)
+    """The EMA parameters on the test split (docs/METHOD.md section 2, step 7), and on the benchmark if any."""
+    states, desc = (self.state.ema_params, self.frozen), "eval" if self.is_main else None
+    out = evaluation.evaluate(self.family, self.rollout_sampler, states, self.test_split, self.reward, self.config,
+                              chunk=self.chunk, desc=desc)
+    if self.benchmark is not None:
+      out.update(self.benchmark(self.family, self.rollout_sampler, states, self.epoch, chunk=self.chunk, desc=desc))
+    return out
 
   # ------------------------------------------------------------------------------------------------
   def _sync(self, name: str) -> None:

@@ -8,10 +8,11 @@ unpacked Benchmark/singleturn/ with singleturn.json); --prompts the benchmark's 
 looked for in --data). --edits judges edits made elsewhere (any editor: <item>.png as OUT/edits/ lays them
 out) instead of sampling. Writes OUT/edits/, OUT/results.jsonl, OUT/summary.json, OUT/summary.md and
 OUT/gallery/<category>.png; with --compare, both runs side by side. Run it again to continue a killed run.
-Sampling settings default to the ones the benchmark reproductions use for Kontext (28 Euler steps,
-guidance 3.5, Kontext's resolution rule).
+Sampling settings default to the family's `benchmark_sampling`, the settings the benchmark reproductions use
+(Kontext: 28 Euler steps, guidance 3.5, its resolution rule).
 """
 
+import json
 import os
 import shutil
 import sys
@@ -29,9 +30,11 @@ flags.DEFINE_string("edits", None, "Judge the edits in this folder instead of sa
 flags.DEFINE_string("judge", None, "The judge: a Qwen2.5-VL folder (transformers layout).")
 flags.DEFINE_string("out", None, "Output folder (reused: what it holds is not computed again).")
 flags.DEFINE_string("compare", None, "Another evaluation's OUT, put side by side with this one.")
-flags.DEFINE_integer("steps", 28, "Sampling steps.")
-flags.DEFINE_float("guidance", 3.5, "Guidance-embedding value.")
-flags.DEFINE_enum("sampler", "euler", ["euler", "dpm2", "sde"], "Solver.")
+flags.DEFINE_string("reward_model", None, "Also report our training reward (a Qwen2.5-VL folder's logit-expectation "
+                    "score) beside the benchmark's judge.")
+flags.DEFINE_integer("steps", None, "Sampling steps (default: the family's `benchmark_sampling`).")
+flags.DEFINE_float("guidance", None, "Guidance-embedding value (default: the family's `benchmark_sampling`).")
+flags.DEFINE_enum("sampler", None, ["euler", "dpm2", "sde"], "Solver (default: the family's `benchmark_sampling`).")
 flags.DEFINE_integer("seed", 0, "Seed: item i's noise is fold_in(key(seed, 'edit'), i).")
 flags.DEFINE_bool("auto_resize", True, "Resize sources as the family's pipeline does (Kontext: its training "
                   "resolutions); else only floor their sides to the model's multiple.")
@@ -54,6 +57,7 @@ def _check_flags() -> None:
   need_dir("judge")
   need_dir("edits", required=False)
   need_dir("compare", required=False)
+  need_dir("reward_model", required=False)
   if FLAGS.edits is None:
     need_dir("model")
   if FLAGS.lora is not None and not os.path.isfile(FLAGS.lora):
@@ -62,6 +66,12 @@ def _check_flags() -> None:
     sys.exit(f"error: --out: {FLAGS.out} must be a folder")
   if FLAGS.prompts is not None and not os.path.exists(FLAGS.prompts):
     sys.exit(f"error: --prompts: {FLAGS.prompts} not found")
+  from editr1_jax import families
+  if FLAGS.family not in families.FAMILIES:
+    sys.exit(f"error: --family: {FLAGS.family!r} is not one of {sorted(families.FAMILIES)}")
+  for name, value in families.family_class(FLAGS.family).benchmark_sampling.items():
+    if FLAGS[name].value is None:
+      FLAGS[name].value = value
   for name, low in (("steps", 1), ("batch_size", 1), ("max_new_tokens", 1)):
     if FLAGS[name].value < low:
       sys.exit(f"error: --{name} must be at least {low}, got {FLAGS[name].value}")
@@ -118,7 +128,21 @@ def main(argv):
   with tqdm(total=len(task.items), desc="judging", unit="item") as bar:
     results = run.judge_items(task, judge, edits_dir, os.path.join(FLAGS.out, run.RESULTS),
                               batch_size=FLAGS.batch_size, progress=bar.update)
-  run.write_summary(task, results.values(), FLAGS.out, FLAGS.compare)
+  del judge
+  gc.collect()
+  report = run.write_summary(task, results.values(), FLAGS.out, FLAGS.compare)
+  if FLAGS.reward_model is not None:
+    from editr1_jax.reward.mllm import MllmJudge
+    scorer = MllmJudge(FLAGS.reward_model, dtype=FLAGS.dtype, mesh=mesh, batch_size=FLAGS.batch_size)
+    rows = run.reward_items(task, scorer, edits_dir, os.path.join(FLAGS.out, run.REWARD), batch_size=FLAGS.batch_size)
+    report["reward"] = run.reward_summary(rows.values())
+    with open(os.path.join(FLAGS.out, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(FLAGS.out, "summary.md"), "a", encoding="utf-8") as f:
+      f.write(f"\n## our reward ({FLAGS.reward_model}), mean per category\n\n| category | n | invalid | reward |\n"
+              "|---|---|---|---|\n" + "".join(f"| {c} | {s['n']} | {s['invalid']} | {s['mean']} |\n"
+                                             for c, s in report["reward"]["categories"].items())
+              + f"| overall | | | {report['reward']['overall']} |\n")
   run.write_gallery(task, results, FLAGS.out, FLAGS.compare)
   with open(os.path.join(FLAGS.out, "summary.md"), encoding="utf-8") as f:
     print(f.read())

@@ -244,7 +244,7 @@ def test_launch_evaluate_samples_judges_and_resumes(folder, qwen_reference, tmp_
   command = [sys.executable, "launch/evaluate.py", f"--benchmark={benchmark}", f"--data={tmp_path / 'mini' / benchmark}",
              f"--prompts={tmp_path / 'mini' / (benchmark + '_prompts' if benchmark == 'gedit' else 'imgedit')}",
              f"--model={folder[0]}", f"--judge={qwen_reference[1]}", f"--out={out}", "--steps=2", "--batch_size=3",
-             "--max_new_tokens=4", "--dtype=float32", "--noauto_resize"]
+             "--max_new_tokens=4", "--dtype=float32", "--noauto_resize", f"--reward_model={qwen_reference[1]}"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   first = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -254,6 +254,8 @@ def test_launch_evaluate_samples_judges_and_resumes(folder, qwen_reference, tmp_
   summary = json.loads((out / "summary.json").read_text())["summaries"][subset]
   assert summary["n_unparseable"] == sum(not r["parsed"] for r in results if r["language"] == subset or
                                          subset == "all")
+  reward = json.loads((out / "summary.json").read_text())["reward"]  # our logit score beside the judge's
+  assert sum(c["n"] for c in reward["categories"].values()) == items and 0 <= reward["overall"] <= 1
   stamps = {p: os.stat(p).st_mtime_ns for p in edits}
   second = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]

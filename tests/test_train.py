@@ -242,3 +242,18 @@ def test_a_judge_without_valid_scores_stops_the_run_after_saving(tmp_path):
   with pytest.raises(train_loop.RewardError, match="2 consecutive epochs without one valid reward"):
     trainer.run_epoch()
   assert trainer.checkpoints.all_epochs() == [2]
+
+
+def test_evaluation_with_a_benchmark_protocol(tmp_path, qwen_reference):
+  """config.eval_benchmark: the EMA policy's edits of a held-out ImgEdit set judged by generation; the benchmark's
+  overall (here NaN: the tiny judge's answers are unparseable, and counted) is an eval metric."""
+  from editr1_jax.bench import mini
+  mini.write(str(tmp_path / "mini"), per_category=1)
+  trainer = train_loop.Trainer(tiny_config(**{"eval_benchmark": "imgedit", "eval_benchmark_dir": str(tmp_path / "mini" / "imgedit"),
+                                              "eval_judge_dir": qwen_reference[1], "eval_judge_max_new_tokens": 4,
+                                              "reward.batch_size": 3}), str(tmp_path / "run"))
+  scores = trainer.evaluate()
+  assert scores["eval/imgedit/all/unparseable"] + (0 if np.isnan(scores["eval/imgedit/all/score"]) else 1) >= 1
+  assert {"eval/reward_mean", "eval/imgedit/all/score"} <= set(scores)
+  done = tmp_path / "run" / "eval" / "imgedit" / "00000"
+  assert (done / "summary.json").is_file() and len((done / "results.jsonl").read_text().splitlines()) == 9

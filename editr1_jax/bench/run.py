@@ -257,3 +257,52 @@ def write_gallery(task: Task, results: dict, out: str, compare_out: str | None =
     grid.save(path)
     written.append(path)
   return written
+
+
+# ------------------------------------------------------------------------------------------- our reward beside it
+REWARD = "reward.jsonl"
+
+
+def reward_items(task: Task, judge, edits_dir: str, path: str, *, batch_size: int = 8) -> dict[str, dict]:
+  """Our training reward (the logit-expectation score of `reward.mllm.MllmJudge`, requirement left empty) of every
+  item not in `path` yet, one JSON line per item: {"id", "category", "reward", "valid"}."""
+  done = {}
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line: that item is scored again
+          continue
+        done[row["id"]] = row
+  todo = [item for item in task.items if item.id not in done]
+  with open(path, "a", encoding="utf-8") as out:
+    for start in range(0, len(todo), batch_size):
+      part = todo[start:start + batch_size]
+      sources = [task.judge_source(item) for item in part]
+      edits = [task.judged_edit(images.load_rgb(edit_path(edits_dir, item)), s) for item, s in zip(part, sources)]
+      scored = judge.score([np.asarray(s) for s in sources], [np.asarray(e) for e in edits],
+                           [item.instruction for item in part], [""] * len(part))
+      for item, score, valid in zip(part, scored.scores, scored.valid):
+        row = {"id": item.id, "category": _category(item), "reward": float(score) if valid else None,
+               "valid": bool(valid)}
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        out.flush()
+        done[item.id] = row
+  return done
+
+
+def _category(item) -> str:
+  return getattr(item, "task_type", None) or item.edit_type
+
+
+def reward_summary(rows: Iterable[dict]) -> dict:
+  """Per category the mean valid reward and the invalid count; the overall as the benchmarks average (categories)."""
+  by: dict = {}
+  for row in rows:
+    by.setdefault(row["category"], []).append(row)
+  cats = {c: {"n": len(r), "invalid": sum(not x["valid"] for x in r),
+              "mean": float(np.mean([x["reward"] for x in r if x["valid"]])) if any(x["valid"] for x in r) else None}
+          for c, r in sorted(by.items())}
+  means = [c["mean"] for c in cats.values()]
+  return {"categories": cats, "overall": None if not means or None in means else float(np.mean(means))}

@@ -21,6 +21,7 @@ class Family(Protocol):
   """A loaded base model. Host arrays in, host arrays out, except `velocity` (pure, jit-traced)."""
 
   name: ClassVar[str]
+  benchmark_sampling: ClassVar[dict]  # steps, guidance, sampler the benchmark reproductions use (launch/evaluate.py)
   transformer: nnx.Module  # the policy network (with its LoRA adapters when trained with LoRA)
 
   @staticmethod

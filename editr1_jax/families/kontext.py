@@ -98,6 +98,9 @@ class Kontext:
   velocity = staticmethod(velocity)
   weight_table, lora_weight_table = flux.FLUX_WEIGHTS, flux.FLUX_LORA_WEIGHTS
   lora_prefixes = flux.LORA_PREFIXES
+  # How the benchmark reproductions sample FLUX.1-Kontext-dev (GEdit-Bench, ImgEdit): the diffusers pipeline's
+  # defaults, 28 Euler steps at guidance 3.5, inputs at Kontext's training resolutions (`inference_image`).
+  benchmark_sampling = {"steps": 28, "guidance": 3.5, "sampler": "euler"}
 
   def __init__(self, transformer: flux.FluxTransformer, vae: autoencoder.Autoencoder, text: TextEncoders,
                shift: sampling.ShiftConfig = sampling.FLUX_SHIFT, *, mesh=None, rules=shd.DEFAULT_RULES,
