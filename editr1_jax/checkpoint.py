@@ -54,11 +54,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
 
-  def latest_epoch(self) -> int | None:
-    self._manager.reload()
-    return self._manager.latest_step()
-
   def all_epochs(self) -> list[int]:
+    """The saved epochs as the folder holds them now (re-read: another process may have renamed one)."""
     self._manager.reload()
     return list(self._manager.all_steps())
 
@@ -103,13 +100,16 @@ class Checkpointer:
       raise CheckpointDamaged(f"checkpoint {folder}: meta/metadata is unreadable ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from e
 
-  def intact_epochs(self) -> tuple[list[int], dict[int, str]]:
-    """(epochs that verify, {damaged epoch: reason}), both newest first."""
+  def intact_epochs(self, *, newest_only: bool = False) -> tuple[list[int], dict[int, str]]:
+    """(epochs that verify, {damaged epoch: reason}), both newest first; `newest_only` stops at the first intact
+    one (what a resume needs: older checkpoints are not read)."""
     intact, damaged = [], {}
     for epoch in sorted(self.all_epochs(), reverse=True):
       try:
         self.verify(epoch)
         intact.append(epoch)
+        if newest_only:
+          break
       except CheckpointDamaged as e:
         damaged[epoch] = str(e)
     return intact, damaged
@@ -121,7 +121,6 @@ class Checkpointer:
     while os.path.exists(target):
       target, n = f"{self.path(epoch)}{DAMAGED_SUFFIX}.{n}", n + 1
     os.rename(self.path(epoch), target)
-    self._manager.reload()
     return target
 
   def restore(self, epoch: int, abstract_state):

@@ -3,7 +3,6 @@ first row), so a function compiles once per shape and a row's result never depen
 shared its call. That is what makes a resumed run compute exactly what the uninterrupted one did."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from editr1_jax import sharding as shd
@@ -18,12 +17,8 @@ def padded_chunks(n: int, chunk: int):
     yield np.concatenate([idx, np.full(chunk - len(idx), idx[0])]), len(idx)
 
 
-def map_chunks(fn, n: int, chunk: int, *, host: bool = True):
+def map_chunks(fn, n: int, chunk: int):
   """fn(row indices) over fixed-size chunks of rows 0..n-1 -> its per-row outputs (a pytree) for the n rows,
-  concatenated: host numpy arrays with `host`, device arrays otherwise."""
-  outs = []
-  for idx, real in padded_chunks(n, chunk):
-    out = fn(idx)
-    outs.append(jax.tree.map(lambda x: (shd.to_host(x) if host else x)[:real], out))
-  concat = np.concatenate if host else jnp.concatenate
-  return jax.tree.map(lambda *xs: concat(xs), *outs)
+  concatenated as host arrays."""
+  outs = [jax.tree.map(lambda x: shd.to_host(x)[:real], fn(idx)) for idx, real in padded_chunks(n, chunk)]
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)

@@ -5,6 +5,7 @@ which settings the public run uses); optionally a benchmark's protocol on a held
 import os
 
 import numpy as np
+from PIL import Image
 
 from editr1_jax import metrics, rollouts, streams
 from editr1_jax.data import builder as data_builder
@@ -29,15 +30,12 @@ class BenchmarkEval:
   every evaluation beside the reward: the EMA policy edits each item at the training resolution (the same noise
   every time), an open judge (`config.eval_judge_dir`, loaded at the first evaluation and kept) answers the
   benchmark's prompts, and the benchmark's own overall scores become eval/<benchmark>/<subset>/<metric>.
-  Edits, answers and summary of evaluation after epoch E are kept in `<workdir>/eval/<benchmark>/<E>/`."""
+  Edits, answers and summary of evaluation after epoch E are kept in `<workdir>/eval/<benchmark>/<E>/` (an
+  evaluation re-run there samples and judges only what is missing). The judge is loaded for each evaluation
+  and dropped after it: it never stays beside the policy and the reward model for the whole run."""
 
   def __init__(self, config, workdir: str, mesh=None, rules=None):
-    import jax
-
     from editr1_jax.bench import run
-    if jax.process_count() > 1:  # its files are written as one process sees them
-      raise ValueError("config.eval_benchmark runs in single-process runs; evaluate a multi-host run's export with "
-                       "launch/evaluate.py")
     self.config, self.run, self.mesh, self.rules = config, run, mesh, rules
     try:
       self.task = run.make_task(config.eval_benchmark, config.eval_benchmark_dir,
@@ -45,26 +43,28 @@ class BenchmarkEval:
     except run.BenchError as e:
       raise ValueError(f"config.eval_benchmark_dir: {e}") from e
     self.folder = os.path.join(workdir, "eval", config.eval_benchmark)
-    self._judge = None
 
   def __call__(self, family, sampler, states, epoch: int, *, chunk: int, desc: str | None = None) -> dict:
     config, run = self.config, self.run
     out = os.path.join(self.folder, f"{epoch:05d}")
-    records = [{"id": i, "image": self.task.edit_source(item), "prompt": item.instruction}
-               for i, item in enumerate(self.task.items)]
-    result = rollouts.collect(
-        family, sampler, states, records, streams.row_keys(config.seed, "eval", 1, len(records)),
-        resolution=config.data.resolution, num_steps=config.rollout.eval_steps, solver=config.rollout.eval_sampler,
-        guidance=config.rollout.eval_guidance, chunk=chunk, desc=desc)
-    edits = metrics.to_uint8(np.nan_to_num(result.edits, nan=-1.0))
-    run.sample_edits(self.task, lambda sources, instructions, idx: edits[idx], os.path.join(out, run.EDITS))
-    if self._judge is None:
-      from editr1_jax.bench.judge import QwenJudge
-      self._judge = QwenJudge(config.eval_judge_dir, max_new_tokens=config.eval_judge_max_new_tokens,
-                              batch_size=config.reward.batch_size, dtype=config.reward.dtype, mesh=self.mesh,
-                              rules=self.rules)
-    results = run.judge_items(self.task, self._judge, os.path.join(out, run.EDITS), os.path.join(out, run.RESULTS),
+    edits_dir = os.path.join(out, run.EDITS)
+    missing = [i for i, item in enumerate(self.task.items) if not os.path.isfile(run.edit_path(edits_dir, item))]
+    if missing:
+      keys = streams.row_keys(config.seed, "eval", 1, len(self.task.items))[np.asarray(missing)]
+      records = [{"id": i, "image": self.task.edit_source(self.task.items[i]),
+                  "prompt": self.task.items[i].instruction} for i in missing]
+      result = rollouts.collect(
+          family, sampler, states, records, keys, resolution=config.data.resolution,
+          num_steps=config.rollout.eval_steps, solver=config.rollout.eval_sampler,
+          guidance=config.rollout.eval_guidance, chunk=chunk, desc=desc)
+      for i, pixels in zip(missing, metrics.to_uint8(np.nan_to_num(result.edits, nan=-1.0))):
+        run.save_edit(Image.fromarray(pixels), run.edit_path(edits_dir, self.task.items[i]))
+    from editr1_jax.bench.judge import QwenJudge
+    judge = QwenJudge(config.eval_judge_dir, max_new_tokens=config.eval_judge_max_new_tokens,
+                      batch_size=config.reward.batch_size, dtype=config.reward.dtype, mesh=self.mesh, rules=self.rules)
+    results = run.judge_items(self.task, judge, edits_dir, os.path.join(out, run.RESULTS),
                               batch_size=config.reward.batch_size)
+    del judge
     report = run.write_summary(self.task, results.values(), out)
     scores = {}
     for subset, summary in report["summaries"].items():

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from editr1_jax import weights as wio
-from editr1_jax.checkpoint import Checkpointer
+from editr1_jax.checkpoint import CheckpointDamaged, Checkpointer
 from editr1_jax.layers import LoraSpec
 from editr1_jax.models import flux
 
@@ -91,17 +91,19 @@ def export_run(workdir: str, out: str, *, weights: str = "ema", merged: bool = F
   a full fine-tune run -> `save_transformer` of its weights."""
   from editr1_jax import families, train_loop  # the run's own builders, so the export sees the trained model
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
-  intact, damaged = ckpt.intact_epochs()
-  if epoch is None and (intact or damaged):  # the newest, damaged or not: never an older one without a word
-    epoch = max(intact + list(damaged))
-  if epoch not in intact:
-    reason = damaged.get(epoch, "no such checkpoint" if epoch is not None else "no checkpoint")
-    raise FileNotFoundError(f"{ckpt.directory}: cannot export epoch {epoch}: {reason}; intact epochs: {intact}")
+  epochs = ckpt.all_epochs()
+  epoch = (epochs[-1] if epochs else None) if epoch is None else epoch  # the newest, never an older one silently
+  try:
+    if epoch not in epochs:
+      raise CheckpointDamaged("no such checkpoint" if epoch is not None else "no checkpoint")
+    ckpt.verify(epoch)
+  except CheckpointDamaged as e:
+    raise FileNotFoundError(f"{ckpt.directory}: cannot export epoch {epoch}: {e}; intact epochs: "
+                            f"{ckpt.intact_epochs()[0]}") from None
   meta = ckpt.restore_meta(epoch)
   config = ml_collections.ConfigDict(meta["config"])
   family = families.family_class(config.model.family)
-  spec = None if config.optim.full_finetune else LoraSpec(rank=config.lora.rank, alpha=float(config.lora.alpha),
-                                                          targets=tuple(config.lora.targets))
+  spec = families.lora_spec(config)
   transformer = family.transformer_from_config(config, mesh=None, rules=train_loop.mesh_rules(config))
   trainer, params, frozen = train_loop.build_nft_trainer(config, family, transformer)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

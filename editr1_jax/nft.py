@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from editr1_jax import sharding as shd
-from editr1_jax.families.base import take_rows, tile_rows
+from editr1_jax.families.base import host_rows, tile_rows
 from editr1_jax.layers import AdapterRows
 
 ADV_MODES = ("all", "positive", "negative", "binary")
@@ -238,7 +238,7 @@ def gather_batch(x0: jax.Array, cond, cond_axes, sigmas, indices, advantages, ma
     raise ValueError(f"sigmas must be the rollout's (N + 1,) schedule ending in 0, got shape {sigmas.shape}")
   indices = np.asarray(indices)
   take = lambda x: jnp.take(x, indices, axis=0)
-  rows = take_rows(cond, cond_axes, indices)
+  rows = host_rows(cond, cond_axes, indices)  # host arrays: `NFTTrainer.place` puts them straight into their sharding
   steps = np.broadcast_to(sigmas[:-1], (len(indices), len(sigmas) - 1))
   return TrainBatch(x0=take(x0), cond=rows, sigmas=jnp.asarray(steps), advantages=jnp.asarray(advantages, jnp.float32),
                     mask=jnp.asarray(mask, jnp.float32), index=jnp.asarray(indices, jnp.int32))
@@ -325,7 +325,7 @@ class NFTTrainer:
     if self.mesh is None:
       return tree
     if kind == "batch":
-      rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      rows = shd.batch_width(self.mesh)
       if tree.x0.shape[0] % rows:
         raise ValueError(f"a micro-batch of {tree.x0.shape[0]} rows does not split over data x fsdp = {rows} devices")
     return jax.device_put(tree, self.shardings[kind])

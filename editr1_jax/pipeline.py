@@ -57,6 +57,10 @@ class Editor:
   def __init__(self, family):
     self.family = family
     self._graphdef, self._state = nnx.split(family.transformer)
+    self._sampler = self._make_sampler(None)  # one jit for every call without a progress hook
+
+  def _make_sampler(self, progress) -> rollouts.Sampler:
+    return rollouts.Sampler(self.family, lambda state: nnx.merge(self._graphdef, state), progress=progress)
 
   @classmethod
   def from_folder(cls, folder: str, *, family: str = "kontext", dtype: str = "float32", lora_weights: str | None = None,
@@ -89,7 +93,7 @@ class Editor:
       height, width = latents.area_resolution(height, width, max_area)
     grid = family.grid(height, width)
     cond = family.condition(sources, list(instructions), grid=grid, guidance=guidance)
-    sampler = rollouts.Sampler(family, lambda state: nnx.merge(self._graphdef, state), progress=progress)
+    sampler = self._sampler if progress is None else self._make_sampler(progress)
     keys = streams.row_keys(seed, "edit", 0, len(sources)) if keys is None else np.asarray(keys)
     x0, edited, sigmas = rollouts.generate(sampler, self._state, cond, keys,
                                            grid=grid, num_steps=num_steps, solver=solver, chunk=len(sources),

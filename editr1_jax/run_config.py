@@ -141,6 +141,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
     from editr1_jax.bench.run import TASKS
     if config.eval_benchmark not in TASKS:
       raise ConfigError(f"config.eval_benchmark = {config.eval_benchmark!r}; expected '' or one of {sorted(TASKS)}")
+    if num_processes > 1:  # its files are written as one process sees them
+      raise ConfigError("config.eval_benchmark runs in single-process runs; evaluate a multi-host run's export with "
+                        "launch/evaluate.py")
     _require_dir(config, "eval_benchmark_dir")
     _require_dir(config, "eval_judge_dir")
     if config.eval_benchmark_prompts and not os.path.exists(config.eval_benchmark_prompts):

@@ -154,3 +154,8 @@ def put_tree(tree, axes_tree, mesh: Mesh | None, rules=DEFAULT_RULES):
   leaves, treedef = jax.tree.flatten(tree)
   axes = treedef.flatten_up_to(axes_tree)
   return treedef.unflatten([put_rows(x, mesh, rules, a) for x, a in zip(leaves, axes)])
+
+
+def batch_width(mesh: Mesh | None) -> int:
+  """How many ways a batch's rows split: data x fsdp (1 without a mesh)."""
+  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]

@@ -120,8 +120,6 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self.rules = mesh_rules(config)
     self.mesh = shd.make_mesh(tuple(config.mesh.shape))
-    self.rows_multiple = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    self.chunk = config.rollout.batch_size * self.rows_multiple  # rows per sampling / encoding call
 
     # Everything that can refuse the run is checked before a model is loaded: the checkpoint to resume from
     # (damaged ones set aside), the config it was saved with, the data it was trained on.
@@ -144,7 +142,7 @@ class Trainer:
                       else None)
 
     self.family = families.build(config, self.mesh, self.rules)
-    self.grid = self.family.grid(config.data.resolution, config.data.resolution)
+    self.chunk = self.family.chunk  # rows per sampling / encoding call: rollout.batch_size x (data x fsdp)
     self.reward = rewards.build(config, self.mesh, self.rules)
     self.nft, params, self.frozen = build_nft_trainer(config, self.family, self.family.transformer, self.mesh,
                                                       self.rules)
@@ -194,7 +192,7 @@ class Trainer:
     key_data = np.asarray(jax.random.key_data(streams.key(config.seed, "train", epoch)))  # host: same on every process
     key = jax.random.wrap_key_data(jax.device_put(key_data, self.nft.shardings["key"]))
     self.state, launched, applied, old = train_epoch(
-        self.nft, self.state, self.frozen, result, advantages, micro_batch=config.nft.micro_batch * self.rows_multiple,
+        self.nft, self.state, self.frozen, result, advantages, micro_batch=config.nft.micro_batch * shd.batch_width(self.mesh),
         key=key, rng=streams.numpy_rng(config.seed, "micro_batches", epoch),
         desc=f"epoch {epoch} train" if self.is_main else None)
     train_metrics = epoch_train_metrics(launched, applied, old, config.optim.learning_rate)
@@ -211,7 +209,7 @@ class Trainer:
     out = {"reward/mean": s["reward_mean"], "reward/std": s["reward_std"], "reward/min": s["reward_min"],
            "reward/max": s["reward_max"], "reward/invalid": s["invalid_rewards"],
            "filter/kept_fraction": s["kept_fraction"], "filter/groups_filtered": s["groups_filtered"],
-           "filter/banned_total": len(self.sampler.banned), "data/prompt_cache_misses": self.family.prompts.misses,
+           "filter/banned_total": len(self.sampler.banned), "data/prompt_cache_misses": self.family.cache_misses,
            "filter/zero_std_fraction": s["zero_std_ratio"], "reward/group_std_mean": s["reward_std_mean"],
            **{f"reward/top{p}_mean": s[f"mean_reward_{p}"] for p in adv.TOP_PERCENTS},
            **train_metrics, **{f"time/{k}": v for k, v in timing.items()},
@@ -254,10 +252,9 @@ class Trainer:
   def _resume_point(self) -> tuple[int, dict] | None:
     """(epoch, meta) of the newest intact checkpoint, or None for a new run. Damaged checkpoints are renamed
     (never deleted) with a warning; a config that changes what the saved state means is refused."""
-    intact, damaged = self.checkpoints.intact_epochs()
-    newer_damaged = [e for e in damaged if not intact or e > intact[0]]
+    intact, damaged = self.checkpoints.intact_epochs(newest_only=True)
     self._sync("checkpoints verified")  # every process decided before one renames
-    for epoch in newer_damaged:
+    for epoch in damaged:
       message = f"{damaged[epoch]}; it is set aside"
       if self.is_main:
         message += f" as {self.checkpoints.set_aside(epoch)}"
@@ -265,6 +262,7 @@ class Trainer:
       if self.is_main:
         tqdm.write(f"warning: {message}")
     self._sync("damaged checkpoints set aside")
+    self.checkpoints.all_epochs()  # every process re-reads the folder: a stale list would skip later saves
     if not intact:
       if damaged:
         _LOG.warning("no intact checkpoint left in %s: starting a new run", self.checkpoints.directory)
@@ -279,13 +277,13 @@ class Trainer:
     return epoch, meta
 
   def _check_data(self, meta: dict) -> None:
-    saved = meta.get("data")
-    if saved is None:
-      raise ResumeError(f"{self.checkpoints.directory}: the checkpoint does not record its data's fingerprint")
-    saved = fingerprint.Fingerprint.from_json(saved)
-    if saved.digest == self.data_fingerprint.digest:
-      return
-    changes = "\n  ".join(fingerprint.differences(saved, self.data_fingerprint))
+    try:
+      saved = fingerprint.Fingerprint.from_json(meta["data"])
+      if saved.digest == self.data_fingerprint.digest:
+        return
+      changes = "\n  ".join(fingerprint.differences(saved, self.data_fingerprint))
+    except (KeyError, TypeError, AttributeError):  # saved by an older version, or a damaged fingerprint
+      changes = "the checkpoint records no (readable) fingerprint of its data: it cannot be compared"
     if not self.config.data.accept_changed_data:
       raise ResumeError(f"config.data.dataset_dir = {self.config.data.dataset_dir!r}: the dataset changed since the "
                         f"checkpoint was saved:\n  {changes}\nRestore it, use another --workdir, or resume on the "
@@ -294,7 +292,7 @@ class Trainer:
 
   def _restore(self, epoch: int, meta: dict) -> None:
     try:
-      state, meta = self.checkpoints.restore(epoch, {"train": self.state})
+      state, _ = self.checkpoints.restore(epoch, {"train": self.state})
     except Exception as e:  # a checkpoint without a manifest can only be checked by reading it
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise CheckpointDamaged(f"checkpoint {self.checkpoints.path(epoch)} cannot be restored: {first}") from None

@@ -12,7 +12,6 @@ Sampling settings default to the family's `benchmark_sampling`, the settings the
 (Kontext: 28 Euler steps, guidance 3.5, its resolution rule).
 """
 
-import json
 import os
 import shutil
 import sys
@@ -130,19 +129,13 @@ def main(argv):
                               batch_size=FLAGS.batch_size, progress=bar.update)
   del judge
   gc.collect()
-  report = run.write_summary(task, results.values(), FLAGS.out, FLAGS.compare)
+  reward = None
   if FLAGS.reward_model is not None:
     from editr1_jax.reward.mllm import MllmJudge
     scorer = MllmJudge(FLAGS.reward_model, dtype=FLAGS.dtype, mesh=mesh, batch_size=FLAGS.batch_size)
     rows = run.reward_items(task, scorer, edits_dir, os.path.join(FLAGS.out, run.REWARD), batch_size=FLAGS.batch_size)
-    report["reward"] = run.reward_summary(rows.values())
-    with open(os.path.join(FLAGS.out, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2, ensure_ascii=False)
-    with open(os.path.join(FLAGS.out, "summary.md"), "a", encoding="utf-8") as f:
-      f.write(f"\n## our reward ({FLAGS.reward_model}), mean per category\n\n| category | n | invalid | reward |\n"
-              "|---|---|---|---|\n" + "".join(f"| {c} | {s['n']} | {s['invalid']} | {s['mean']} |\n"
-                                             for c, s in report["reward"]["categories"].items())
-              + f"| overall | | | {report['reward']['overall']} |\n")
+    reward = run.reward_summary(rows.values())
+  run.write_summary(task, results.values(), FLAGS.out, FLAGS.compare, reward)
   run.write_gallery(task, results, FLAGS.out, FLAGS.compare)
   with open(os.path.join(FLAGS.out, "summary.md"), encoding="utf-8") as f:
     print(f.read())

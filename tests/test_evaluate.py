@@ -88,3 +88,16 @@ def test_missing_edits_are_named(bench, tmp_path):
   task = run.make_task("imgedit", str(bench / "imgedit"))
   with pytest.raises(run.BenchError, match="edit\\(s\\) missing"):
     run.judge_items(task, ScriptedJudge(), str(tmp_path / "none"), str(tmp_path / run.RESULTS))
+
+
+def test_reading_another_run_never_rewrites_it(bench, tmp_path):
+  """--compare reads the other run's results.jsonl: even with a torn last line it is left as it is."""
+  task = run.make_task("imgedit", str(bench / "imgedit"))
+  edits = str(tmp_path / run.EDITS)
+  run.sample_edits(task, edit_as_is, edits)
+  path = str(tmp_path / run.RESULTS)
+  run.judge_items(task, ScriptedJudge(), edits, path)
+  torn = open(path, encoding="utf-8").read()[:-10]
+  open(path, "w", encoding="utf-8").write(torn)
+  assert len(run.read_done(path)) == len(task.items) - 1
+  assert open(path, encoding="utf-8").read() == torn

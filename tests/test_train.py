@@ -1,6 +1,7 @@
 """The training program on the tiny CPU config: a full run, exact resume, refused non-finite updates, export."""
 
 import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -220,6 +221,18 @@ def test_resume_on_changed_data_is_refused_unless_accepted(straight, tmp_path):
   trainer = train_loop.Trainer(tiny_config(**{"data.dataset_dir": str(data), "data.accept_changed_data": True,
                                               "num_epochs": 6, "eval_every": 3}), str(workdir))
   assert trainer.epoch == 4
+
+
+def test_a_checkpoint_without_a_data_fingerprint_needs_the_flag(straight, tmp_path):
+  """A checkpoint from before fingerprints (or with a damaged one) is not resumed on unknown data silently."""
+  workdir = _copy_run(straight, tmp_path)
+  meta_path = workdir / "checkpoints" / "4" / "meta" / "metadata"
+  meta = json.loads(meta_path.read_text())
+  del meta["data"]
+  meta_path.write_text(json.dumps(meta))
+  os.remove(workdir / "checkpoints" / "4" / "editr1_manifest.json")  # as an older version saved it
+  with pytest.raises(train_loop.ResumeError, match="(?s)no \\(readable\\) fingerprint.*accept_changed_data=True"):
+    train_loop.Trainer(tiny_config(), str(workdir))
 
 
 def test_a_failing_evaluation_costs_no_training(tmp_path, monkeypatch):

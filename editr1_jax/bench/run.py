@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from editr1_jax import images
 from editr1_jax.bench import aggregate, gedit, imgedit
-from editr1_jax.bench.base import BenchError, ItemResult, JudgeQuery, as_result
+from editr1_jax.bench.base import BenchError, ItemResult, JudgeQuery, as_result, write_results
 
 _LOG = logging.getLogger(__name__)
 RESULTS, EDITS, GALLERY = "results.jsonl", "edits", "gallery"
@@ -109,7 +109,8 @@ def edit_path(edits_dir: str, item) -> str:
   return os.path.join(edits_dir, item.edited_name)
 
 
-def _save_atomic(image: Image.Image, path: str) -> None:
+def save_edit(image: Image.Image, path: str) -> None:
+  """An edit written to a temporary file and renamed: a kill never leaves half a PNG behind."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp.png"
   image.save(tmp)
@@ -131,7 +132,7 @@ def sample_edits(task: Task, edit: Callable, edits_dir: str, *, batch_size: int 
       out = edit([task.edit_source(item) for _, item in part], [item.instruction for _, item in part],
                  [i for i, _ in part])
       for (_, item), pixels in zip(part, out):  # each edit saved as it comes: a kill costs at most one batch
-        _save_atomic(Image.fromarray(np.asarray(pixels)), edit_path(edits_dir, item))
+        save_edit(Image.fromarray(np.asarray(pixels)), edit_path(edits_dir, item))
       done += len(part)
       if progress:
         progress(len(part))
@@ -139,27 +140,27 @@ def sample_edits(task: Task, edit: Callable, edits_dir: str, *, batch_size: int 
 
 
 # -------------------------------------------------------------------------------------------------------- judging
-def read_done(path: str) -> dict[str, ItemResult]:
-  """The results already written; a last line torn by a kill is dropped (that item is judged again)."""
+def read_done(path: str, *, repair: bool = False) -> dict[str, ItemResult]:
+  """The results already written. A last line torn by a kill is dropped (that item is judged again); with
+  `repair` the file is rewritten without it (atomically) so that new lines can be appended."""
   if not os.path.isfile(path):
     return {}
   with open(path, encoding="utf-8") as f:
     lines = f.read().split("\n")
-  done, kept = {}, []
+  done = {}
   for n, line in enumerate(lines, start=1):
     if not line.strip():
       continue
     try:
       result = as_result(json.loads(line), where=f"{path}:{n}")
     except (json.JSONDecodeError, BenchError):
-      if n >= len(lines) - 1:  # only the last line can be torn
-        _LOG.warning("%s:%d: an unfinished line (a killed run) is dropped; its item is judged again", path, n)
-        break
-      raise BenchError(f"{path}:{n}: not a result line") from None
+      if n < len(lines) - 1:  # only the last line can be torn
+        raise BenchError(f"{path}:{n}: not a result line") from None
+      _LOG.warning("%s:%d: an unfinished line (a killed run) is dropped; its item is judged again", path, n)
+      if repair:
+        write_results(path, done.values())
+      break
     done[result.id] = result
-    kept.append(line)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("".join(k + "\n" for k in kept))
   return done
 
 
@@ -171,7 +172,7 @@ class Judge(Protocol):
 def judge_items(task: Task, judge: Judge, edits_dir: str, results_path: str, *, batch_size: int = 1,
                 progress: Callable[[int], None] | None = None) -> dict[str, ItemResult]:
   """Judges every item not in `results_path` yet (appending a line per item as soon as it is judged)."""
-  done = read_done(results_path)
+  done = read_done(results_path, repair=True)
   todo = [item for item in task.items if item.id not in done]
   missing = [edit_path(edits_dir, i) for i in todo if not os.path.isfile(edit_path(edits_dir, i))]
   if missing:
@@ -202,8 +203,16 @@ def judge_items(task: Task, judge: Judge, edits_dir: str, results_path: str, *, 
 
 
 # -------------------------------------------------------------------------------------------------------- reports
-def write_summary(task: Task, results: Iterable[ItemResult], out: str, compare_out: str | None = None) -> dict:
-  """OUT/summary.json and OUT/summary.md (with another run's results: both and the deltas)."""
+def _write_atomic(path: str, text: str) -> None:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def write_summary(task: Task, results: Iterable[ItemResult], out: str, compare_out: str | None = None,
+                  reward: dict | None = None) -> dict:
+  """OUT/summary.json and OUT/summary.md (with another run's results: both and the deltas; with `reward`, our
+  reward's `reward_summary` beside the judge's scores)."""
   summaries = task.summaries(list(results))
   report = {"benchmark": task.name, "summaries": {k: s.to_dict() for k, s in summaries.items()}}
   md = [f"# {task.name}", "", aggregate.to_markdown(summaries)]
@@ -212,11 +221,18 @@ def write_summary(task: Task, results: Iterable[ItemResult], out: str, compare_o
     comparison = aggregate.compare(other, summaries)
     report["compare"] = {"other": os.path.abspath(compare_out), **{k: c.to_dict() for k, c in comparison.items()}}
     md += ["", f"## against {compare_out}", "", aggregate.comparison_markdown(comparison, names=("other", "this"))]
-  with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, ensure_ascii=False)
-  with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(md) + "\n")
+  if reward is not None:
+    report["reward"] = reward
+    md += ["", "## our reward (logit-expectation score), mean per category", "", "| category | n | invalid | reward |",
+           "|---|---|---|---|"] + [f"| {c} | {s['n']} | {s['invalid']} | {_fmt(s['mean'])} |"
+                                   for c, s in reward["categories"].items()] + [f"| overall | | | {_fmt(reward['overall'])} |"]
+  _write_atomic(os.path.join(out, "summary.json"), json.dumps(report, indent=2, ensure_ascii=False))
+  _write_atomic(os.path.join(out, "summary.md"), "\n".join(md) + "\n")
   return report
+
+
+def _fmt(value: float | None) -> str:
+  return "-" if value is None else f"{value:.4f}"
 
 
 def _score_line(result: ItemResult | None) -> str:
@@ -234,8 +250,7 @@ def write_gallery(task: Task, results: dict, out: str, compare_out: str | None =
   runs = [(out, results)] + ([(compare_out, other)] if compare_out else [])
   by_category: dict = {}
   for item in task.items:
-    category = getattr(item, "task_type", None) or item.edit_type
-    by_category.setdefault(category, []).append(item)
+    by_category.setdefault(_category(item), []).append(item)
   written = []
   for category, items in by_category.items():
     items = items[:per_category]

@@ -1,6 +1,6 @@
 """Base-model families behind one interface (`base.Family`); importing the package registers each one."""
 
 from editr1_jax.families import kontext  # noqa: F401  (registers "kontext")
-from editr1_jax.families.base import FAMILIES, Family, build, family_class, host_rows, register, take_rows, tile_rows
+from editr1_jax.families.base import FAMILIES, Family, build, family_class, host_rows, lora_spec, register, tile_rows
 
-__all__ = ["FAMILIES", "Family", "build", "family_class", "host_rows", "register", "take_rows", "tile_rows"]
+__all__ = ["FAMILIES", "Family", "build", "family_class", "host_rows", "lora_spec", "register", "tile_rows"]

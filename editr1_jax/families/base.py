@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from editr1_jax.layers import AdapterRows
+from editr1_jax.layers import AdapterRows, LoraSpec
 
 
 class Family(Protocol):
@@ -22,7 +22,30 @@ class Family(Protocol):
 
   name: ClassVar[str]
   benchmark_sampling: ClassVar[dict]  # steps, guidance, sampler the benchmark reproductions use (launch/evaluate.py)
+  weight_table: ClassVar[tuple]  # the transformer's diffusers tensor names (export)
+  lora_weight_table: ClassVar[tuple]  # its adapters' diffusers / peft names (export, LoRA files)
+  lora_prefixes: ClassVar[tuple]  # prefixes of a LoRA file's tensor names
   transformer: nnx.Module  # the policy network (with its LoRA adapters when trained with LoRA)
+  mesh: object  # the mesh the networks are placed on (None: one device)
+  rules: tuple  # logical axis rules
+  chunk: int | None  # rows per encoding call
+  cache_misses: int  # condition encodings computed so far (a metric)
+
+  @classmethod
+  def from_config(cls, config, mesh=None, rules=None) -> "Family":
+    """`config.model.preset` ("tiny": built in code) or the folder `config.model.pipeline_dir`."""
+
+  @classmethod
+  def from_folder(cls, folder: str, **kw) -> "Family":
+    """A pipeline folder (what `launch/edit.py` and `launch/evaluate.py` load)."""
+
+  @staticmethod
+  def transformer_from_config(config, mesh=None, rules=None) -> nnx.Module:
+    """The policy network alone (export)."""
+
+  @staticmethod
+  def check_lora_targets(targets, where: str) -> None:
+    """An error naming `where` and every target that matches no layer."""
 
   @staticmethod
   def velocity(model, z: jax.Array, sigma: jax.Array, cond, adapters: AdapterRows | None = None) -> jax.Array:
@@ -49,6 +72,9 @@ class Family(Protocol):
   def training_image(self, source, resolution: int) -> np.ndarray:
     """A dataset image -> the training input (resolution x resolution, [-1, 1])."""
 
+  def inference_image(self, source, auto_resize: bool = True) -> np.ndarray:
+    """An image to edit -> the pipeline's input ([-1, 1]), resized as the family's pipeline does."""
+
 
 FAMILIES: dict[str, Callable] = {}
 
@@ -74,6 +100,13 @@ def build(config, mesh=None, rules=None) -> Family:
   return family_class(config.model.family).from_config(config, mesh, rules)
 
 
+def lora_spec(config) -> LoraSpec | None:
+  """The config's adapter (`config.lora`), None for a full fine-tune."""
+  if config.optim.full_finetune:
+    return None
+  return LoraSpec(rank=config.lora.rank, alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
+
+
 # --------------------------------------------------------------------------------------------------
 def _per_row(axes) -> bool:
   return bool(axes) and axes[0] == "batch"
@@ -84,12 +117,6 @@ def _map_rows(fn, cond, axes):
   leaves, treedef = jax.tree.flatten(cond)
   leaf_axes = treedef.flatten_up_to(axes)
   return treedef.unflatten([fn(x) if _per_row(a) else x for x, a in zip(leaves, leaf_axes)])
-
-
-def take_rows(cond, axes, indices):
-  """The rows `indices` of a condition (a device array for each per-row field)."""
-  indices = np.asarray(indices)
-  return _map_rows(lambda x: jnp.take(jnp.asarray(x), indices, axis=0), cond, axes)
 
 
 def tile_rows(cond, axes, n: int):

@@ -7,7 +7,6 @@ posterior mode, packed; reference token ids are (1, row, col), the target's (0, 
 """
 
 import collections
-import json
 import os
 from typing import Sequence
 
@@ -18,8 +17,9 @@ import numpy as np
 
 from editr1_jax import chunks, latents, sampling
 from editr1_jax import sharding as shd
+from editr1_jax import weights as wio
 from editr1_jax.conditioning import MAX_T5_LENGTH, TextEncoders
-from editr1_jax.families.base import register
+from editr1_jax.families.base import lora_spec, register
 from editr1_jax.layers import AdapterRows, LoraSpec
 from editr1_jax.models import autoencoder, flux
 
@@ -59,8 +59,8 @@ def scheduler_shift(folder: str) -> sampling.ShiftConfig:
   path = os.path.join(folder, "scheduler", "scheduler_config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: scheduler config not found")
-  with open(path) as f:
-    return sampling.ShiftConfig.from_diffusers_config(json.load(f), source=path)
+  return sampling.ShiftConfig.from_diffusers_config(wio.read_config(os.path.dirname(path), "scheduler_config.json"),
+                                                    source=path)
 
 
 class PromptCache:
@@ -93,7 +93,6 @@ class Kontext:
   """A FLUX.1-Kontext pipeline's transformer, VAE and text encoders, and what the method needs of them."""
 
   name = "kontext"
-  default_lora_targets = flux.DEFAULT_LORA_TARGETS
   check_lora_targets = staticmethod(flux.check_lora_targets)
   velocity = staticmethod(velocity)
   weight_table, lora_weight_table = flux.FLUX_WEIGHTS, flux.FLUX_LORA_WEIGHTS
@@ -148,32 +147,25 @@ class Kontext:
   def from_config(cls, config, mesh=None, rules=None) -> "Kontext":
     """`config.model.preset` "tiny" (built in code) or "" (read from `config.model.pipeline_dir`)."""
     rules = shd.DEFAULT_RULES if rules is None else rules
-    rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    transformer = cls.transformer_from_config(config, mesh, rules)
-    kw = dict(mesh=mesh, rules=rules, chunk=config.rollout.batch_size * rows,
+    kw = dict(lora=lora_spec(config), max_sequence_length=config.data.t5_max_length, mesh=mesh, rules=rules,
+              dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+              attention_impl=config.model.attention_impl, chunk=config.rollout.batch_size * shd.batch_width(mesh),
               prompt_cache_entries=config.data.prompt_cache_entries)
     if config.model.preset == "tiny":
-      from editr1_jax import tiny
-      return cls(transformer, tiny.tiny_vae(config.seed, mesh=mesh, rules=rules),
-                 tiny.tiny_text_encoders(config.seed, config.data.t5_max_length, mesh=mesh, rules=rules), **kw)
-    folder = config.model.pipeline_dir
-    vae = autoencoder.load_autoencoder(folder, dtype=config.model.dtype, mesh=mesh, rules=rules)
-    text = TextEncoders.from_pipeline(folder, dtype=config.model.dtype, max_sequence_length=config.data.t5_max_length,
-                                      mesh=mesh, rules=rules)
-    return cls(transformer, vae, text, scheduler_shift(folder), **kw)
+      return cls.tiny(config.seed, **kw)
+    return cls.from_folder(config.model.pipeline_dir, lora_weights=config.model.init_lora or None, seed=config.seed,
+                           **kw)
 
   @staticmethod
   def transformer_from_config(config, mesh=None, rules=shd.DEFAULT_RULES) -> flux.FluxTransformer:
     """The policy network alone (what an export needs), with the config's LoRA unless fully fine-tuned."""
-    lora = None if config.optim.full_finetune else LoraSpec(
-        rank=config.lora.rank, alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
     kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
               attention_impl=config.model.attention_impl, mesh=mesh, rules=rules)
     if config.model.preset == "tiny":
       from editr1_jax import tiny
-      return tiny.tiny_transformer(config.seed, lora, **kw)
-    return flux.load_flux_transformer(config.model.pipeline_dir, lora=lora, lora_weights=config.model.init_lora or None,
-                                      seed=config.seed, **kw)
+      return tiny.tiny_transformer(config.seed, lora_spec(config), **kw)
+    return flux.load_flux_transformer(config.model.pipeline_dir, lora=lora_spec(config),
+                                      lora_weights=config.model.init_lora or None, seed=config.seed, **kw)
 
   # the family interface ---------------------------------------------------------------------------
   @staticmethod
@@ -220,6 +212,7 @@ class Kontext:
   def inference_image(source, auto_resize: bool = True) -> np.ndarray:
     return latents.inference_image(source, auto_resize)
 
-  def transformer_config(self) -> dict:
-    """The diffusers config.json of the transformer (for a merged export)."""
-    return self.transformer.cfg.to_diffusers_config()
+  @property
+  def cache_misses(self) -> int:
+    """Instructions encoded so far (a cache miss each)."""
+    return self.prompts.misses
