@@ -17,7 +17,8 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 SHARD_BYTES = 5 * 1024**3  # diffusers' default max shard size
 
 
-def lora_tensors(adapters, spec: LoraSpec, table=flux.FLUX_LORA_WEIGHTS) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def lora_tensors(adapters, spec: LoraSpec,
+                 table=flux.FLUX_LORA_WEIGHTS) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Adapter state -> (diffusers LoRA tensors with the `transformer.` prefix, safetensors metadata).
 
   The metadata carries rank and alpha the way diffusers' `save_lora_weights` writes them, so

@@ -57,6 +57,12 @@ class Sampler:
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
     return self._sample(states, cond, noise, jnp.asarray(sigmas, jnp.float32), step_keys, solver=solver)
 
+  def trace(self, states, cond, noise, sigmas, step_keys, *, solver: str):
+    """The jitted sampling call traced for (abstract, sharded) inputs, to lower and compile without running it
+    (`editr1_jax.plan`): `noise` the initial noise, `step_keys` the per-row solver keys (`__call__` derives both
+    from the row keys)."""
+    return self._sample.trace(states, cond, noise, sigmas, step_keys, solver=solver)
+
 
 def generate(sampler: Sampler, states, cond, keys: np.ndarray, *, grid: tuple[int, int], num_steps: int,
              solver: str, chunk: int, desc: str | None = None,

@@ -44,7 +44,8 @@ class ShiftConfig:
     # a schedule we would compute differently from the folder's is an error, never a silent difference.
     changing = {k: config[k] for k, default in _SCHEDULE_DEFAULTS.items() if config.get(k, default) != default}
     if changing:
-      raise ValueError(f"{source}: {changing} change the schedule and are not supported (expected {_SCHEDULE_DEFAULTS})")
+      raise ValueError(f"{source}: {changing} change the schedule and are not supported "
+                       f"(expected {_SCHEDULE_DEFAULTS})")
     return cls(config.get("base_image_seq_len", cls.base_len), config.get("max_image_seq_len", cls.max_len),
                config.get("base_shift", cls.base_shift), config.get("max_shift", cls.max_shift))
 

@@ -178,7 +178,8 @@ class Trainer:
     timing["rollout_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    scores, valid = rollouts.score(self.reward, result, records, progress=f"epoch {epoch} reward" if self.is_main else None)
+    scores, valid = rollouts.score(self.reward, result, records,
+                                   progress=f"epoch {epoch} reward" if self.is_main else None)
     timing["reward_s"] = time.perf_counter() - t0
     self.invalid_streak = 0 if valid.any() else self.invalid_streak + 1
     if not valid.any():
@@ -192,7 +193,8 @@ class Trainer:
     key_data = np.asarray(jax.random.key_data(streams.key(config.seed, "train", epoch)))  # host: same on every process
     key = jax.random.wrap_key_data(jax.device_put(key_data, self.nft.shardings["key"]))
     self.state, launched, applied, old = train_epoch(
-        self.nft, self.state, self.frozen, result, advantages, micro_batch=config.nft.micro_batch * shd.batch_width(self.mesh),
+        self.nft, self.state, self.frozen, result, advantages,
+        micro_batch=config.nft.micro_batch * shd.batch_width(self.mesh),
         key=key, rng=streams.numpy_rng(config.seed, "micro_batches", epoch),
         desc=f"epoch {epoch} train" if self.is_main else None)
     train_metrics = epoch_train_metrics(launched, applied, old, config.optim.learning_rate)

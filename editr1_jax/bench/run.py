@@ -223,9 +223,9 @@ def write_summary(task: Task, results: Iterable[ItemResult], out: str, compare_o
     md += ["", f"## against {compare_out}", "", aggregate.comparison_markdown(comparison, names=("other", "this"))]
   if reward is not None:
     report["reward"] = reward
+    rows = [f"| {c} | {s['n']} | {s['invalid']} | {_fmt(s['mean'])} |" for c, s in reward["categories"].items()]
     md += ["", "## our reward (logit-expectation score), mean per category", "", "| category | n | invalid | reward |",
-           "|---|---|---|---|"] + [f"| {c} | {s['n']} | {s['invalid']} | {_fmt(s['mean'])} |"
-                                   for c, s in reward["categories"].items()] + [f"| overall | | | {_fmt(reward['overall'])} |"]
+           "|---|---|---|---|", *rows, f"| overall | | | {_fmt(reward['overall'])} |"]
   _write_atomic(os.path.join(out, "summary.json"), json.dumps(report, indent=2, ensure_ascii=False))
   _write_atomic(os.path.join(out, "summary.md"), "\n".join(md) + "\n")
   return report
