@@ -159,3 +159,10 @@ def put_tree(tree, axes_tree, mesh: Mesh | None, rules=DEFAULT_RULES):
 def batch_width(mesh: Mesh | None) -> int:
   """How many ways a batch's rows split: data x fsdp (1 without a mesh)."""
   return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def abstract_rows(shape, dtype, mesh: Mesh, rules=DEFAULT_RULES, axes: Sequence[str | None] = ("batch",)):
+  """A `jax.ShapeDtypeStruct` placed as `put_rows` would place such host rows (ahead-of-time compilation)."""
+  axes = tuple(axes) + (None,) * (len(shape) - len(axes))
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=NamedSharding(mesh, logical_to_spec(
+      axes, rules, tuple(shape), mesh)))

@@ -43,6 +43,11 @@ class Family(Protocol):
   def transformer_from_config(config, mesh=None, rules=None) -> nnx.Module:
     """The policy network alone (export)."""
 
+  @classmethod
+  def abstract_parts(cls, config, layers=None):
+    """(transformer constructor, condition(rows, mesh, rules) -> abstract rows, token grid, latent channels) from
+    the config alone: what `launch/plan.py` compiles against."""
+
   @staticmethod
   def check_lora_targets(targets, where: str) -> None:
     """An error naming `where` and every target that matches no layer."""

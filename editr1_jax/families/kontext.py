@@ -7,6 +7,7 @@ posterior mode, packed; reference token ids are (1, row, col), the target's (0, 
 """
 
 import collections
+import functools
 import os
 from typing import Sequence
 
@@ -14,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from editr1_jax import chunks, latents, sampling
 from editr1_jax import sharding as shd
@@ -166,6 +168,36 @@ class Kontext:
       return tiny.tiny_transformer(config.seed, lora_spec(config), **kw)
     return flux.load_flux_transformer(config.model.pipeline_dir, lora=lora_spec(config),
                                       lora_weights=config.model.init_lora or None, seed=config.seed, **kw)
+
+  @classmethod
+  def abstract_parts(cls, config, layers: tuple[int, int] | None = None):
+    """What ahead-of-time planning needs from the config alone, nothing allocated: (a transformer constructor,
+    `condition(rows, mesh, rules)` -> abstract condition rows, the token grid, the latent channels); the tiny
+    preset's sizes or FLUX.1-Kontext-dev's; `layers` (double, single) overrides the depth."""
+    runtime = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+                   attention_impl=config.model.attention_impl, lora=lora_spec(config))
+    if config.model.preset == "tiny":
+      from editr1_jax import tiny
+      cfg, vae, compute = tiny.tiny_flux_config(**runtime), autoencoder.tiny(), "float32"  # tiny encoders: float32
+    else:
+      cfg, vae, compute = flux.kontext_dev(**runtime), autoencoder.flux(), config.model.dtype
+    if layers is not None:
+      cfg = cfg.replace(num_layers=layers[0], num_single_layers=layers[1])
+    f = 2 * vae.downsample_factor
+    if config.data.resolution % f:
+      raise ValueError(f"config.data.resolution = {config.data.resolution}: must be a multiple of {f}")
+    grid = (config.data.resolution // f,) * 2
+    n, lt = grid[0] * grid[1], config.data.t5_max_length
+
+    def condition(rows, mesh, rules):
+      put = functools.partial(shd.abstract_rows, mesh=mesh, rules=rules)
+      return KontextCondition(reference=put((rows, n, cfg.in_channels), compute),
+                              text=put((rows, lt, cfg.joint_attention_dim), compute),
+                              pooled=put((rows, cfg.pooled_projection_dim), compute), guidance=put((rows,), "float32"),
+                              img_ids=put((2 * n, 3), "float32", axes=(None,)),
+                              txt_ids=put((lt, 3), "float32", axes=(None,)))
+
+    return (lambda: flux.FluxTransformer(cfg, rngs=nnx.Rngs(0))), condition, grid, cfg.in_channels
 
   # the family interface ---------------------------------------------------------------------------
   @staticmethod

@@ -1,0 +1,409 @@
+"""Plan a run without its hardware: compile one epoch's device steps for a named topology and read back what
+each step needs per chip (`launch/plan.py`).
+
+Every model is built abstractly (`jax.eval_shape`: no weights read, nothing full-size allocated on the host); the
+steps are the jitted functions the run itself calls (the rollout `rollouts.Sampler`, `nft.NFTTrainer`'s
+accumulate / apply / update_old), lowered with abstract inputs that carry the shardings the run gives them, and
+compiled for the topology's devices: the local CPU devices, the local GPUs, or compile-only TPU devices from
+libtpu (`jax.experimental.topologies`).
+
+What a row says, per chip: argument / output / aliased (donated) / temporary bytes from
+`compiled.memory_analysis()` (on TPU with layout padding: small dimensions are padded to tiles); FLOPs and bytes
+accessed from `compiled.cost_analysis()`. XLA's cost analysis counts a loop body once, so both are multiplied by
+the step's loop factor: the step's matmul/convolution FLOPs counted on its jaxpr with every `scan` at its length,
+over the same count with every scan once (an estimate that assumes the loop body dominates, as it does for the
+sampler's steps and the NFT timesteps). The roofline time is max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM
+bandwidth) of the chip (`CHIPS`). "Live" adds to the step's own peak the train state and frozen weights that stay
+resident between steps but are not its arguments; VAE, text encoders and the judge are not counted.
+"""
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from editr1_jax import nft, rollouts, train_loop
+from editr1_jax import sharding as shd
+
+GiB = 1024 ** 3
+LIBTPU_HINT = "pip install libtpu==0.0.42.1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Chips: published figures (dense bf16 peak, HBM capacity and bandwidth per chip).
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  bf16_flops: float  # peak dense bf16 FLOP/s
+  hbm_bytes: float
+  hbm_bandwidth: float  # bytes/s
+
+  def roofline_s(self, flops: float, bytes_accessed: float) -> float:
+    return max(flops / self.bf16_flops, bytes_accessed / self.hbm_bandwidth)
+
+
+CHIPS = {
+    # Cloud TPU system architecture pages (per chip; v4 and v5p: one megacore device per chip).
+    "v4": Chip("TPU v4", 275e12, 32 * GiB, 1200e9),
+    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9),
+    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9),
+    "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1640e9),
+    # NVIDIA datasheets, SXM, dense (no sparsity).
+    "h100": Chip("H100 SXM", 989e12, 80e9, 3.35e12),
+    "h200": Chip("H200 SXM", 989e12, 141e9, 4.8e12),
+}
+
+# libtpu topology names: v4 / v5p count 2 cores per chip in the slice name (v5p-8 = 4 chips), v5e / v6e 1.
+_TPU_KINDS = {"v4": ("v4", 2, 3), "v5p": ("v5", 2, 3), "v5e": ("v5e", 1, 2), "v6e": ("v6e", 1, 2)}
+_GRID_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+            256: (4, 8, 8), 512: (8, 8, 8)}
+_GRID_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+
+
+class PlanError(ValueError):
+  """A plan that cannot be made; the message names the flag or config field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str
+  devices: Sequence[Any]
+  chip: Chip | None  # None: no published figures (the CPU backend)
+
+
+def tpu_names() -> list[str]:
+  return [f"{kind}-{cores * chips}" for kind, (_, cores, dims) in _TPU_KINDS.items()
+          for chips in (_GRID_3D if dims == 3 else _GRID_2D)]
+
+
+def topology(name: str | None) -> Topology:
+  """`cpu` (or None): the local CPU devices; `gpu`: the local GPUs; `v5p-8` etc.: compile-only TPU devices."""
+  if name in (None, "", "cpu"):
+    return Topology("cpu", jax.devices("cpu"), None)
+  if name == "gpu":
+    try:
+      devices = jax.devices("gpu")
+    except RuntimeError as e:
+      raise PlanError(f"--topology=gpu: no local GPU ({e})") from None
+    kind = devices[0].device_kind.lower()
+    chip = next((CHIPS[k] for k in ("h200", "h100") if k in kind), None)
+    return Topology(f"gpu ({devices[0].device_kind})", devices, chip)
+  kind, _, count = name.partition("-")
+  if kind not in _TPU_KINDS or not count.isdigit():
+    raise PlanError(f"--topology={name!r}: expected cpu, gpu or a TPU slice like v5p-8 ({', '.join(tpu_names())})")
+  prefix, cores, dims = _TPU_KINDS[kind]
+  chips, grids = int(count) // cores, (_GRID_3D if dims == 3 else _GRID_2D)
+  if int(count) % cores or chips not in grids:
+    raise PlanError(f"--topology={name!r}: not a known {kind} slice; known: "
+                    f"{', '.join(n for n in tpu_names() if n.startswith(kind + '-'))}")
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    raise PlanError(f"--topology={name}: compiling for TPU without one needs libtpu ({LIBTPU_HINT})") from None
+  from jax.experimental import topologies
+  # Compile-only devices hold no chip: let several planning (or test) processes load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  grid = grids[chips]
+  host = (2, 2, 1) if chips >= 4 else (1, 1, 1)
+  wrap = (True,) * 3 if dims == 3 and chips >= 64 else (False,) * 3
+  desc = topologies.get_topology_desc(
+      topology_name=f"{prefix}:{'x'.join(map(str, grid))}", platform="tpu",
+      chip_config_name="megacore" if cores == 2 else "default", chips_per_host_bounds=host, num_slices=1, wrap=wrap)
+  return Topology(name, desc.devices, CHIPS[kind])
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting
+def shard_bytes(tree) -> int:
+  """Per-device bytes of a pytree of abstract arrays with shardings (the largest shard of each leaf)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    dtype = leaf.dtype
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      data = jax.eval_shape(jax.random.key_data, leaf)
+      shape, itemsize = tuple(leaf.shape) + tuple(data.shape[leaf.ndim:]), data.dtype.itemsize
+      local = leaf.sharding.shard_shape(leaf.shape) + tuple(data.shape[leaf.ndim:])
+    else:
+      shape, itemsize = leaf.shape, np.dtype(dtype).itemsize
+      local = leaf.sharding.shard_shape(shape) if leaf.sharding is not None else shape
+    total += math.prod(local) * itemsize
+  return total
+
+
+def _sub_jaxprs(value):
+  if isinstance(value, jax.extend.core.ClosedJaxpr):
+    yield value.jaxpr
+  elif isinstance(value, jax.extend.core.Jaxpr):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _sub_jaxprs(v)
+
+
+def matmul_flops(jaxpr, loops: bool = True) -> float:
+  """FLOPs of the dot_generals and convolutions of a jaxpr, nested jaxprs included; a `scan` counts its body
+  `length` times with `loops`, once without (as XLA's cost analysis does); a `cond` its largest branch."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      k = math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract)
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+      per_output = math.prod(rhs) / rhs[out_feature_dim]
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+    subs = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
+    if not subs:
+      continue
+    counts = [matmul_flops(j, loops) for j in subs]
+    if name == "cond":
+      total += max(counts)
+    else:
+      total += sum(counts) * (eqn.params.get("length", 1) if name == "scan" and loops else 1)
+  return total
+
+
+@dataclasses.dataclass
+class StepPlan:
+  name: str
+  calls: int  # calls per epoch (at most: every rollout kept)
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  xla_flops: float  # per chip, as XLA counts (loop bodies once)
+  xla_bytes_accessed: float
+  loop_factor: float
+  compile_s: float
+  resident_extra_bytes: int = 0  # resident train state / frozen weights that are not arguments of this step
+
+  @property
+  def flops(self) -> float:
+    return self.xla_flops * self.loop_factor
+
+  @property
+  def bytes_accessed(self) -> float:
+    return self.xla_bytes_accessed * self.loop_factor
+
+  @property
+  def peak_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+  @property
+  def live_bytes(self) -> int:
+    return self.peak_bytes + self.resident_extra_bytes
+
+
+def compile_step(name: str, traced, *, calls: int = 1) -> tuple[StepPlan, Any]:
+  """Lower and compile a traced step (`jitted.trace(*abstract_args)`) -> (its plan, the compiled executable)."""
+  t0 = time.perf_counter()
+  compiled = traced.lower().compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return StepPlan(name, calls, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
+                  int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), int(mem.generated_code_size_in_bytes),
+                  float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+                  _loop_factor(traced.jaxpr), compile_s), compiled
+
+
+def _loop_factor(jaxpr) -> float:
+  if jaxpr is None:
+    return 1.0
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  once = matmul_flops(jaxpr, loops=False)
+  return matmul_flops(jaxpr, loops=True) / once if once else 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The abstract run
+def _abstract(shape, dtype, mesh, spec=PartitionSpec()):
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype) if not isinstance(dtype, jax.ShapeDtypeStruct) else
+                              dtype.dtype, sharding=NamedSharding(mesh, spec))
+
+
+def with_shardings(tree, shardings):
+  """Abstract arrays (nnx Variables kept) carrying the shardings of `shardings` (a tree of NamedShardings where
+  `tree` has Variables or arrays)."""
+  from flax import nnx
+
+  def one(x, s):
+    if isinstance(x, nnx.Variable):
+      value = x.get_value()
+      return x.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=s))
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+  return jax.tree.map(one, tree, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@dataclasses.dataclass(frozen=True)
+class _PlanFamily:
+  """What `rollouts.Sampler` reads of a family, without its VAE and text encoders."""
+  velocity: Any
+  mesh: Any
+  rules: tuple
+
+
+@dataclasses.dataclass
+class Plan:
+  topology: Topology
+  mesh_shape: dict
+  steps: list[StepPlan]
+  resident_bytes: int  # per chip: train state + frozen weights
+  abstract: dict  # the abstract inputs of each step (for checks)
+
+
+def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
+               steps: Sequence[str] = ("rollout", "accumulate", "apply", "update_old"), log=None) -> Plan:
+  """Compile one epoch's device steps of `config` for `topo`; nothing is allocated or read."""
+  from editr1_jax import families
+  family_name = config.model.family
+  family_cls = families.FAMILIES.get(family_name)
+  if family_cls is None:
+    raise PlanError(f"config.model.family = {family_name!r}: expected one of {sorted(families.FAMILIES)}")
+  try:
+    make_transformer, condition, grid, channels = family_cls.abstract_parts(config, layers)
+  except ValueError as e:
+    raise PlanError(str(e)) from None
+  rules = train_loop.mesh_rules(config)
+  try:
+    mesh = shd.make_mesh(tuple(config.mesh.shape), devices=topo.devices)
+  except ValueError as e:
+    raise PlanError(f"config.mesh.shape on --topology={topo.name}: {e}") from None
+  rows_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+  log = log or (lambda _: None)
+
+  built = {}
+
+  def build():
+    trainer, params, frozen = train_loop.build_nft_trainer(config, family_cls, make_transformer(), mesh, rules)
+    built["trainer"] = trainer
+    return params, frozen
+
+  t0 = time.perf_counter()
+  params, frozen = jax.eval_shape(build)
+  trainer: nft.NFTTrainer = built["trainer"]
+  log(f"built the models abstractly in {time.perf_counter() - t0:.1f}s")
+  params = with_shardings(params, trainer.shardings["params"])
+  frozen = with_shardings(frozen, trainer.shardings["frozen"])
+  state = with_shardings(jax.eval_shape(trainer.init, params), trainer.shardings["state"])
+  resident = shard_bytes(state) + shard_bytes(frozen)
+
+  n_rollouts = config.data.groups_per_epoch * config.data.group_size
+  chunk = config.rollout.batch_size * rows_multiple
+  micro = config.nft.micro_batch * rows_multiple
+  num_steps = config.rollout.num_steps
+  tokens = grid[0] * grid[1]
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  out: list[StepPlan] = []
+  abstract = {}
+
+  x0_dtype = jnp.float32
+  if "rollout" in steps:
+    sampler = rollouts.Sampler(_PlanFamily(family_cls.velocity, mesh, rules),
+                               lambda states: trainer.policy.model(*states), noise_level=config.rollout.sde_noise)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), chunk))
+    args = ((state.old_params, frozen), condition(chunk, mesh, rules),
+            shd.abstract_rows((chunk, tokens, channels), "float32", mesh, rules),
+            _abstract((num_steps + 1,), "float32", mesh),
+            jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=NamedSharding(
+                mesh, shd.logical_to_spec(("batch",), rules, keys.shape, mesh))))
+    traced = sampler.trace(*args, solver=config.rollout.sampler)
+    plan, _ = compile_step("rollout (one chunk)", traced, calls=math.ceil(n_rollouts / chunk))
+    x0_dtype = jax.tree.leaves(traced.out_info)[0].dtype
+    plan.resident_extra_bytes = resident - shard_bytes(state.old_params) - shard_bytes(frozen)
+    abstract["rollout"] = args
+    out.append(plan)
+    log(f"compiled {plan.name} in {plan.compile_s:.1f}s")
+
+  batch = nft.TrainBatch(
+      x0=shd.abstract_rows((micro, tokens, channels), x0_dtype, mesh, rules), cond=condition(micro, mesh, rules),
+      sigmas=shd.abstract_rows((micro, num_steps), "float32", mesh, rules), advantages=shd.abstract_rows((micro,), "float32", mesh, rules),
+      mask=shd.abstract_rows((micro,), "float32", mesh, rules), index=shd.abstract_rows((micro,), "int32", mesh, rules))
+  batch = with_shardings(batch, trainer.shardings["batch"])
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=trainer.shardings["key"])
+  todo = dict(accumulate=("accumulate (one micro-batch)", trainer.accumulate, (state, frozen, batch, key),
+                          math.ceil(n_rollouts / micro), resident - shard_bytes(state) - shard_bytes(frozen)),
+              apply=("apply", trainer.apply, (state,), 1, shard_bytes(frozen)),
+              update_old=("update_old", trainer.update_old, (state,), 1, shard_bytes(frozen)))
+  for step in ("accumulate", "apply", "update_old"):
+    if step not in steps:
+      continue
+    name, fn, args, calls, extra = todo[step]
+    plan, _ = compile_step(name, fn.trace(*args), calls=calls)
+    plan.resident_extra_bytes = extra
+    abstract[step] = args
+    out.append(plan)
+    log(f"compiled {plan.name} in {plan.compile_s:.1f}s")
+  return Plan(topo, dict(mesh.shape), out, resident, abstract)
+
+
+# --------------------------------------------------------------------------------------------------
+# The table
+def _bytes(b: float) -> str:
+  sign, b = ("-" if b < 0 else ""), abs(b)
+  for unit, scale in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    if b >= scale:
+      return f"{sign}{b / scale:.2f} {unit}"
+  return f"{sign}{b:.0f} B"
+
+
+def _flops(f: float) -> str:
+  for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+    if f >= scale:
+      return f"{f / scale:.2f}{unit}"
+  return f"{f:.0f}"
+
+
+def _time(s: float) -> str:
+  if s < 1e-3:
+    return f"{s * 1e6:.1f}us"
+  return f"{s * 1e3:.2f}ms" if s < 1 else f"{s:.2f}s"
+
+
+def format_plan(plan: Plan) -> str:
+  chip = plan.topology.chip
+  mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh_shape.items())
+  lines = [f"topology {plan.topology.name}: {len(plan.topology.devices)} devices, "
+           f"chip {chip.name if chip else 'none (no published figures: no roofline, no HBM check)'}; mesh {mesh}",
+           f"resident per chip (train state + frozen weights): {_bytes(plan.resident_bytes)}"]
+  head = ("step", "calls", "arguments", "outputs", "aliased", "temporaries", "peak", "live", "FLOPs/chip",
+          "loop x", "roofline", "x calls", "HBM", "compile")
+  rows = []
+  epoch = 0.0
+  for s in plan.steps:
+    if chip:
+      t = chip.roofline_s(s.flops, s.bytes_accessed)
+      epoch += t * s.calls
+      margin = chip.hbm_bytes - s.live_bytes
+      fit = f"fits ({_bytes(margin)} free)" if margin >= 0 else f"DOES NOT FIT (over by {_bytes(-margin)})"
+      roof, total = _time(t), _time(t * s.calls)
+    else:
+      roof = total = fit = "n/a"
+    rows.append((s.name, str(s.calls), _bytes(s.argument_bytes), _bytes(s.output_bytes), _bytes(s.alias_bytes),
+                 _bytes(s.temp_bytes), _bytes(s.peak_bytes), _bytes(s.live_bytes), _flops(s.flops),
+                 f"{s.loop_factor:.1f}", roof, total, fit, f"{s.compile_s:.1f}s"))
+  widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+  fmt = lambda r: "  ".join(c.ljust(w) if i in (0, 12) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  lines += [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+  if chip:
+    hbm = chip.hbm_bytes
+    worst = max(plan.steps, key=lambda s: s.live_bytes)
+    verdict = "fits" if worst.live_bytes <= hbm else "DOES NOT FIT"
+    lines.append(f"largest: {worst.name}, {_bytes(worst.live_bytes)} of {_bytes(hbm)} HBM per chip: {verdict} "
+                 f"(margin {_bytes(hbm - worst.live_bytes)}); epoch roofline (every rollout kept) {_time(epoch)}")
+  lines.append("peak = arguments + outputs - aliased + temporaries + code; live = peak + resident state that is not "
+               "an argument (VAE, text encoders and judge not counted); FLOPs and bytes x loop factor (XLA counts "
+               "a loop body once)")
+  return "\n".join(lines)

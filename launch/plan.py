@@ -1,0 +1,52 @@
+"""Plan a run without its hardware: compile one epoch's device steps for a topology and print, per step and
+per chip, argument / output / temporary bytes, FLOPs, a roofline time and whether it fits in HBM.
+
+  python launch/plan.py --config=configs/kontext.py --topology=v5p-8 [--config.x=y ...]
+  python launch/plan.py --config=configs/tiny.py                 # the local CPU devices
+
+No weights are read and nothing full-size is allocated: models are built with `jax.eval_shape`. TPU topologies
+compile on compile-only devices from libtpu (`pip install libtpu==0.0.42.1`); `gpu` uses the local GPUs.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file).", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "cpu", "cpu (the local CPU devices), gpu (the local GPUs) or a TPU "
+                                "slice: v4-8, v5e-8, v5p-8, v6e-8, ...")
+_LAYERS = flags.DEFINE_string("layers", None, "Override the transformer depth as 'double,single' (quick plans; "
+                              "the numbers then describe that depth, not the config's).")
+_STEPS = flags.DEFINE_list("steps", "rollout,accumulate,apply,update_old", "Steps to compile.")
+flags.mark_flags_as_required(["config"])
+
+STEPS = ("rollout", "accumulate", "apply", "update_old")
+
+
+def main(argv):
+  del argv
+  from editr1_jax import plan as planning
+  layers = None
+  if _LAYERS.value:
+    try:
+      layers = tuple(int(x) for x in _LAYERS.value.split(","))
+      if len(layers) != 2 or min(layers) < 0:
+        raise ValueError
+    except ValueError:
+      raise app.UsageError(f"--layers={_LAYERS.value!r}: expected two non-negative integers 'double,single'")
+  unknown = [s for s in _STEPS.value if s not in STEPS]
+  if unknown:
+    raise app.UsageError(f"--steps: unknown {unknown}; choose from {list(STEPS)}")
+  try:
+    topo = planning.topology(_TOPOLOGY.value)
+    result = planning.plan_epoch(_CONFIG.value, topo, layers=layers, steps=_STEPS.value,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+  except planning.PlanError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(planning.format_plan(result), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

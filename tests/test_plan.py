@@ -1,0 +1,143 @@
+"""launch/plan.py and editr1_jax.plan: one epoch's device steps compiled abstractly, per-chip numbers."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny as tiny_config
+from editr1_jax import plan as planning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_NAMES = ["rollout (one chunk)", "accumulate (one micro-batch)", "apply", "update_old"]
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+  config = tiny_config.get_config()
+  return config, planning.plan_epoch(config, planning.topology("cpu"))
+
+
+def _concrete_shard_bytes(abstract) -> int:
+  """Bytes of device 0's shard of every input, from real arrays placed with the same shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      keys = jax.random.split(jax.random.key(0), int(np.prod(leaf.shape))).reshape(leaf.shape)
+      x = jax.device_put(keys, leaf.sharding)
+      total += jax.random.key_data(x.addressable_shards[0].data).nbytes
+    else:
+      x = jax.device_put(np.zeros(leaf.shape, leaf.dtype), leaf.sharding)
+      total += x.addressable_shards[0].data.nbytes
+  return total
+
+
+def test_tiny_plan_on_cpu(tiny_plan):
+  config, plan = tiny_plan
+  assert [s.name for s in plan.steps] == STEP_NAMES
+  assert plan.topology.chip is None and len(plan.topology.devices) == jax.device_count("cpu")
+  for s in plan.steps:
+    assert s.argument_bytes > 0 and s.output_bytes > 0 and s.peak_bytes > 0, s
+    assert s.flops > 0 and s.compile_s > 0, s
+  steps = {s.name.split()[0]: s for s in plan.steps}
+  # The NFT accumulate's argument bytes are the inputs' shards (state, frozen, batch, key) on one device.
+  acc = steps["accumulate"]
+  assert acc.argument_bytes == _concrete_shard_bytes(plan.abstract["accumulate"])
+  assert acc.argument_bytes == planning.shard_bytes(plan.abstract["accumulate"])
+  # The train state is donated: accumulate's state output aliases its input.
+  state_bytes = planning.shard_bytes(plan.abstract["accumulate"][0])
+  assert acc.alias_bytes == state_bytes
+  # Loop factors: T = int(0.99 N) NFT terms per micro-batch; the sampler calls the network N times.
+  assert acc.loop_factor == pytest.approx(int(config.rollout.num_steps * config.nft.timestep_fraction))
+  assert steps["rollout"].loop_factor == pytest.approx(config.rollout.num_steps)
+  assert steps["apply"].loop_factor == 1.0
+  text = planning.format_plan(plan)
+  for name in STEP_NAMES:
+    assert sum(line.startswith(name) for line in text.splitlines()) == 1, text
+  assert "n/a" in text  # no chip figures on the CPU backend
+
+
+def test_abstract_condition_matches_the_family(tiny_plan):
+  """The plan's abstract condition rows have the shapes and dtypes of the tiny family's real ones."""
+  from editr1_jax import families, sharding as shd, train_loop
+  config, plan = tiny_plan
+  abstract = plan.abstract["accumulate"][2].cond
+  rows = abstract.reference.shape[0]
+  mesh = shd.make_mesh(tuple(config.mesh.shape))
+  family = families.build(config, mesh, train_loop.mesh_rules(config))
+  res = config.data.resolution
+  sources = np.zeros((rows, res, res, 3), np.float32)
+  real = family.condition(sources, ["make it red"] * rows, grid=family.grid(res, res), guidance=2.5)
+  got = [(a.shape, jnp.dtype(a.dtype)) for a in jax.tree.leaves(abstract)]
+  want = [(tuple(np.shape(x)), jnp.dtype(x.dtype)) for x in jax.tree.leaves(real)]
+  assert got == want
+
+
+def test_matmul_flops_counts_scans():
+  def f(x):
+    return jax.lax.scan(lambda c, _: (c @ x, None), x, None, length=5)[0] @ x
+
+  jaxpr = jax.make_jaxpr(f)(jnp.ones((8, 8))).jaxpr
+  one = 2 * 8 * 8 * 8
+  assert planning.matmul_flops(jaxpr) == 6 * one
+  assert planning.matmul_flops(jaxpr, loops=False) == 2 * one
+
+
+def test_chip_table_and_roofline():
+  assert set(planning.CHIPS) >= {"v4", "v5e", "v5p", "v6e", "h100", "h200"}
+  v5p = planning.CHIPS["v5p"]
+  assert v5p.roofline_s(v5p.bf16_flops, 0) == pytest.approx(1.0)
+  assert v5p.roofline_s(0, 2 * v5p.hbm_bandwidth) == pytest.approx(2.0)
+
+
+def test_topology_errors(monkeypatch):
+  with pytest.raises(planning.PlanError, match="--topology='v9x-8'"):
+    planning.topology("v9x-8")
+  with pytest.raises(planning.PlanError, match="--topology='v5p-6'.*v5p-8"):
+    planning.topology("v5p-6")
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # as if libtpu were not installed
+  with pytest.raises(planning.PlanError, match=r"--topology=v5p-8.*pip install libtpu==0\.0\.42\.1"):
+    planning.topology("v5p-8")
+
+
+def _run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_cli_prints_a_row_per_step():
+  out = _run_cli(f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", "--steps=apply,update_old",
+                 "--config.lora.rank=2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  assert any(l.startswith("apply ") for l in lines) and any(l.startswith("update_old ") for l in lines), out.stdout
+  bad = _run_cli(f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}", "--topology=v5p-7")
+  assert bad.returncode == 2 and "--topology='v5p-7'" in bad.stderr, bad.stderr[-3000:]
+
+
+def _has_libtpu() -> bool:
+  try:
+    import libtpu  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason="libtpu is not installed (pip install libtpu==0.0.42.1): no "
+                    "compile-only TPU devices")
+def test_tiny_plan_on_v5p_8():
+  config = tiny_config.get_config()
+  topo = planning.topology("v5p-8")
+  assert len(topo.devices) == 4 and topo.chip is planning.CHIPS["v5p"]
+  plan = planning.plan_epoch(config, topo, steps=("accumulate",))
+  (acc,) = plan.steps
+  # TPU layouts pad small dimensions to tiles: at least the logical shards, never less.
+  assert acc.argument_bytes >= planning.shard_bytes(plan.abstract["accumulate"])
+  assert acc.flops > 0 and acc.temp_bytes > 0
+  text = planning.format_plan(plan)
+  assert "TPU v5p" in text and "fits" in text and "roofline" in text
