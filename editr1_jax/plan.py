@@ -13,11 +13,18 @@ accessed from `compiled.cost_analysis()`. XLA's cost analysis counts a loop body
 the step's loop factor: the step's matmul/convolution FLOPs counted on its jaxpr with every `scan` at its length,
 over the same count with every scan once (an estimate that assumes the loop body dominates, as it does for the
 sampler's steps and the NFT timesteps). The roofline time is max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM
-bandwidth) of the chip (`CHIPS`). "Live" adds to the step's own peak the train state and frozen weights that stay
-resident between steps but are not its arguments; VAE, text encoders and the judge are not counted.
+bandwidth) of the chip (`CHIPS`). "Live" adds to the step's own peak the train state, frozen weights and the MLLM
+judge's parameters that stay resident between steps but are not its arguments; VAE and text encoders are not counted.
+
+The judge's prefill ("judge prefill", `config.reward.kind == "mllm"` only) is `reward.mllm.score_step` on a full
+scoring call: `config.reward.batch_size` pairs (rounded up to the data-parallel width), each two images of
+`config.data.resolution` squared resized by the judge's image-processor rules, plus `JUDGE_TEXT_TOKENS` of prompt,
+padded to `mllm.MllmJudge`'s length multiple. Its size: `judge=` (7b / 32b / tiny), else `config.reward.model_dir`'s
+config.json (never its weights), else tiny for `config.reward.tiny`, else 32b.
 """
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -33,6 +40,14 @@ from editr1_jax import sharding as shd
 
 GiB = 1024 ** 3
 LIBTPU_HINT = "pip install libtpu==0.0.42.1"
+STEPS = ("rollout", "judge", "accumulate", "apply", "update_old")
+JUDGES = ("7b", "32b", "tiny")
+# Text tokens of one judging turn besides the image pads (chat template, the shipped judging prompt with an
+# instruction and requirement, vision start/end markers): 200, as benchmarks/reward_prefill.py counted one pair
+# at 512x512 (848 tokens, 2 x 324 of them image pads). Longer instructions add a few.
+JUDGE_TEXT_TOKENS = 200
+# Qwen2.5-VL's preprocessor_config.json bounds (56 x 56 and 28 x 28 x 16384 pixels): used when there is no folder.
+DEFAULT_JUDGE_PIXELS = (56 * 56, 28 * 28 * 16384)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,11 +277,92 @@ class Plan:
   steps: list[StepPlan]
   resident_bytes: int  # per chip: train state + frozen weights
   abstract: dict  # the abstract inputs of each step (for checks)
+  judge_bytes: int = 0  # per chip: the MLLM judge's parameters (resident through the epoch)
+  judge: Any = None  # its `qwen2_5_vl.Qwen25VLConfig` (None: no MLLM reward)
 
 
-def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
-               steps: Sequence[str] = ("rollout", "accumulate", "apply", "update_old"), log=None) -> Plan:
-  """Compile one epoch's device steps of `config` for `topo`; nothing is allocated or read."""
+# --------------------------------------------------------------------------------------------------
+# The judge
+def judge_parts(config, judge: str | None = None):
+  """(`Qwen25VLConfig`, `processor.ImageProcessorConfig`) of the reward's judge, or None when
+  `config.reward.kind` is not "mllm". No weights are read."""
+  from editr1_jax import tiny as tiny_lib
+  from editr1_jax import weights as wio
+  from editr1_jax.models import qwen2_5_vl
+  from editr1_jax.reward import processor as proc
+  if config.reward.kind != "mllm":
+    return None
+  if judge not in (None, "") + JUDGES:
+    raise PlanError(f"--judge={judge!r}: expected one of {list(JUDGES)}")
+  dtype = config.reward.dtype
+  runtime = dict(dtype=dtype, param_dtype=dtype)
+  folder = config.reward.model_dir
+  has_config = bool(folder) and os.path.isfile(os.path.join(folder, "config.json"))
+  try:
+    if judge == "tiny" or (not judge and not has_config and config.reward.tiny):
+      cfg = tiny_lib.tiny_judge_config().replace(**runtime)
+      folder = os.path.join(tiny_lib.ASSETS, "judge")  # the tiny judge's preprocessor_config.json
+    elif judge in ("7b", "32b"):
+      cfg = (qwen2_5_vl.qwen2_5_vl_7b if judge == "7b" else qwen2_5_vl.qwen2_5_vl_32b)(**runtime)
+    elif has_config:
+      path = os.path.join(folder, "config.json")
+      cfg = qwen2_5_vl.Qwen25VLConfig.from_hf_config(wio.read_config(folder), source=path, **runtime)
+    else:
+      cfg = qwen2_5_vl.qwen2_5_vl_32b(**runtime)
+    if folder and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+      image_cfg = proc.ImageProcessorConfig.from_folder(folder)
+    else:
+      image_cfg = proc.ImageProcessorConfig(*DEFAULT_JUDGE_PIXELS)
+  except (ValueError, wio.CheckpointError) as e:
+    raise PlanError(f"the judge (config.reward.model_dir = {config.reward.model_dir!r}): {e}") from None
+  return cfg, image_cfg
+
+
+def abstract_judge(cfg, mesh, rules):
+  """(graphdef, abstract state carrying the shardings the judge's weights get) of a Qwen2.5-VL."""
+  from flax import nnx
+  from editr1_jax.models import qwen2_5_vl
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: qwen2_5_vl.Qwen25VL(cfg, rngs=nnx.Rngs(0))))
+  return graphdef, with_shardings(state, shd.state_shardings(state, mesh, rules))
+
+
+def judge_batch(cfg, image_cfg, rows: int, resolution: int, mesh, rules, *, text_tokens: int = JUDGE_TEXT_TOKENS,
+                length_multiple: int = 64):
+  """(abstract `qwen2_5_vl.Batch`, abstract positions (rows, 1)) of one scoring call as `MllmJudge` places it:
+  `rows` pairs of two `resolution`-squared images, left-padded to a multiple of `length_multiple`. Only the token
+  ids (rows x length) and the vision layout are made on the host; pixel values are abstract."""
+  from editr1_jax.models import qwen2_5_vl
+  from editr1_jax.reward import processor as proc
+  if (image_cfg.patch_size, image_cfg.merge_size, image_cfg.temporal_patch_size) != (
+      cfg.vision.patch_size, cfg.vision.spatial_merge_size, cfg.vision.temporal_patch_size):
+    raise PlanError("the judge's preprocessor_config.json and config.json disagree on the patch sizes")
+  h, w = proc.smart_resize(resolution, resolution, image_cfg.factor, image_cfg.min_pixels, image_cfg.max_pixels)
+  grid = (1, h // image_cfg.patch_size, w // image_cfg.patch_size)
+  image_tokens = image_cfg.num_tokens(grid)
+  text = max(text_tokens, 4)  # the vision start / end markers are part of it
+  length = -(-(text + 2 * image_tokens) // length_multiple) * length_multiple
+  filler = cfg.image_token_id + 1 if cfg.image_token_id + 1 < cfg.vocab_size else 0
+  image = [cfg.vision_start_token_id] + [cfg.image_token_id] * image_tokens + [cfg.vision_end_token_id]
+  row = [filler] * (text - 4) + image + image
+  ids = np.zeros((rows, length), np.int32)
+  ids[:, length - len(row):] = row
+  mask = np.zeros((rows, length), bool)
+  mask[:, length - len(row):] = True
+  patches = jax.ShapeDtypeStruct((2 * rows * math.prod(grid), cfg.vision.patch_dim), jnp.float32)
+  host = qwen2_5_vl.prepare_batch(ids, mask, patches, np.asarray([grid] * (2 * rows)), cfg)
+  rows_of = lambda x, axes=("batch",): jax.tree.map(
+      lambda a: shd.abstract_rows(np.shape(a), a.dtype, mesh, rules, axes), x)
+  batch = rows_of(host, ()).replace(input_ids=rows_of(host.input_ids), attention_mask=rows_of(host.attention_mask),
+                                    position_ids=rows_of(host.position_ids, (None, "batch")),
+                                    pixel_values=rows_of(host.pixel_values))
+  return batch, shd.abstract_rows((rows, 1), "int32", mesh, rules)
+
+
+def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None, steps: Sequence[str] = STEPS,
+               judge: str | None = None, log=None) -> Plan:
+  """Compile one epoch's device steps of `config` for `topo`; nothing is allocated or read. `judge`: the MLLM
+  judge's size (see `judge_parts`)."""
+  judge_spec = judge_parts(config, judge)
   from editr1_jax import families
   family_name = config.model.family
   family_cls = families.FAMILIES.get(family_name)
@@ -299,6 +395,11 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
   frozen = with_shardings(frozen, trainer.shardings["frozen"])
   state = with_shardings(jax.eval_shape(trainer.init, params), trainer.shardings["state"])
   resident = shard_bytes(state) + shard_bytes(frozen)
+  judge_bytes = 0
+  if judge_spec is not None:
+    judge_graphdef, judge_state = abstract_judge(judge_spec[0], mesh, rules)
+    judge_bytes = shard_bytes(judge_state)
+    log(f"judge: {judge_bytes / GiB:.2f} GiB of parameters per chip")
 
   n_rollouts = config.data.groups_per_epoch * config.data.group_size
   chunk = config.rollout.batch_size * rows_multiple
@@ -322,8 +423,23 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     traced = sampler.trace(*args, solver=config.rollout.sampler)
     plan, _ = compile_step("rollout (one chunk)", traced, calls=math.ceil(n_rollouts / chunk))
     x0_dtype = jax.tree.leaves(traced.out_info)[0].dtype
-    plan.resident_extra_bytes = resident - shard_bytes(state.old_params) - shard_bytes(frozen)
+    plan.resident_extra_bytes = resident - shard_bytes(state.old_params) - shard_bytes(frozen) + judge_bytes
     abstract["rollout"] = args
+    out.append(plan)
+    log(f"compiled {plan.name} in {plan.compile_s:.1f}s")
+
+  if "judge" in steps and judge_spec is not None:
+    from editr1_jax.reward import mllm
+    cfg, image_cfg = judge_spec
+    width = math.prod(mesh.shape[a] for a in mllm._mesh_axes(rules, "batch"))
+    rows = -(-config.reward.batch_size // width) * width
+    judge_batch_, positions = judge_batch(cfg, image_cfg, rows, config.data.resolution, mesh, rules)
+    digit_ids = np.arange(len(mllm.DIGITS), dtype=np.int32)  # which ids does not change the step's cost
+    fn = jax.jit(functools.partial(mllm.score_step, judge_graphdef, digit_ids, mesh, rules))
+    args = (judge_state, judge_batch_, positions)
+    plan, _ = compile_step("judge prefill", fn.trace(*args), calls=math.ceil(n_rollouts / config.reward.batch_size))
+    plan.resident_extra_bytes = resident
+    abstract["judge"] = args
     out.append(plan)
     log(f"compiled {plan.name} in {plan.compile_s:.1f}s")
 
@@ -337,6 +453,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
                           math.ceil(n_rollouts / micro), resident - shard_bytes(state) - shard_bytes(frozen)),
               apply=("apply", trainer.apply, (state,), 1, shard_bytes(frozen)),
               update_old=("update_old", trainer.update_old, (state,), 1, shard_bytes(frozen)))
+  todo = {k: v[:4] + (v[4] + judge_bytes,) for k, v in todo.items()}
   for step in ("accumulate", "apply", "update_old"):
     if step not in steps:
       continue
@@ -346,7 +463,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     abstract[step] = args
     out.append(plan)
     log(f"compiled {plan.name} in {plan.compile_s:.1f}s")
-  return Plan(topo, dict(mesh.shape), out, resident, abstract)
+  return Plan(topo, dict(mesh.shape), out, resident, abstract, judge_bytes, judge_spec and judge_spec[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,6 +495,10 @@ def format_plan(plan: Plan) -> str:
   lines = [f"topology {plan.topology.name}: {len(plan.topology.devices)} devices, "
            f"chip {chip.name if chip else 'none (no published figures: no roofline, no HBM check)'}; mesh {mesh}",
            f"resident per chip (train state + frozen weights): {_bytes(plan.resident_bytes)}"]
+  if plan.judge is not None:
+    j = plan.judge
+    lines.append(f"judge (Qwen2.5-VL, {j.num_hidden_layers} layers x {j.hidden_size}, vision {j.vision.depth} x "
+                 f"{j.vision.hidden_size}, {j.param_dtype}) resident per chip: {_bytes(plan.judge_bytes)}")
   head = ("step", "calls", "arguments", "outputs", "aliased", "temporaries", "peak", "live", "FLOPs/chip",
           "loop x", "roofline", "x calls", "HBM", "compile")
   rows = []
@@ -403,7 +524,10 @@ def format_plan(plan: Plan) -> str:
     verdict = "fits" if worst.live_bytes <= hbm else "DOES NOT FIT"
     lines.append(f"largest: {worst.name}, {_bytes(worst.live_bytes)} of {_bytes(hbm)} HBM per chip: {verdict} "
                  f"(margin {_bytes(hbm - worst.live_bytes)}); epoch roofline (every rollout kept) {_time(epoch)}")
-  lines.append("peak = arguments + outputs - aliased + temporaries + code; live = peak + resident state that is not "
-               "an argument (VAE, text encoders and judge not counted); FLOPs and bytes x loop factor (XLA counts "
-               "a loop body once)")
+  lines.append("peak = arguments + outputs - aliased + temporaries + code; live = peak + resident state (judge "
+               "included) that is not an argument (VAE and text encoders not counted); FLOPs and bytes x loop factor "
+               "(XLA counts a loop body once)")
+  if plan.judge is not None and any(s.name == "judge prefill" for s in plan.steps):
+    lines.append(f"the judge prefill row is one full scoring call, {JUDGE_TEXT_TOKENS} text tokens per pair assumed "
+                 "besides the image pads")
   return "\n".join(lines)

@@ -3,6 +3,7 @@ per chip, argument / output / temporary bytes, FLOPs, a roofline time and whethe
 
   python launch/plan.py --config=configs/kontext.py --topology=v5p-8 [--config.x=y ...]
   python launch/plan.py --config=configs/tiny.py                 # the local CPU devices
+  python launch/plan.py --config=configs/kontext.py --topology=gpu --judge=7b
 
 No weights are read and nothing full-size is allocated: models are built with `jax.eval_shape`. TPU topologies
 compile on compile-only devices from libtpu (`pip install libtpu==0.0.42.1`); `gpu` uses the local GPUs.
@@ -18,10 +19,12 @@ _TOPOLOGY = flags.DEFINE_string("topology", "cpu", "cpu (the local CPU devices),
                                 "slice: v4-8, v5e-8, v5p-8, v6e-8, ...")
 _LAYERS = flags.DEFINE_string("layers", None, "Override the transformer depth as 'double,single' (quick plans; "
                               "the numbers then describe that depth, not the config's).")
-_STEPS = flags.DEFINE_list("steps", "rollout,accumulate,apply,update_old", "Steps to compile.")
+_STEPS = flags.DEFINE_list("steps", "rollout,judge,accumulate,apply,update_old", "Steps to compile (judge: the "
+                           "MLLM reward's prefill, only for config.reward.kind=mllm).")
+_JUDGE = flags.DEFINE_enum("judge", None, ["7b", "32b", "tiny"], "The MLLM judge's size (Qwen2.5-VL). Default: the "
+                           "sizes in config.reward.model_dir's config.json if it has one, else tiny for "
+                           "config.reward.tiny, else 32b. Its parameters count as resident in every step.")
 flags.mark_flags_as_required(["config"])
-
-STEPS = ("rollout", "accumulate", "apply", "update_old")
 
 
 def main(argv):
@@ -35,13 +38,13 @@ def main(argv):
         raise ValueError
     except ValueError:
       raise app.UsageError(f"--layers={_LAYERS.value!r}: expected two non-negative integers 'double,single'")
-  unknown = [s for s in _STEPS.value if s not in STEPS]
+  unknown = [s for s in _STEPS.value if s not in planning.STEPS]
   if unknown:
-    raise app.UsageError(f"--steps: unknown {unknown}; choose from {list(STEPS)}")
+    raise app.UsageError(f"--steps: unknown {unknown}; choose from {list(planning.STEPS)}")
   try:
     topo = planning.topology(_TOPOLOGY.value)
     result = planning.plan_epoch(_CONFIG.value, topo, layers=layers, steps=_STEPS.value,
-                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+                                 judge=_JUDGE.value, log=lambda m: print(m, file=sys.stderr, flush=True))
   except planning.PlanError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

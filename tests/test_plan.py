@@ -13,7 +13,7 @@ from configs import tiny as tiny_config
 from editr1_jax import plan as planning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEP_NAMES = ["rollout (one chunk)", "accumulate (one micro-batch)", "apply", "update_old"]
+STEP_NAMES = ["rollout (one chunk)", "judge prefill", "accumulate (one micro-batch)", "apply", "update_old"]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,73 @@ def test_tiny_plan_on_cpu(tiny_plan):
   for name in STEP_NAMES:
     assert sum(line.startswith(name) for line in text.splitlines()) == 1, text
   assert "n/a" in text  # no chip figures on the CPU backend
+
+
+def _param_shard_bytes(state) -> int:
+  """Device 0's bytes of an abstract nnx state, from each leaf's shard shape."""
+  from flax import nnx
+  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  values = [v.get_value() if isinstance(v, nnx.Variable) else v for v in leaves]
+  return sum(int(np.prod(v.sharding.shard_shape(v.shape))) * np.dtype(v.dtype).itemsize for v in values)
+
+
+def test_judge_prefill_row(tiny_plan):
+  """The MLLM judge's scoring call is planned: the tiny judge's parameters are its arguments and stay resident
+  (in every other step's live bytes); the batch is reward.batch_size pairs of two training-resolution images."""
+  from editr1_jax.reward import processor as proc
+  config, plan = tiny_plan
+  steps = {s.name: s for s in plan.steps}
+  judge = steps["judge prefill"]
+  assert judge.argument_bytes > 0 and judge.output_bytes > 0 and judge.temp_bytes > 0 and judge.flops > 0
+  state, batch, positions = plan.abstract["judge"]
+  params = _param_shard_bytes(state)
+  assert params > 0 and plan.judge_bytes == params
+  assert judge.argument_bytes >= params
+  assert judge.argument_bytes == planning.shard_bytes(plan.abstract["judge"])  # CPU: no layout padding
+  assert judge.calls == -(-config.data.groups_per_epoch * config.data.group_size // config.reward.batch_size)
+  assert judge.resident_extra_bytes == plan.resident_bytes  # the train state while the judge runs
+  for name in ("rollout (one chunk)", "accumulate (one micro-batch)", "apply", "update_old"):
+    assert steps[name].resident_extra_bytes >= params, name
+  assert steps["apply"].resident_extra_bytes == params + planning.shard_bytes(plan.abstract["accumulate"][1])
+  # Two images per pair at the training resolution, resized as the tiny judge's processor does.
+  width = len(jax.devices("cpu"))
+  rows = -(-config.reward.batch_size // width) * width
+  image_cfg = proc.ImageProcessorConfig.from_folder(os.path.join(ROOT, "editr1_jax", "assets", "tiny", "judge"))
+  h, w = proc.smart_resize(config.data.resolution, config.data.resolution, 28, image_cfg.min_pixels,
+                           image_cfg.max_pixels)
+  patches = (h // 14) * (w // 14)
+  assert batch.pixel_values.shape == (2 * rows * patches, 1176)
+  assert batch.input_ids.shape[0] == rows and positions.shape == (rows, 1)
+  assert batch.input_ids.shape[1] % 64 == 0 and batch.input_ids.shape[1] >= planning.JUDGE_TEXT_TOKENS + patches // 2
+  assert "judge (Qwen2.5-VL" in planning.format_plan(plan)
+
+
+def test_judge_parts(tmp_path):
+  import json
+  from editr1_jax.models import qwen2_5_vl
+  config = tiny_config.get_config()
+  cfg, image_cfg = planning.judge_parts(config)
+  assert cfg.num_hidden_layers == qwen2_5_vl.tiny().num_hidden_layers and image_cfg.max_pixels == 28 * 28 * 16
+  big, default_pixels = planning.judge_parts(config, "7b")
+  assert big.hidden_size == qwen2_5_vl.qwen2_5_vl_7b().hidden_size
+  assert (default_pixels.min_pixels, default_pixels.max_pixels) == planning.DEFAULT_JUDGE_PIXELS
+  config.reward.tiny = False
+  assert planning.judge_parts(config)[0].hidden_size == qwen2_5_vl.qwen2_5_vl_32b().hidden_size
+  # A model folder's config.json gives the sizes (no weights there: none are read).
+  (tmp_path / "config.json").write_text(json.dumps({
+      "vocab_size": 160, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+      "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "window_size": 56,
+                        "out_hidden_size": 64, "fullatt_block_indexes": [0]}}))
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 50176}))
+  config.reward.model_dir = str(tmp_path)
+  cfg, image_cfg = planning.judge_parts(config)
+  assert (cfg.num_hidden_layers, cfg.vision.depth, cfg.param_dtype) == (3, 1, config.reward.dtype)
+  assert image_cfg.max_pixels == 50176
+  with pytest.raises(planning.PlanError, match="--judge='13b'"):
+    planning.judge_parts(config, "13b")
+  config.reward.kind = "colour"
+  assert planning.judge_parts(config) is None
 
 
 def test_abstract_condition_matches_the_family(tiny_plan):

@@ -10,6 +10,7 @@ and it is counted; it never becomes a 0 reward.
 """
 
 import dataclasses
+import functools
 import os
 import string
 from typing import Sequence
@@ -84,6 +85,16 @@ def digit_scores(digit_logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
   return jnp.where(valid, score, jnp.nan), jnp.where(valid[:, None], probs, jnp.nan), valid
 
 
+def score_step(graphdef, digit_ids, mesh, rules, state, batch, positions):
+  """The judge's device step (what `MllmJudge` jits, with the first four bound): the prefill of a prepared
+  `qwen2_5_vl.Batch`, the logits at `positions` (B, 1) (the first answer position) -> `digit_scores` of the
+  `digit_ids` (6,) columns. `launch/plan.py` compiles this same function."""
+  model = nnx.merge(graphdef, state)
+  with shd.use_mesh(mesh, rules):
+    logits = model.logits_at_batch(batch, positions)[:, 0]  # (B, V) at the first answer position
+  return digit_scores(logits[:, digit_ids])
+
+
 def _bucket(n: int, batch_size: int, multiple: int) -> int:
   """Rows of one call: `batch_size`, or the remainder rounded up to a power of two; a multiple of the
   data-parallel width so the batch splits evenly."""
@@ -114,7 +125,7 @@ class MllmJudge:
     if mesh is not None:
       self._row_multiple = int(np.prod([mesh.shape[a] for a in _mesh_axes(rules, "batch")]))
     self._graphdef, self._state = nnx.split(model)
-    self._step = jax.jit(self._score_step)
+    self._step = jax.jit(functools.partial(score_step, self._graphdef, self.digit_ids, mesh, rules))
 
   def _check_agreement(self, folder: str) -> None:
     """The tokenizer, the preprocessor and config.json must describe the same model."""
@@ -126,12 +137,6 @@ class MllmJudge:
     bad = [f"{k} {ours} vs {theirs}" for k, (ours, theirs) in pairs.items() if ours != theirs]
     if bad:
       raise ValueError(f"{folder}: config.json disagrees with the tokenizer / preprocessor_config.json: {bad}")
-
-  def _score_step(self, state, batch, positions):
-    model = nnx.merge(self._graphdef, state)
-    with shd.use_mesh(self.mesh, self.rules):
-      logits = model.logits_at_batch(batch, positions)[:, 0]  # (B, V) at the first answer position
-    return digit_scores(logits[:, self.digit_ids])
 
   # ------------------------------------------------------------------------------------------------
   def encode_pair(self, source, edited, instruction: str, requirement: str):
