@@ -443,10 +443,10 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     out.append(plan)
     log(f"compiled {plan.name} in {plan.compile_s:.1f}s")
 
-  batch = nft.TrainBatch(
-      x0=shd.abstract_rows((micro, tokens, channels), x0_dtype, mesh, rules), cond=condition(micro, mesh, rules),
-      sigmas=shd.abstract_rows((micro, num_steps), "float32", mesh, rules), advantages=shd.abstract_rows((micro,), "float32", mesh, rules),
-      mask=shd.abstract_rows((micro,), "float32", mesh, rules), index=shd.abstract_rows((micro,), "int32", mesh, rules))
+  rows = functools.partial(shd.abstract_rows, mesh=mesh, rules=rules)
+  batch = nft.TrainBatch(x0=rows((micro, tokens, channels), x0_dtype), cond=condition(micro, mesh, rules),
+                         sigmas=rows((micro, num_steps), "float32"), advantages=rows((micro,), "float32"),
+                         mask=rows((micro,), "float32"), index=rows((micro,), "int32"))
   batch = with_shardings(batch, trainer.shardings["batch"])
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=trainer.shardings["key"])
   todo = dict(accumulate=("accumulate (one micro-batch)", trainer.accumulate, (state, frozen, batch, key),
