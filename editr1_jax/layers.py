@@ -51,6 +51,11 @@ def target_matches(target: str, module_name: str) -> bool:
   return module_name == target or module_name.endswith("." + target)
 
 
+def split_adapters(model: nnx.Module):
+  """(graphdef, adapter state, base state): the trainable/frozen split of any model with LoRA adapters."""
+  return nnx.split(model, nnx.LoRAParam, ...)
+
+
 def lora_init(key: jax.Array, kind: str, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
   """peft's "gaussian" init: A ~ N(0, 1/rank^2) (std 1/rank), B = 0, so a new adapter is a no-op."""
   if kind == "lora_a":

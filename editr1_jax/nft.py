@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from editr1_jax import sharding as shd
 from editr1_jax.families.base import host_rows, tile_rows
-from editr1_jax.layers import AdapterRows
+from editr1_jax.layers import AdapterRows, split_adapters
 
 ADV_MODES = ("all", "positive", "negative", "binary")
 DECAY_SCHEDULES = (0, 1, 2)
@@ -167,7 +167,7 @@ class Policy:
   @classmethod
   def from_model(cls, model: nnx.Module, velocity_fn: Callable, cond_axes, full_finetune: bool = False):
     """(policy, trainable params, frozen params) of a family's transformer."""
-    graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
+    graphdef, adapters, base = split_adapters(model)
     if full_finetune:
       if jax.tree.leaves(adapters):
         raise ValueError("full fine-tuning trains every parameter: build the transformer without a LoraSpec")

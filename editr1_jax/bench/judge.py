@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from editr1_jax import generation
+from editr1_jax import chunks, generation
 from editr1_jax import sharding as shd
 from editr1_jax.models import qwen2_5_vl
 from editr1_jax.reward import processor
@@ -25,14 +25,12 @@ class QwenJudge:
 
   def answer(self, requests: Sequence[tuple[str, Sequence[Image.Image], bool]]) -> list[str]:
     answers = []
-    for start in range(0, len(requests), self.batch_size):
-      part = list(requests[start:start + self.batch_size])
-      padded = part + [part[0]] * (self.batch_size - len(part))  # repeated rows: generated, then dropped
-      batch = generation.chat_batch(self.chat, [(pictures, prompt, text_first) for prompt, pictures, text_first
-                                                in padded], self.model.cfg, pad_id=self.pad)
+    for idx, real in chunks.padded_chunks(len(requests), self.batch_size):  # repeated rows: generated, then dropped
+      batch = generation.chat_batch(self.chat, [(requests[i][1], requests[i][0], requests[i][2]) for i in idx],
+                                    self.model.cfg, pad_id=self.pad)
       out = generation.generate(self.model, batch, max_new_tokens=self.max_new_tokens, eos_token_ids=self.eos,
                                 pad_token_id=self.pad, mesh=self.mesh, rules=self.rules)
       ids, lengths = shd.to_host(out.token_ids), shd.to_host(out.lengths)
       answers += [self.chat.tokenizer.decode(np.asarray(ids[i, :lengths[i]]).tolist(), skip_special_tokens=True)
-                  for i in range(len(part))]
+                  for i in range(real)]
     return answers

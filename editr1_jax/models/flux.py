@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
 from editr1_jax.layers import AdapterRows, Dense, LoraSpec, RMSNorm, attention, gelu_tanh, layer_norm, lora_init, \
-  remat_policy, target_matches
+  remat_policy, split_adapters, target_matches
 
 # peft target keys of docs/METHOD.md section 7; matched as dotted suffixes of diffusers module names.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -413,9 +413,7 @@ def check_lora_targets(targets: Sequence[str], where: str, *, layers: Sequence[s
     raise ValueError(f"{where}: {said} no layer of the FLUX transformer; layers that take an adapter: {kinds}")
 
 
-def split_params(model: FluxTransformer):
-  """(graphdef, adapter state, base state): the trainable/frozen split."""
-  return nnx.split(model, nnx.LoRAParam, ...)
+split_params = split_adapters  # (graphdef, adapter state, base state) of a FLUX transformer
 
 
 def init_adapters(abstract_adapters, key: jax.Array, *, mesh=None, rules=shd.DEFAULT_RULES):

@@ -421,9 +421,9 @@ def place_batch(batch: Batch, mesh, rules=shd.DEFAULT_RULES) -> Batch:
   if mesh is None:
     return batch
   put = lambda x, axes=("batch",): jax.tree.map(lambda a: shd.put_rows(np.asarray(a), mesh, rules, axes), x)
-  replicated = put(batch, ())
-  return replicated.replace(input_ids=put(batch.input_ids), attention_mask=put(batch.attention_mask),
-                            position_ids=put(batch.position_ids, (None, "batch")), pixel_values=put(batch.pixel_values))
+  return Batch(input_ids=put(batch.input_ids), attention_mask=put(batch.attention_mask),
+               position_ids=put(batch.position_ids, (None, "batch")), pixel_values=put(batch.pixel_values),
+               vision=put(batch.vision, ()))
 
 
 # --------------------------------------------------------------------------------------------------
