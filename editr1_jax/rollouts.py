@@ -72,7 +72,7 @@ def generate(sampler: Sampler, states, cond, keys: np.ndarray, *, grid: tuple[in
   noise (comparisons against a reference that takes explicit latents)."""
   from tqdm import tqdm
   family = sampler.family
-  axes = family.condition_axes()
+  axes = family.condition_axes(cond)
   sigmas = family.sigmas(num_steps, grid)
   x0_parts, images = [], []
   parts = list(chunks.padded_chunks(len(keys), chunk))
@@ -95,7 +95,7 @@ def collect(family, sampler: Sampler, states, records: list[dict], keys: np.ndar
   grid = family.grid(resolution, resolution)
   cond = family.condition(sources, [by_id[i]["prompt"] for i in ids], grid=grid, guidance=guidance)
   where = np.array([ids.index(r["id"]) for r in records])
-  cond = host_rows(cond, family.condition_axes(), where)
+  cond = host_rows(cond, family.condition_axes(cond), where)
   x0, edits, sigmas = generate(sampler, states, cond, keys, grid=grid, num_steps=num_steps, solver=solver,
                                chunk=chunk, desc=desc)
   return Rollouts(x0=x0, edits=edits, sources=sources[where], cond=cond, sigmas=sigmas)

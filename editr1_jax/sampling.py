@@ -8,6 +8,7 @@ trajectory. All schedule and solver arithmetic runs in float32 whatever the mode
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import flax.struct
@@ -22,48 +23,92 @@ SOLVERS = ("euler", "sde", "dpm2")
 
 @dataclasses.dataclass(frozen=True)
 class ShiftConfig:
-  """Resolution-dependent shift: mu grows linearly with the image token count."""
+  """What a FlowMatchEulerDiscreteScheduler folder says about the sigmas (docs/METHOD.md section 3).
+
+  Dynamic shifting (FLUX, Qwen-Image): mu grows linearly with the image token count and the base sigmas are
+  shifted by e^mu ("exponential") or mu ("linear"); otherwise a fixed `shift`. `shift_terminal` then stretches
+  the schedule so its last non-zero sigma is that value (Qwen-Image: 0.02).
+  """
 
   base_len: int = 256
   max_len: int = 4096
   base_shift: float = 0.5
   max_shift: float = 1.15
+  dynamic: bool = True
+  shift: float = 1.0  # used only when not dynamic
+  time_shift_type: str = "exponential"
+  shift_terminal: float | None = None
+
+  def __post_init__(self):
+    if self.time_shift_type not in ("exponential", "linear"):
+      raise ValueError(f"time_shift_type must be exponential or linear, got {self.time_shift_type!r}")
+    if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
+      raise ValueError(f"shift_terminal must be in [0, 1), got {self.shift_terminal}")
 
   def mu(self, image_tokens: int) -> float:
     m = (self.max_shift - self.base_shift) / (self.max_len - self.base_len)
     return image_tokens * m + self.base_shift - m * self.base_len
 
+  def shifted(self, base: np.ndarray, image_tokens: int) -> np.ndarray:
+    """Base sigmas (descending, in (0, 1]) -> the scheduler's sigmas, before the final 0 is appended."""
+    if self.dynamic:
+      mu = self.mu(image_tokens)
+      scale = math.exp(mu) if self.time_shift_type == "exponential" else mu  # a Python float: keeps float32
+      sigmas = scale / (scale + (1.0 / base - 1.0))
+    else:
+      sigmas = self.shift * base / (1.0 + (self.shift - 1.0) * base)
+    if self.shift_terminal:  # diffusers skips a 0 / None terminal the same way
+      one_minus = 1.0 - sigmas
+      sigmas = 1.0 - one_minus / (one_minus[-1] / (1.0 - self.shift_terminal))
+    return sigmas
+
   @classmethod
   def from_diffusers_config(cls, config: dict, source: str = "scheduler config") -> "ShiftConfig":
-    """From a FlowMatchEulerDiscreteScheduler `scheduler_config.json` (FLUX: dynamic exponential shift)."""
-    if not config.get("use_dynamic_shifting", False):
-      raise ValueError(f"{source}: use_dynamic_shifting must be true for a resolution-dependent schedule")
-    if config.get("time_shift_type", "exponential") != "exponential":
-      raise ValueError(f"{source}: time_shift_type {config['time_shift_type']!r} is not supported (exponential)")
-    # Every other field of FlowMatchEulerDiscreteScheduler that would change the sigmas must be at its default:
-    # a schedule we would compute differently from the folder's is an error, never a silent difference.
-    changing = {k: config[k] for k, default in _SCHEDULE_DEFAULTS.items() if config.get(k, default) != default}
+    """From a FlowMatchEulerDiscreteScheduler `scheduler_config.json`: every field that changes the sigmas is
+    read; the ones we do not compute (Karras / exponential / beta spacing, inverted or stochastic sampling) are an
+    error naming them, never a silent difference."""
+    changing = {k: config[k] for k, default in _UNSUPPORTED_DEFAULTS.items() if config.get(k, default) != default}
     if changing:
       raise ValueError(f"{source}: {changing} change the schedule and are not supported "
-                       f"(expected {_SCHEDULE_DEFAULTS})")
-    return cls(config.get("base_image_seq_len", cls.base_len), config.get("max_image_seq_len", cls.max_len),
-               config.get("base_shift", cls.base_shift), config.get("max_shift", cls.max_shift))
+                       f"(expected {_UNSUPPORTED_DEFAULTS})")
+    kind = config.get("time_shift_type", "exponential")
+    if kind not in ("exponential", "linear"):
+      raise ValueError(f"{source}: time_shift_type {kind!r} is not supported (exponential, linear)")
+    fields = {"base_image_seq_len": "base_len", "max_image_seq_len": "max_len", "base_shift": "base_shift",
+              "max_shift": "max_shift", "shift": "shift", "shift_terminal": "shift_terminal"}
+    kw = {}
+    for key, name in fields.items():
+      value = config.get(key, getattr(cls, name))
+      if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{source}: {key} must be a number, got {value!r}")
+      kw[name] = value
+    return cls(dynamic=bool(config.get("use_dynamic_shifting", False)), time_shift_type=kind, **kw)
 
 
 FLUX_SHIFT = ShiftConfig()
-# Fields of diffusers' FlowMatchEulerDiscreteScheduler config that alter the sigmas, at their defaults (FLUX.1
-# folders ship these values or leave them out). `shift` itself is unused with dynamic shifting.
-_SCHEDULE_DEFAULTS = {"shift_terminal": None, "invert_sigmas": False, "use_karras_sigmas": False,
-                      "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False}
+# Fields of diffusers' FlowMatchEulerDiscreteScheduler config that alter the sigmas in ways we do not compute, at
+# their defaults (FLUX.1 and Qwen-Image folders ship these values or leave them out).
+_UNSUPPORTED_DEFAULTS = {"invert_sigmas": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                         "use_beta_sigmas": False, "stochastic_sampling": False}
 
 
 def shifted_sigmas(num_steps: int, image_tokens: int, shift: ShiftConfig = FLUX_SHIFT) -> np.ndarray:
-  """(num_steps + 1,) float32 sigmas from 1 down to 0: linspace(1, 1/N, N) shifted by mu(L), then 0."""
+  """(num_steps + 1,) float32 sigmas from 1 down to 0: linspace(1, 1/N, N) shifted, then 0; equal to
+  `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace, mu=mu(L))` as the FLUX and Qwen pipelines call
+  it, whose arithmetic is float32 (so is ours)."""
   if num_steps < 1:
     raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-  base = np.linspace(1.0, 1.0 / num_steps, num_steps)
-  e_mu = np.exp(shift.mu(image_tokens))
-  return np.append(e_mu / (e_mu + (1.0 / base - 1.0)), 0.0).astype(np.float32)
+  base = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+  return np.append(shift.shifted(base, image_tokens), 0.0).astype(np.float32)
+
+
+def true_cfg(positive: jax.Array, negative: jax.Array, scale: jax.Array) -> jax.Array:
+  """Classifier-free guidance as Qwen-Image pipelines apply it: v_neg + s (v_pos - v_neg), rescaled token by
+  token to the norm of v_pos (over the last axis). `scale` is (B,); norms in float32."""
+  p, n = positive.astype(jnp.float32), negative.astype(jnp.float32)
+  combined = n + scale.astype(jnp.float32)[:, None, None] * (p - n)
+  ratio = jnp.linalg.norm(p, axis=-1, keepdims=True) / jnp.linalg.norm(combined, axis=-1, keepdims=True)
+  return (combined * ratio).astype(positive.dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from PIL import Image
 from test_autoencoder import save_reference as save_vae
 
 from editr1_jax import export, pipeline, sampling
+from editr1_jax.families import base as family_base
 from editr1_jax.families import kontext
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
@@ -137,12 +138,12 @@ def test_errors_name_the_problem(folder, ours, tmp_path):
   with pytest.raises(ValueError, match="different sizes"):
     ours([sources()[0], sources()[1].resize((64, 32))], PROMPTS, auto_resize=False)
   with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
-    kontext.scheduler_shift(str(tmp_path))
+    family_base.scheduler_shift(str(tmp_path))
   os.makedirs(tmp_path / "scheduler")
   with open(tmp_path / "scheduler" / "scheduler_config.json", "w") as f:
-    json.dump({"use_dynamic_shifting": False}, f)
-  with pytest.raises(ValueError, match="use_dynamic_shifting"):
-    kontext.scheduler_shift(str(tmp_path))
+    json.dump({"use_dynamic_shifting": True, "use_karras_sigmas": True}, f)
+  with pytest.raises(ValueError, match="scheduler_config.json.*use_karras_sigmas"):
+    family_base.scheduler_shift(str(tmp_path))
 
 
 def test_launch_edit_writes_the_image_without_torch(folder, tmp_path):

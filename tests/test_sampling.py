@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from helpers import float32_bound, max_rel_err
 
 from editr1_jax import sampling
@@ -31,17 +32,47 @@ SIGMAS = sampling.shifted_sigmas(6, 1024)
 
 
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("steps,tokens", [(6, 1024), (28, 4096), (10, 256), (3, 77)])
-def test_schedule_equals_diffusers(steps, tokens):
+FLUX_SCHEDULER = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15, shift=3.0,
+                      use_dynamic_shifting=True)
+# Qwen-Image(-Edit-2509)'s scheduler/scheduler_config.json: a longer token range, a smaller max shift, and the
+# schedule stretched to end at 0.02.
+QWEN_SCHEDULER = dict(base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9, shift=1.0,
+                      use_dynamic_shifting=True, shift_terminal=0.02, time_shift_type="exponential")
+SCHEDULERS = {"flux": FLUX_SCHEDULER, "qwen_image": QWEN_SCHEDULER,
+              "linear": dict(FLUX_SCHEDULER, time_shift_type="linear", shift_terminal=0.1),
+              "static": dict(shift=3.0, use_dynamic_shifting=False), "static_terminal": dict(shift=2.0, shift_terminal=0.05)}
+
+
+def diffusers_sigmas(config: dict, steps: int, tokens: int, shift: sampling.ShiftConfig) -> np.ndarray:
+  """`set_timesteps` as the FLUX and Qwen-Image pipelines call it (linspace sigmas, mu from the token count)."""
   from diffusers import FlowMatchEulerDiscreteScheduler
-  sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
-                                          max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
-  mu = sampling.FLUX_SHIFT.mu(tokens)
+  sched = FlowMatchEulerDiscreteScheduler(**config)
+  mu = shift.mu(tokens) if config.get("use_dynamic_shifting") else None
   sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-  ours = sampling.shifted_sigmas(steps, tokens)
+  return sched.sigmas.numpy()
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("steps,tokens", [(6, 1024), (28, 4096), (10, 256), (3, 77), (6, 6889)])
+def test_schedule_equals_diffusers(name, steps, tokens):
+  from diffusers import FlowMatchEulerDiscreteScheduler
+  config = dict(FlowMatchEulerDiscreteScheduler(**SCHEDULERS[name]).config)  # every field, as a folder has them
+  shift = sampling.ShiftConfig.from_diffusers_config(config)
+  ours = sampling.shifted_sigmas(steps, tokens, shift)
   assert ours.dtype == np.float32 and ours.shape == (steps + 1,)
-  np.testing.assert_allclose(ours, sched.sigmas.numpy(), rtol=1e-6, atol=0)
-  assert sampling.ShiftConfig.from_diffusers_config(dict(sched.config)) == sampling.FLUX_SHIFT
+  # The same float32 operations in the same order as diffusers: at most an ulp apart (exp/divide rounding).
+  np.testing.assert_allclose(ours, diffusers_sigmas(config, steps, tokens, shift), rtol=2.4e-7, atol=0)
+  if config.get("shift_terminal"):
+    # 1 - (1 - terminal) in float32: off by an ulp of 1.0 at most
+    assert ours[-2] == pytest.approx(config["shift_terminal"], rel=0, abs=2.0 ** -23)
+
+
+def test_flux_folder_gives_flux_shift():
+  from diffusers import FlowMatchEulerDiscreteScheduler
+  config = dict(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER).config)
+  assert sampling.ShiftConfig.from_diffusers_config(config) == sampling.ShiftConfig(shift=3.0)
+  np.testing.assert_array_equal(sampling.shifted_sigmas(6, 1024, sampling.ShiftConfig.from_diffusers_config(config)),
+                                SIGMAS)
 
 
 def test_reference_512_schedule():
@@ -49,13 +80,12 @@ def test_reference_512_schedule():
   np.testing.assert_allclose(SIGMAS, [1, .9037, .7897, .6525, .4842, .2730, 0], atol=5e-5)
 
 
-def test_scheduler_config_errors_name_the_field():
-  with pytest.raises(ValueError, match="use_dynamic_shifting"):
-    sampling.ShiftConfig.from_diffusers_config({"use_dynamic_shifting": False})
-  with pytest.raises(ValueError, match="time_shift_type"):
-    sampling.ShiftConfig.from_diffusers_config({"use_dynamic_shifting": True, "time_shift_type": "linear"})
-  with pytest.raises(ValueError, match="shift_terminal"):  # would end the schedule elsewhere: never ignored
-    sampling.ShiftConfig.from_diffusers_config({"use_dynamic_shifting": True, "shift_terminal": 0.02})
+@pytest.mark.parametrize("field,value", [("use_karras_sigmas", True), ("invert_sigmas", True),
+                                         ("stochastic_sampling", True), ("time_shift_type", "cosine"),
+                                         ("shift_terminal", "0.02"), ("max_shift", True)])
+def test_scheduler_config_errors_name_the_field(field, value):
+  with pytest.raises(ValueError, match=field):
+    sampling.ShiftConfig.from_diffusers_config({"use_dynamic_shifting": True, field: value}, source="s.json")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,3 +243,19 @@ def test_kontext_velocity_runs_the_transformer_on_target_and_reference_tokens():
   bound = float32_bound(256, depth=(len(sigmas) - 1) * 27)  # 3.4e-5; measured 6.5e-7
   assert max_rel_err(out.x0, sampling.dpm_solver_2m(velocity, z, jnp.asarray(sigmas))) <= bound
   assert out.x0.shape == z.shape
+
+
+def test_true_cfg_equals_the_qwen_pipeline_formula():
+  """QwenImageEditPlusPipeline's guidance step, written in torch as the pipeline's loop does it."""
+  rng = np.random.default_rng(3)
+  pos, neg = rng.standard_normal((2, 2, 5, 8)).astype(np.float32)
+  scale = np.array([4.0, 1.5], np.float32)
+  tp, tn = torch.from_numpy(pos), torch.from_numpy(neg)
+  comb = tn + torch.from_numpy(scale)[:, None, None] * (tp - tn)
+  ref = (comb * (torch.norm(tp, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))).numpy()
+  ours = np.asarray(sampling.true_cfg(jnp.asarray(pos), jnp.asarray(neg), jnp.asarray(scale)))
+  # a norm over 8 values, a product and a quotient: float32_bound(8, depth=3)
+  assert max_rel_err(ours, ref) <= float32_bound(8, depth=3)
+  np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), np.linalg.norm(pos, axis=-1), rtol=1e-5)
+  # scale 1: n + (p - n) = p up to the rounding of that difference
+  assert max_rel_err(sampling.true_cfg(jnp.asarray(pos), jnp.asarray(neg), jnp.ones(2)), pos) <= float32_bound(8, 3)

@@ -7,6 +7,7 @@ first axis is "batch" are per-row, the others (position ids) are shared by every
 helpers below use that, so the NFT step can gather, tile and shard any family's condition.
 """
 
+import os
 from typing import Callable, ClassVar, Protocol, Sequence
 
 import jax
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from editr1_jax import sampling
+from editr1_jax import weights as wio
 from editr1_jax.layers import AdapterRows, LoraSpec
 
 
@@ -56,8 +59,9 @@ class Family(Protocol):
   def velocity(model, z: jax.Array, sigma: jax.Array, cond, adapters: AdapterRows | None = None) -> jax.Array:
     """v at the noisy target tokens z (B, L, C) and flow time sigma ((B,) in [0, 1])."""
 
-  def condition_axes(self):
-    """The logical axes of this family's condition (a condition-shaped pytree of tuples)."""
+  def condition_axes(self, cond=None):
+    """The logical axes of this family's condition (a condition-shaped pytree of tuples): of `cond` when given
+    (a condition may hold optional parts, e.g. a negative prompt for true CFG), else of a training condition."""
 
   def grid(self, height: int, width: int) -> tuple[int, int]:
     """The target's token grid for an image of height x width pixels."""
@@ -103,6 +107,15 @@ def family_class(name: str):
 def build(config, mesh=None, rules=None) -> Family:
   """The family named by `config.model.family`, loaded as `config.model` says (a preset or a folder)."""
   return family_class(config.model.family).from_config(config, mesh, rules)
+
+
+def scheduler_shift(folder: str) -> sampling.ShiftConfig:
+  """The sigma schedule a pipeline folder's scheduler/scheduler_config.json describes."""
+  path = os.path.join(folder, "scheduler", "scheduler_config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: scheduler config not found")
+  return sampling.ShiftConfig.from_diffusers_config(wio.read_config(os.path.dirname(path), "scheduler_config.json"),
+                                                    source=path)
 
 
 def lora_spec(config) -> LoraSpec | None:

@@ -21,7 +21,7 @@ from editr1_jax import chunks, latents, sampling
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
 from editr1_jax.conditioning import MAX_T5_LENGTH, TextEncoders
-from editr1_jax.families.base import lora_spec, register
+from editr1_jax.families.base import lora_spec, register, scheduler_shift
 from editr1_jax.layers import AdapterRows, LoraSpec
 from editr1_jax.models import autoencoder, flux
 
@@ -54,15 +54,6 @@ def velocity(model, z: jax.Array, sigma: jax.Array, cond: KontextCondition,
   out = model(hidden_states=hidden, encoder_hidden_states=cond.text, pooled_projections=cond.pooled,
               timestep=sigma, img_ids=cond.img_ids, txt_ids=cond.txt_ids, guidance=cond.guidance, adapters=adapters)
   return out[:, :n]
-
-
-def scheduler_shift(folder: str) -> sampling.ShiftConfig:
-  """The resolution-dependent shift of a pipeline folder's scheduler/scheduler_config.json."""
-  path = os.path.join(folder, "scheduler", "scheduler_config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: scheduler config not found")
-  return sampling.ShiftConfig.from_diffusers_config(wio.read_config(os.path.dirname(path), "scheduler_config.json"),
-                                                    source=path)
 
 
 class PromptCache:
@@ -201,7 +192,7 @@ class Kontext:
 
   # the family interface ---------------------------------------------------------------------------
   @staticmethod
-  def condition_axes() -> KontextCondition:
+  def condition_axes(cond=None) -> KontextCondition:
     return KontextCondition.logical_axes()
 
   def grid(self, height: int, width: int) -> tuple[int, int]:
