@@ -73,7 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.groups_per_epoch = 24  # G: distinct records per epoch, independent of the device count
   c.data.group_size = 12  # k: rollouts per record
   c.data.resolution = 512  # square training resolution (center crop + Lanczos)
-  c.data.t5_max_length = 128
+  c.data.t5_max_length = 128  # Kontext: T5 tokens of an instruction
+  # Qwen-Image-Edit: tokens of the Qwen2.5-VL prompt after the dropped system turn, condition-image tokens included
+  # (a 384x384-area image is ~196 tokens); a longer prompt is an error naming it.
+  c.data.text_max_length = 384
   c.data.prompt_cache_entries = 4096  # instruction embeddings kept (least recently used dropped beyond)
   c.data.ban_filtered = False  # filtered records never come back in later epochs
   c.data.allow_outside_paths = False  # accept `image` paths that leave the dataset folder (../x.png, /abs/x.png)
@@ -84,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict()
   c.rollout.sampler = "dpm2"  # dpm2 (deterministic DPM-Solver++(2M)) | euler | sde
   c.rollout.num_steps = 6
-  c.rollout.guidance = 2.5  # FLUX guidance embedding (no CFG)
+  c.rollout.guidance = 2.5  # Kontext: the FLUX guidance embedding (no CFG); Qwen-Image-Edit: true CFG scale (1: none)
   c.rollout.sde_noise = 0.7  # noise level a of the flow SDE sampler
   c.rollout.batch_size = 4  # rollouts per data-parallel shard (data x fsdp) per sampling / encoding call
   c.rollout.eval_steps = 15  # training-time evaluation (see eval_every)

@@ -75,27 +75,34 @@ class Editor:
                auto_resize: bool = True, max_area: int | None = None, noise: np.ndarray | None = None,
                keys: np.ndarray | None = None,
                progress: Callable[[jax.Array], None] | None = None) -> tuple[np.ndarray, sampling.Rollout]:
-    """Edit each source (path, PIL image or uint8 array) by its instruction -> (images in [-1, 1], rollout).
+    """Edit each source (path, PIL image or uint8 array; or a list of them: several condition images, for families
+    that take them) by its instruction -> (images in [-1, 1], rollout).
 
-    Sources are resized as the family's pipeline does (`inference_image`) and must then share one size.
+    Sources are resized as the family's pipeline does (`inference_image`) and must then share one size per position.
     The output is height x width (default: the resized sources' size), rescaled to `max_area` pixels at that
     aspect ratio if given (diffusers always rescales, to 1024 ** 2 by default). Row b samples from the key
     fold_in(key(seed, "edit", 0), b) (`streams`), or from `keys[b]` (host key data) if given, unless `noise` is.
     """
     family = self.family
-    images = [family.inference_image(s, auto_resize) for s in sources]
-    if len({im.shape for im in images}) != 1:
-      raise ValueError(f"the sources resize to different sizes {sorted({im.shape[:2] for im in images})}; "
-                       f"edit them in separate calls")
-    sources = np.stack(images)
-    height, width = height or sources.shape[1], width or sources.shape[2]
+    rows = [list(s) if isinstance(s, (list, tuple)) else [s] for s in sources]
+    if len({len(r) for r in rows}) != 1:
+      raise ValueError(f"every instruction needs the same number of source images, got {[len(r) for r in rows]}")
+    batches = []  # one (n, H, W, 3) batch per image position
+    for k in range(len(rows[0])):
+      images = [family.inference_image(r[k], auto_resize) for r in rows]
+      if len({im.shape for im in images}) != 1:
+        raise ValueError(f"the sources resize to different sizes {sorted({im.shape[:2] for im in images})}; "
+                         f"edit them in separate calls")
+      batches.append(np.stack(images))
+    sources = batches[0] if len(batches) == 1 else batches
+    height, width = height or batches[-1].shape[1], width or batches[-1].shape[2]  # the last image's, as diffusers
     if max_area is not None:
       height, width = latents.area_resolution(height, width, max_area)
     grid = family.grid(height, width)
     cond = family.condition(sources, list(instructions), grid=grid, guidance=guidance)
     sampler = self._sampler if progress is None else self._make_sampler(progress)
-    keys = streams.row_keys(seed, "edit", 0, len(sources)) if keys is None else np.asarray(keys)
+    keys = streams.row_keys(seed, "edit", 0, len(rows)) if keys is None else np.asarray(keys)
     x0, edited, sigmas = rollouts.generate(sampler, self._state, cond, keys,
-                                           grid=grid, num_steps=num_steps, solver=solver, chunk=len(sources),
+                                           grid=grid, num_steps=num_steps, solver=solver, chunk=len(rows),
                                            noise=noise)
     return edited, sampling.Rollout(x0, sigmas)

@@ -219,15 +219,19 @@ class StepPlan:
     return self.peak_bytes + self.resident_extra_bytes
 
 
-def compile_step(name: str, traced, *, calls: int = 1) -> tuple[StepPlan, Any]:
-  """Lower and compile a traced step (`jitted.trace(*abstract_args)`) -> (its plan, the compiled executable)."""
+def compile_step(name: str, traced, args, *, calls: int = 1) -> tuple[StepPlan, Any]:
+  """Lower and compile a traced step (`jitted.trace(*args)`, `args` abstract) -> (its plan, the compiled executable).
+
+  Arguments are counted from `args`' shards, not from the compiler's count, which leaves out inputs the program
+  never reads (jit prunes them: e.g. Qwen-Image's last text-stream MLP, whose output nothing uses); they are in
+  HBM all the same."""
   t0 = time.perf_counter()
   compiled = traced.lower().compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return StepPlan(name, calls, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
+  return StepPlan(name, calls, max(int(mem.argument_size_in_bytes), shard_bytes(args)), int(mem.output_size_in_bytes),
                   int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), int(mem.generated_code_size_in_bytes),
                   float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
                   _loop_factor(traced.jaxpr), compile_s), compiled
@@ -421,7 +425,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
             jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=NamedSharding(
                 mesh, shd.logical_to_spec(("batch",), rules, keys.shape, mesh))))
     traced = sampler.trace(*args, solver=config.rollout.sampler)
-    plan, _ = compile_step("rollout (one chunk)", traced, calls=math.ceil(n_rollouts / chunk))
+    plan, _ = compile_step("rollout (one chunk)", traced, args, calls=math.ceil(n_rollouts / chunk))
     x0_dtype = jax.tree.leaves(traced.out_info)[0].dtype
     plan.resident_extra_bytes = resident - shard_bytes(state.old_params) - shard_bytes(frozen) + judge_bytes
     abstract["rollout"] = args
@@ -437,7 +441,8 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     digit_ids = np.arange(len(mllm.DIGITS), dtype=np.int32)  # which ids does not change the step's cost
     fn = jax.jit(functools.partial(mllm.score_step, judge_graphdef, digit_ids, mesh, rules))
     args = (judge_state, judge_batch_, positions)
-    plan, _ = compile_step("judge prefill", fn.trace(*args), calls=math.ceil(n_rollouts / config.reward.batch_size))
+    plan, _ = compile_step("judge prefill", fn.trace(*args), args,
+                           calls=math.ceil(n_rollouts / config.reward.batch_size))
     plan.resident_extra_bytes = resident
     abstract["judge"] = args
     out.append(plan)
@@ -458,7 +463,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     if step not in steps:
       continue
     name, fn, args, calls, extra = todo[step]
-    plan, _ = compile_step(name, fn.trace(*args), calls=calls)
+    plan, _ = compile_step(name, fn.trace(*args), args, calls=calls)
     plan.resident_extra_bytes = extra
     abstract[step] = args
     out.append(plan)

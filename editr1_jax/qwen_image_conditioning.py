@@ -14,12 +14,11 @@ returned (the pipeline replaces an all-ones mask by None); RGBA / palette images
 resize (`images.to_rgb`), not after.
 """
 
-import collections
 import functools
 import hashlib
 import math
 import os
-from typing import Callable, Hashable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -125,11 +124,12 @@ def load_tokenizer(folder: str):
 
 def encode_step(graphdef, drop: int, mesh, rules, state, batch: qwen2_5_vl.Batch, mask: jax.Array) -> jax.Array:
   """The device step (what `QwenImageTextEncoder` jits, the first four bound): hidden states after the final norm
-  of the right-padded rows, the first `drop` positions cut, float32, zero where `mask` (B, L) is 0."""
+  of the right-padded rows, the first `drop` positions cut, in the model's compute dtype (what the cache stores:
+  half the bytes of float32 in a bfloat16 run, nothing lost), zero where `mask` (B, L) is 0."""
   model = nnx.merge(graphdef, state)
   with shd.use_mesh(mesh, rules):
     hidden = model.hidden_states(batch)[:, drop:]
-    out = jnp.where(mask[..., None].astype(bool), hidden.astype(jnp.float32), 0.0)
+    out = jnp.where(mask[..., None].astype(bool), hidden, jnp.zeros((), hidden.dtype))  # stored as computed
     return shd.constrain(out, ("batch", "seq", "act_embed"))
 
 
@@ -218,7 +218,7 @@ class QwenImageTextEncoder:
 
   # device -----------------------------------------------------------------------------------------
   def __call__(self, instructions: Sequence[str], images: Sequence) -> tuple[jax.Array, np.ndarray]:
-    """-> (prompt_embeds (B, L, hidden) float32, zero past each row's tokens; mask (B, L) int32), one forward.
+    """-> (prompt_embeds (B, L, hidden) in the compute dtype, zero past each row's tokens; mask (B, L) int32), one forward.
     With a mesh, rows are padded (row 0 repeated) to a multiple of the data-parallel width and dropped after."""
     n = len(instructions)
     extra = -n % shd.batch_width(self.mesh)
@@ -229,39 +229,6 @@ class QwenImageTextEncoder:
 
 
 # --------------------------------------------------------------------------------------------------
-class RowCache:
-  """key -> one row of each output of `encode` (a pytree of (n, ...) arrays for a list of n items), computed once
-  per key (LRU-bounded) in fixed-size chunks: one compile per shape, and a row's value does not depend on which
-  others were encoded with it. The generic form of Kontext's prompt cache."""
-
-  def __init__(self, encode: Callable[[list], object], max_entries: int):
-    if max_entries < 1:
-      raise ValueError(f"max_entries must be at least 1, got {max_entries}")
-    self._encode, self._max = encode, max_entries
-    self._entries: collections.OrderedDict = collections.OrderedDict()
-    self.misses = 0
-
-  def __call__(self, keys: Sequence[Hashable], items: Sequence, chunk: int):
-    """Rows for `keys` stacked as host arrays; `items[i]` is what `encode` reads for `keys[i]` (first one wins)."""
-    if len(keys) != len(items):
-      raise ValueError(f"{len(keys)} keys but {len(items)} items")
-    first = {}
-    for key, item in zip(keys, items):
-      first.setdefault(key, item)
-    missing = [k for k in first if k not in self._entries]
-    self.misses += len(missing)
-    if missing:
-      outs = chunks.map_chunks(lambda idx: self._encode([first[missing[i]] for i in idx]), len(missing), chunk)
-      for i, key in enumerate(missing):
-        self._entries[key] = jax.tree.map(lambda x, i=i: x[i], outs)
-    for key in keys:
-      self._entries.move_to_end(key)
-    rows = [self._entries[k] for k in keys]
-    while len(self._entries) > self._max:
-      self._entries.popitem(last=False)
-    return jax.tree.map(lambda *xs: np.stack(xs), *rows)
-
-
 class ConditionCache:
   """(instruction, condition images) -> (prompt_embeds, mask), encoded once per distinct pair (key: the
   instruction and `image_digest` of its images). Needs fixed-length encodings (`max_sequence_length`)."""
@@ -270,7 +237,7 @@ class ConditionCache:
     if encoder.max_sequence_length is None:
       raise ValueError("ConditionCache needs an encoder with a fixed max_sequence_length (rows of one length)")
     self.encoder = encoder
-    self._rows = RowCache(lambda items: encoder([t for t, _ in items], [r for _, r in items]), max_entries)
+    self._rows = chunks.RowCache(lambda items: encoder([t for t, _ in items], [r for _, r in items]), max_entries)
 
   @property
   def misses(self) -> int:

@@ -71,7 +71,7 @@ RANGES = {
     "eval_every": _ints(0), "eval_samples": _ints(-1), "log_images_every": _ints(0),
     "max_nonfinite_updates": _ints(1), "max_invalid_reward_epochs": _ints(1), "eval_judge_max_new_tokens": _ints(1),
     "data.groups_per_epoch": _ints(1), "data.group_size": _ints(2), "data.resolution": _ints(16),
-    "data.t5_max_length": _ints(1), "data.prompt_cache_entries": _ints(1),
+    "data.t5_max_length": _ints(1), "data.text_max_length": Range(1, 1024, integer=True), "data.prompt_cache_entries": _ints(1),
     "rollout.num_steps": _ints(1), "rollout.batch_size": _ints(1), "rollout.eval_steps": _ints(1),
     "rollout.guidance": NON_NEGATIVE, "rollout.eval_guidance": NON_NEGATIVE, "rollout.sde_noise": NON_NEGATIVE,
     "reward.batch_size": _ints(1),
@@ -130,11 +130,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
   if int(config.rollout.num_steps * config.nft.timestep_fraction) < 1:
     raise ConfigError("config.nft.timestep_fraction * config.rollout.num_steps must leave at least one training "
                       "timestep")
-  if not config.optim.full_finetune:
-    try:
-      families.family_class(config.model.family).check_lora_targets(tuple(config.lora.targets), "config.lora.targets")
-    except ValueError as e:
-      raise ConfigError(str(e)) from e
+  family = families.family_class(config.model.family)
+  try:
+    family.check_config(config)
+    if not config.optim.full_finetune:
+      family.check_lora_targets(tuple(config.lora.targets), "config.lora.targets")
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   for field in config.resume_accept:
     _get(config, field)
   if config.eval_benchmark:

@@ -19,7 +19,7 @@ from flax import nnx
 from editr1_jax import sharding as shd
 from editr1_jax.conditioning import TextEncoders, load_tokenizers
 from editr1_jax.layers import LoraSpec
-from editr1_jax.models import autoencoder, clip, flux, qwen2_5_vl, t5
+from editr1_jax.models import autoencoder, clip, flux, qwen2_5_vl, qwen_image, qwen_image_vae, t5
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")
@@ -184,11 +184,45 @@ def tiny_flux_config(lora: LoraSpec | None = None, **runtime) -> flux.FluxConfig
 
 def tiny_transformer(seed: int, lora: LoraSpec | None = None, *, mesh=None, rules=shd.DEFAULT_RULES,
                      **runtime) -> flux.FluxTransformer:
-  return _placed(flux.FluxTransformer(tiny_flux_config(lora, **runtime), rngs=nnx.Rngs(seed + 2)), mesh, rules)
+  return _placed(flux.FluxTransformer(tiny_flux_config(lora, **_storage(runtime)), rngs=nnx.Rngs(seed + 2)), mesh,
+                 rules)
 
 
 def tiny_vae(seed: int, *, mesh=None, rules=shd.DEFAULT_RULES) -> autoencoder.Autoencoder:
   return _placed(autoencoder.Autoencoder(autoencoder.tiny(), rngs=nnx.Rngs(seed + 3)), mesh, rules)
+
+
+def tiny_qwen_image_config(lora: LoraSpec | None = None, **runtime) -> qwen_image.QwenImageConfig:
+  """`qwen_image.tiny()` wired to the tiny encoders: text width = the tiny Qwen2.5-VL's hidden size, token
+  channels = 4 x the tiny Qwen-Image VAE's latent channels."""
+  return qwen_image.tiny(lora=lora, **runtime).replace(joint_attention_dim=qwen2_5_vl.tiny().hidden_size,
+                                                       in_channels=4 * qwen_image_vae.tiny().z_dim,
+                                                       out_channels=qwen_image_vae.tiny().z_dim)
+
+
+def tiny_qwen_image_transformer(seed: int, lora: LoraSpec | None = None, *, mesh=None, rules=shd.DEFAULT_RULES,
+                                **runtime) -> qwen_image.QwenImageTransformer:
+  cfg = tiny_qwen_image_config(lora, **_storage(runtime))
+  return _placed(qwen_image.QwenImageTransformer(cfg, rngs=nnx.Rngs(seed + 5)), mesh, rules)
+
+
+def tiny_qwen_image_vae(seed: int, *, mesh=None, rules=shd.DEFAULT_RULES) -> qwen_image_vae.QwenImageVAE:
+  return _placed(qwen_image_vae.QwenImageVAE(qwen_image_vae.tiny(), rngs=nnx.Rngs(seed + 6)), mesh, rules)
+
+
+def tiny_qwen_text_encoder(seed: int, max_sequence_length: int, *, mesh=None, rules=shd.DEFAULT_RULES):
+  """Qwen-Image-Edit's prompt encoder with a random tiny Qwen2.5-VL and the shipped tiny tokenizer."""
+  from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+  from editr1_jax.qwen_image_conditioning import TEMPLATE, QwenImageTextEncoder
+  from editr1_jax.reward.processor import ImageProcessorConfig
+  folder = os.path.join(ASSETS, "judge")
+  model = _placed(qwen2_5_vl.Qwen25VL(tiny_judge_config(folder), rngs=nnx.Rngs(seed + 7)), mesh, rules)
+  tokenizer = Qwen2Tokenizer.from_pretrained(folder)
+  # The pipeline drops the template's system turn (64 tokens in Qwen2.5's vocabulary): here, its length in ours.
+  drop = len(tokenizer(TEMPLATE.split("{}")[0])["input_ids"])
+  return QwenImageTextEncoder(model, tokenizer, ImageProcessorConfig.from_folder(folder),
+                              max_sequence_length=max_sequence_length, drop=drop, mesh=mesh, rules=rules)
 
 
 def tiny_judge_config(folder: str = os.path.join(ASSETS, "judge")) -> qwen2_5_vl.Qwen25VLConfig:
@@ -206,6 +240,13 @@ def tiny_judge(seed: int, batch_size: int, *, template_file: str | None = None, 
   folder = os.path.join(ASSETS, "judge")
   model = _placed(qwen2_5_vl.Qwen25VL(tiny_judge_config(folder), rngs=nnx.Rngs(seed + 4)), mesh, rules)
   return MllmJudge(folder, template_file=template_file, mesh=mesh, rules=rules, batch_size=batch_size, model=model)
+
+
+def _storage(runtime: dict) -> dict:
+  """Runtime settings with the parameters stored in the compute dtype unless `param_dtype` says otherwise."""
+  if runtime.get("param_dtype") is None:
+    runtime = dict(runtime, param_dtype=runtime.get("dtype", "float32"))
+  return runtime
 
 
 def _placed(model, mesh, rules):

@@ -22,7 +22,8 @@ flags.DEFINE_enum("benchmark", None, ["gedit", "imgedit"], "Which benchmark prot
 flags.DEFINE_string("data", None, "The benchmark's release folder.")
 flags.DEFINE_string("prompts", None, "The benchmark's judge prompts (default: found in --data).")
 flags.DEFINE_string("model", None, "The editor's pipeline folder (diffusers layout); not needed with --edits.")
-flags.DEFINE_string("family", "kontext", "The editor's model family.")
+flags.DEFINE_string("family", None, "The editor's model family (default: read from --model's model_index.json; "
+                    "kontext with --edits).")
 flags.DEFINE_string("lora", None, "A LoRA file to apply to the editor (our export or diffusers / peft).")
 flags.DEFINE_float("lora_alpha", None, "LoRA alpha, only for a file without rank/alpha metadata.")
 flags.DEFINE_string("edits", None, "Judge the edits in this folder instead of sampling (<item>.png).")
@@ -32,7 +33,8 @@ flags.DEFINE_string("compare", None, "Another evaluation's OUT, put side by side
 flags.DEFINE_string("reward_model", None, "Also report our training reward (a Qwen2.5-VL folder's logit-expectation "
                     "score) beside the benchmark's judge.")
 flags.DEFINE_integer("steps", None, "Sampling steps (default: the family's `benchmark_sampling`).")
-flags.DEFINE_float("guidance", None, "Guidance-embedding value (default: the family's `benchmark_sampling`).")
+flags.DEFINE_float("guidance", None, "Kontext: guidance-embedding value; Qwen-Image-Edit: true CFG scale (default: "
+                   "the family's `benchmark_sampling`).")
 flags.DEFINE_enum("sampler", None, ["euler", "dpm2", "sde"], "Solver (default: the family's `benchmark_sampling`).")
 flags.DEFINE_integer("seed", 0, "Seed: item i's noise is fold_in(key(seed, 'edit'), i).")
 flags.DEFINE_bool("auto_resize", True, "Resize sources as the family's pipeline does (Kontext: its training "
@@ -66,6 +68,11 @@ def _check_flags() -> None:
   if FLAGS.prompts is not None and not os.path.exists(FLAGS.prompts):
     sys.exit(f"error: --prompts: {FLAGS.prompts} not found")
   from editr1_jax import families
+  if FLAGS.family is None:
+    try:
+      FLAGS.family = families.family_of_folder(FLAGS.model) if FLAGS.edits is None else "kontext"
+    except ValueError as e:
+      sys.exit(f"error: --model: {e}")
   if FLAGS.family not in families.FAMILIES:
     sys.exit(f"error: --family: {FLAGS.family!r} is not one of {sorted(families.FAMILIES)}")
   for name, value in families.family_class(FLAGS.family).benchmark_sampling.items():

@@ -1,7 +1,6 @@
 """Benchmark runs: the runner on the mini-benchmark with a scripted editor and judge (resume, torn lines,
 summaries, gallery, compare), and `launch/evaluate.py` end to end on tiny real models."""
 
-import json
 import os
 
 import numpy as np

@@ -28,6 +28,11 @@ from flax import nnx
 from flux_fixtures import EXACT, FLUX_BOUND, REAL, TINY, make_inputs, torch_forward, vae_diffusers_config
 from helpers import max_rel_err
 from qwen_fixtures import QWEN_BOUND, hf_config
+from qwen_image_fixtures import EXACT as QI_EXACT
+from qwen_image_fixtures import ONE_REFERENCE, QWEN_IMAGE_BOUND, QWEN_IMAGE_REAL_BOUND, TWO_REFERENCES
+from qwen_image_fixtures import REAL as QI_REAL
+from qwen_image_fixtures import make_inputs as qwen_image_inputs
+from qwen_image_fixtures import torch_forward as qwen_image_forward
 from test_autoencoder import DECODE_BOUND, ENCODE_BOUND, IMAGES, LATENTS, nchw, nhwc
 from test_clip import CLIP_L, make_ids
 from test_clip import torch_forward as clip_forward
@@ -42,6 +47,7 @@ from editr1_jax import weights as wio
 from editr1_jax.models import autoencoder as ae
 from editr1_jax.models import clip, flux, t5
 from editr1_jax.models import qwen2_5_vl as qv
+from editr1_jax.models import qwen_image as qi
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +281,38 @@ QWEN = ModelCase(
             Parity("vision_tower", QWEN_BOUND, _qwen_vision_tower)))  # the tower is the first half of the logits' path
 
 
-CASES = (FLUX, AUTOENCODER, CLIP, T5, QWEN)
+# --------------------------------------------------------------------------------------------------
+# Qwen-Image transformer (Qwen-Image-Edit-2509)
+def _qwen_image_reference():
+  from diffusers import QwenImageTransformer2DModel
+  return QwenImageTransformer2DModel()  # diffusers' defaults are the released config
+
+
+def _qwen_image_parity(shapes, t):
+  def run(reference, ours):
+    inputs = qwen_image_inputs(shapes, t)  # row 2's text padded: masked keys
+    n_img = sum(f * h * w for f, h, w in shapes)
+    return [Output("sample", ours(**inputs), qwen_image_forward(reference, inputs), (2, n_img, qi.tiny().out_dim))]
+  return run
+
+
+QWEN_IMAGE = ModelCase(
+    name="qwen_image", reference="qwen_image_reference", ours="qwen_image_ours", load=qi.load_qwen_image_transformer,
+    module=qi.QwenImageTransformer, table=qi.QWEN_IMAGE_WEIGHTS,
+    missing="transformer_blocks.1.img_mod.1.weight",
+    unexpected="transformer_blocks.1.attn.bogus.weight", unexpected_like=None,
+    misshaped="transformer_blocks.1.img_mod.1.weight", misshaped_axis=-1,
+    misshaped_shapes="checkpoint (192, 31), model expects (192, 32)",
+    full_size=(FullSize(qi.edit_2509, _qwen_image_reference, _state_dict_shapes, n_params=20_430_401_088,
+                        n_tensors=1933,
+                        config=lambda ref: qi.QwenImageConfig.from_diffusers_config(dict(ref.config))),),
+    # the bounds of both timestep regimes and why they differ: qwen_image_fixtures
+    parity=(Parity("one_reference", QWEN_IMAGE_BOUND, _qwen_image_parity(ONE_REFERENCE, QI_EXACT)),
+            Parity("two_references", QWEN_IMAGE_BOUND, _qwen_image_parity(TWO_REFERENCES, QI_EXACT)),
+            Parity("real_timesteps", QWEN_IMAGE_REAL_BOUND, _qwen_image_parity(TWO_REFERENCES, QI_REAL))))
+
+
+CASES = (FLUX, AUTOENCODER, CLIP, T5, QWEN, QWEN_IMAGE)
 
 
 def _cases(items):

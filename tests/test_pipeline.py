@@ -14,7 +14,6 @@ from test_autoencoder import save_reference as save_vae
 
 from editr1_jax import export, pipeline, sampling
 from editr1_jax.families import base as family_base
-from editr1_jax.families import kontext
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
 from editr1_jax.layers import LoraSpec
@@ -54,6 +53,8 @@ def folder(text_pipeline):  # noqa: F811
   scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER)
   scheduler.save_pretrained(os.path.join(root, "scheduler"))
   reference = FluxKontextPipeline(scheduler=scheduler, vae=vae, transformer=transformer, **parts)
+  with open(os.path.join(root, "model_index.json"), "w") as f:  # what save_pretrained writes first
+    json.dump({"_class_name": "FluxKontextPipeline", "_diffusers_version": "0.42.1"}, f)
   return root, reference
 
 
@@ -195,13 +196,17 @@ def _run_edit(*args, **replace):
   flags = dict(arg.split("=", 1) for arg in args)
   flags.update(replace)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  argv = [f"{k}={v}" for k, v in flags.items() if v is not None]
+  argv = [f"{k}={x}" for k, v in flags.items() if v is not None for x in (v if isinstance(v, list) else [v])]
   return subprocess.run([sys.executable, os.path.join(root, "launch", "edit.py"), *argv], capture_output=True,
                         text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
 @pytest.mark.parametrize("replace,error", [
     ({"--model": "{tmp}/no_model"}, "error: --model: {tmp}/no_model is not a folder"),
+    ({"--model": "{tmp}"}, "error: --model: {tmp}/model_index.json: config file not found"),
+    ({"--model": "{tmp}/other"}, "error: --model: {tmp}/other/model_index.json: _class_name 'FluxPipeline' is not a "
+                                 "pipeline of a registered family"),
+    ({"--image": ["{tmp}/in.png", "{tmp}/in.png"]}, "error: --image: 2 given; the kontext family takes 1 to 1"),
     ({"--image": "{tmp}/none.png"}, "error: --image: {tmp}/none.png: image not found"),
     ({"--image": "{tmp}/garbage.png"}, "error: --image: {tmp}/garbage.png: unreadable image"),
     ({"--image": "{tmp}/lab.tif"}, "error: --image: {tmp}/lab.tif: image mode LAB is not supported"),
@@ -217,13 +222,17 @@ def _run_edit(*args, **replace):
     ({"--guidance": "nan"}, "error: --guidance must be a finite number >= 0, got nan"),
 ])
 def test_launch_edit_refuses_bad_arguments_before_loading(tmp_path, replace, error):
-  """An empty model folder: a check that came after loading would fail on the folder, not on the flag."""
-  (tmp_path / "model").mkdir()
+  """A model folder with only its model_index.json: a check that came after loading would fail on the folder, not on
+  the flag."""
+  for name, pipeline_class in (("model", "FluxKontextPipeline"), ("other", "FluxPipeline")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
   (tmp_path / "folder.png").mkdir()
   (tmp_path / "garbage.png").write_bytes(b"not an image")
   Image.new("LAB", (16, 16)).save(tmp_path / "lab.tif")
   sources()[0].save(tmp_path / "in.png")
-  replace = {k: v.format(tmp=tmp_path) for k, v in replace.items()}
+  replace = {k: [x.format(tmp=tmp_path) for x in v] if isinstance(v, list) else v.format(tmp=tmp_path)
+             for k, v in replace.items()}
   result = _run_edit(f"--model={tmp_path / 'model'}", f"--image={tmp_path / 'in.png'}", "--instruction=make it red",
                      f"--out={tmp_path / 'out' / 'edited.png'}", **replace)
   lines = result.stderr.strip().splitlines()

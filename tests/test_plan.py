@@ -1,5 +1,6 @@
 """launch/plan.py and editr1_jax.plan: one epoch's device steps compiled abstractly, per-chip numbers."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -16,9 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_NAMES = ["rollout (one chunk)", "judge prefill", "accumulate (one micro-batch)", "apply", "update_old"]
 
 
-@pytest.fixture(scope="module")
-def tiny_plan():
-  config = tiny_config.get_config()
+@pytest.fixture(scope="module", params=["tiny", "tiny_qwen_image_edit"])
+def tiny_plan(request):
+  """The tiny config of each family, planned on the CPU devices."""
+  config = importlib.import_module(f"configs.{request.param}").get_config()
   return config, planning.plan_epoch(config, planning.topology("cpu"))
 
 
@@ -138,7 +140,7 @@ def test_abstract_condition_matches_the_family(tiny_plan):
   family = families.build(config, mesh, train_loop.mesh_rules(config))
   res = config.data.resolution
   sources = np.zeros((rows, res, res, 3), np.float32)
-  real = family.condition(sources, ["make it red"] * rows, grid=family.grid(res, res), guidance=2.5)
+  real = family.condition(sources, ["make it red"] * rows, grid=family.grid(res, res), guidance=config.rollout.guidance)
   got = [(a.shape, jnp.dtype(a.dtype)) for a in jax.tree.leaves(abstract)]
   want = [(tuple(np.shape(x)), jnp.dtype(x.dtype)) for x in jax.tree.leaves(real)]
   assert got == want

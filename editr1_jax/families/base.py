@@ -24,6 +24,7 @@ class Family(Protocol):
   """A loaded base model. Host arrays in, host arrays out, except `velocity` (pure, jit-traced)."""
 
   name: ClassVar[str]
+  pipeline_classes: ClassVar[tuple]  # the diffusers pipelines whose folders it reads (model_index.json `_class_name`)
   benchmark_sampling: ClassVar[dict]  # steps, guidance, sampler the benchmark reproductions use (launch/evaluate.py)
   weight_table: ClassVar[tuple]  # the transformer's diffusers tensor names (export)
   lora_weight_table: ClassVar[tuple]  # its adapters' diffusers / peft names (export, LoRA files)
@@ -50,6 +51,10 @@ class Family(Protocol):
   def abstract_parts(cls, config, layers=None):
     """(transformer constructor, condition(rows, mesh, rules) -> abstract rows, token grid, latent channels) from
     the config alone: what `launch/plan.py` compiles against."""
+
+  @staticmethod
+  def check_config(config) -> None:
+    """A ValueError naming `config.<field>` for a setting this family cannot train with (run_config.validate)."""
 
   @staticmethod
   def check_lora_targets(targets, where: str) -> None:
@@ -102,6 +107,18 @@ def family_class(name: str):
   if name not in FAMILIES:
     raise ValueError(f"config.model.family = {name!r} is not a registered family; registered: {sorted(FAMILIES)}")
   return FAMILIES[name]
+
+
+def family_of_folder(folder: str) -> str:
+  """The registered family that reads a diffusers pipeline folder, from its model_index.json `_class_name`."""
+  index = wio.read_config(folder, "model_index.json")
+  name = index.get("_class_name")
+  found = [f for f, cls in FAMILIES.items() if name in cls.pipeline_classes]
+  if not found:
+    known = sorted(c for cls in FAMILIES.values() for c in cls.pipeline_classes)
+    raise ValueError(f"{os.path.join(folder, 'model_index.json')}: _class_name {name!r} is not a pipeline of a "
+                     f"registered family ({known})")
+  return found[0]
 
 
 def build(config, mesh=None, rules=None) -> Family:

@@ -6,9 +6,7 @@ Equal to diffusers' `FluxKontextPipeline` without true CFG: reference latents ar
 posterior mode, packed; reference token ids are (1, row, col), the target's (0, row, col).
 """
 
-import collections
 import functools
-import os
 from typing import Sequence
 
 import flax.struct
@@ -19,7 +17,6 @@ from flax import nnx
 
 from editr1_jax import chunks, latents, sampling
 from editr1_jax import sharding as shd
-from editr1_jax import weights as wio
 from editr1_jax.conditioning import MAX_T5_LENGTH, TextEncoders
 from editr1_jax.families.base import lora_spec, register, scheduler_shift
 from editr1_jax.layers import AdapterRows, LoraSpec
@@ -56,37 +53,14 @@ def velocity(model, z: jax.Array, sigma: jax.Array, cond: KontextCondition,
   return out[:, :n]
 
 
-class PromptCache:
-  """Instruction -> (T5 hidden states, CLIP pooled), computed once per instruction (LRU-bounded), in
-  fixed-size chunks (an instruction's embedding does not depend on which others were encoded with it)."""
-
-  def __init__(self, encoders: TextEncoders, max_entries: int):
-    self._encoders, self._max = encoders, max_entries
-    self._entries: collections.OrderedDict = collections.OrderedDict()
-    self.misses = 0
-
-  def __call__(self, prompts: Sequence[str], chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    missing = [p for p in dict.fromkeys(prompts) if p not in self._entries]
-    self.misses += len(missing)
-    if missing:
-      hidden, pooled = chunks.map_chunks(lambda idx: self._encoders([missing[i] for i in idx])[:2], len(missing),
-                                         chunk)
-      for i, p in enumerate(missing):
-        self._entries[p] = (hidden[i], pooled[i])
-    for p in prompts:
-      self._entries.move_to_end(p)
-    out = [self._entries[p] for p in prompts]
-    while len(self._entries) > self._max:
-      self._entries.popitem(last=False)
-    return np.stack([h for h, _ in out]), np.stack([q for _, q in out])
-
-
 @register("kontext")
 class Kontext:
   """A FLUX.1-Kontext pipeline's transformer, VAE and text encoders, and what the method needs of them."""
 
   name = "kontext"
+  pipeline_classes = ("FluxKontextPipeline",)  # model_index.json `_class_name`s of its folders
   check_lora_targets = staticmethod(flux.check_lora_targets)
+  check_config = staticmethod(lambda config: None)  # every guidance value is a guidance embedding
   velocity = staticmethod(velocity)
   weight_table, lora_weight_table = flux.FLUX_WEIGHTS, flux.FLUX_LORA_WEIGHTS
   lora_prefixes = flux.LORA_PREFIXES
@@ -103,7 +77,8 @@ class Kontext:
                        f"{vae.cfg.latent_channels} latent channels (2x2 packed tokens)")
     self.transformer, self.vae, self.text, self.shift = transformer, vae, text, shift
     self.mesh, self.rules, self.chunk = mesh, tuple(rules), chunk
-    self.prompts = PromptCache(text, prompt_cache_entries)
+    # instruction -> (T5 hidden states, CLIP pooled), computed once per instruction (LRU-bounded)
+    self.prompts = chunks.RowCache(lambda prompts: text(prompts)[:2], prompt_cache_entries)
     self.multiple_of = 2 * vae.cfg.downsample_factor  # a VAE pixel block times the 2x2 packing
     self._encode = jax.jit(lambda vae, images: latents.reference_latents(vae, images)[0])
     self._decode = jax.jit(latents.decode_tokens, static_argnames=("height", "width"))
@@ -205,6 +180,8 @@ class Kontext:
                 guidance: float) -> KontextCondition:
     """Sources (n, H, W, 3) in [-1, 1], one instruction each, the target's token grid -> host condition rows;
     each distinct instruction is encoded once (cached), the sources in fixed-size chunks."""
+    if isinstance(sources, (list, tuple)):
+      raise ValueError(f"FLUX.1-Kontext edits one source image per instruction, got {len(sources)} per row")
     if len(instructions) != len(sources):
       raise ValueError(f"{len(sources)} source images but {len(instructions)} instructions")
     ref_grid = self.grid(sources.shape[1], sources.shape[2])
@@ -212,7 +189,7 @@ class Kontext:
     chunk = self.chunk or n
     reference = chunks.map_chunks(lambda idx: self._encode(self.vae, shd.put_rows(sources[idx], self.mesh,
                                                                                  self.rules)), n, chunk)
-    text, pooled = self.prompts(list(instructions), chunk)
+    text, pooled = self.prompts(list(instructions), list(instructions), chunk)
     img_ids = np.concatenate([latents.target_ids(*grid), latents.reference_ids(*ref_grid)])
     return KontextCondition(reference=reference, text=text, pooled=pooled,
                             guidance=np.full(n, guidance, np.float32), img_ids=img_ids,

@@ -129,12 +129,18 @@ def _np_float32(x) -> np.ndarray:
   return np.asarray(x, np.float32)
 
 
-def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding, cos first (flip_sin_to_cos, shift 0), computed in float32 like diffusers."""
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0, scale: float = 1.0) -> jax.Array:
+  """Sinusoidal embedding, cos first (flip_sin_to_cos, shift 0), computed in float32 like diffusers.
+
+  `scale` multiplies the arguments after the frequencies, in that order (diffusers' `Timesteps(scale=...)`),
+  so the float32 rounding matches a reference that scales there (Qwen-Image: 1000).
+  """
   half = dim // 2
   exponent = _np_float32(-np.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
   freqs = jnp.asarray(np.exp(exponent.astype(np.float32)))
   args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  if scale != 1.0:
+    args = args * np.float32(scale)
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -209,11 +215,12 @@ class TimeTextEmbed(nnx.Module):
 
 
 class AdaNorm(nnx.Module):
-  """The modulation projection linear(silu(temb)) of diffusers' AdaLayerNorm* modules."""
+  """The modulation projection linear(silu(temb)) of diffusers' AdaLayerNorm* modules; `layer` is the
+  projection's diffusers name inside `name` (what LoRA targets match), e.g. "1" for an nn.Sequential."""
 
-  def __init__(self, f: _Factory, name: str, chunks: int):
+  def __init__(self, f: _Factory, name: str, chunks: int, layer: str = "linear"):
     dim = f.cfg.inner_dim
-    self.linear = f.dense(f"{name}.linear", dim, chunks * dim, ("embed", None))
+    self.linear = f.dense(f"{name}.{layer}", dim, chunks * dim, ("embed", None))
     self.chunks = chunks
 
   def __call__(self, temb, adapters=None):
@@ -263,14 +270,15 @@ class Attention(nnx.Module):
     v = _heads(self.cfg, proj_v(x, adapters))
     return checkpoint_name(q, "flux_qkv"), checkpoint_name(k, "flux_qkv"), checkpoint_name(v, "flux_qkv")
 
-  def __call__(self, x, rope, context=None, adapters=None):
+  def __call__(self, x, rope, context=None, adapters=None, mask=None):
+    """`mask`: boolean keys to attend to, broadcastable to (B, H, Lq, Lk) over [text | image] (None: all)."""
     q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, adapters)
     if context is not None:
       cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
                              self.norm_added_k, adapters)
       q, k, v = (jnp.concatenate(p, axis=1) for p in ((cq, q), (ck, k), (cv, v)))
     q, k = apply_rope(q, rope), apply_rope(k, rope)
-    out = attention(q, k, v, implementation=self.cfg.attention_impl)
+    out = attention(q, k, v, mask=mask, implementation=self.cfg.attention_impl)
     out = checkpoint_name(out.reshape(out.shape[:2] + (-1,)), "flux_attention")
     if context is None:
       return out
@@ -290,16 +298,23 @@ class DoubleStreamBlock(nnx.Module):
     self.ff_context = FeedForward(f, f"{name}.ff_context")
 
   def __call__(self, x, context, temb, rope, adapters=None):
-    dt = self.dtype
-    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb, adapters)
-    c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb, adapters)
-    attn, c_attn = self.attn(_modulate(x, shift, scale, dt), rope, _modulate(context, c_shift, c_scale, dt), adapters)
-    x = x + gate[:, None] * attn
-    x = x + gate_mlp[:, None] * self.ff(_modulate(x, shift_mlp, scale_mlp, dt), adapters)
-    context = context + c_gate[:, None] * c_attn
-    context = context + c_gate_mlp[:, None] * self.ff_context(_modulate(context, c_shift_mlp, c_scale_mlp, dt),
-                                                              adapters)
-    return shd.constrain(context, ("batch", "seq", "act_embed")), shd.constrain(x, ("batch", "seq", "act_embed"))
+    return double_stream(self.attn, (self.norm1, self.ff), (self.norm1_context, self.ff_context), x, context, temb,
+                         rope, self.dtype, adapters)
+
+
+def double_stream(attn: Attention, image, text, x, context, temb, rope, dtype, adapters=None, mask=None):
+  """One double-stream (MMDiT) block: `image` and `text` are each stream's (6-way modulation, feed-forward);
+  joint attention, then gated residuals. Shared by FLUX and Qwen-Image, whose blocks differ only in names."""
+  (mod, ff), (c_mod, c_ff) = image, text
+  shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mod(temb, adapters)
+  c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod(temb, adapters)
+  out, c_out = attn(_modulate(x, shift, scale, dtype), rope, _modulate(context, c_shift, c_scale, dtype), adapters,
+                    mask)
+  x = x + gate[:, None] * out
+  x = x + gate_mlp[:, None] * ff(_modulate(x, shift_mlp, scale_mlp, dtype), adapters)
+  context = context + c_gate[:, None] * c_out
+  context = context + c_gate_mlp[:, None] * c_ff(_modulate(context, c_shift_mlp, c_scale_mlp, dtype), adapters)
+  return shd.constrain(context, ("batch", "seq", "act_embed")), shd.constrain(x, ("batch", "seq", "act_embed"))
 
 
 class SingleStreamBlock(nnx.Module):
@@ -337,6 +352,14 @@ def _rematted(block: nnx.Module, policy):
   return functools.partial(run, state)
 
 
+def remat_block(block: nnx.Module, remat: str):
+  """The block itself, or under jax.checkpoint with one of REMAT_POLICIES ("flux" keeps q/k/v and attention)."""
+  if remat == "none":
+    return block
+  policy = remat_policy("full") if remat == "full" else remat_policy("names", _SAVED_BY_FLUX_POLICY)
+  return _rematted(block, policy)
+
+
 class FluxTransformer(nnx.Module):
 
   def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs):
@@ -372,45 +395,51 @@ class FluxTransformer(nnx.Module):
     temb = self.time_text_embed(t, g, pooled_projections.astype(jnp.dtype(cfg.dtype)), adapters)
     rope = rope_tables(jnp.concatenate([txt_ids, img_ids], axis=-2), cfg.axes_dims_rope, cfg.rope_theta)
 
-    policy = {"full": remat_policy("full"), "flux": remat_policy("names", _SAVED_BY_FLUX_POLICY)}.get(cfg.remat)
     for block in list(self.transformer_blocks) + list(self.single_transformer_blocks):
-      run = block if cfg.remat == "none" else _rematted(block, policy)
-      context, x = run(x, context, temb, rope, adapters)
+      context, x = remat_block(block, cfg.remat)(x, context, temb, rope, adapters)
     scale, shift = self.norm_out(temb, adapters)
     return self.proj_out(_modulate(x, shift, scale, jnp.dtype(cfg.dtype)), adapters)
 
 
 # --------------------------------------------------------------------------------------------------
-def adapter_layers(model: FluxTransformer) -> list[str]:
-  """The diffusers names of the model's Dense layers: what peft target keys are matched against."""
-  return [wio.reference_name(wio.path_str(path) + ".kernel", FLUX_WEIGHTS)[0].removesuffix(".weight")
+def adapter_layers(model: nnx.Module, table=FLUX_WEIGHTS) -> list[str]:
+  """The diffusers names of the model's Dense layers (through its weight `table`): what peft target keys are
+  matched against."""
+  return [wio.reference_name(wio.path_str(path) + ".kernel", table)[0].removesuffix(".weight")
           for path, node in nnx.iter_graph(model) if isinstance(node, Dense)]
+
+
+def repeat_blocks(names: Sequence[str], depth: dict[str, int]) -> tuple[str, ...]:
+  """Layer names read off a model with one block of each kind (`<kind>.0.<rest>`), repeated over the
+  `depth[kind]` blocks of the real model: tracing every block of a large model takes seconds."""
+  out = []
+  for name in names:
+    block = re.fullmatch(r"(\w+)\.0\.(.*)", name)
+    out += [f"{block[1]}.{i}.{block[2]}" for i in range(depth[block[1]])] if block else [name]
+  return tuple(out)
 
 
 @functools.cache
 def _kontext_adapter_layers() -> tuple[str, ...]:
-  """FLUX.1-Kontext-dev's adapter layers, read off an abstract model of one block of each kind (all 57 blocks
-  take seconds to trace) and repeated over the block indices."""
+  """FLUX.1-Kontext-dev's adapter layers (repeat_blocks)."""
   full = kontext_dev()
   one = nnx.eval_shape(lambda: FluxTransformer(full.replace(num_layers=1, num_single_layers=1), rngs=nnx.Rngs(0)))
-  depth = {"transformer_blocks": full.num_layers, "single_transformer_blocks": full.num_single_layers}
-  names = []
-  for name in adapter_layers(one):
-    block = re.fullmatch(r"(\w+)\.0\.(.*)", name)
-    names += [f"{block[1]}.{i}.{block[2]}" for i in range(depth[block[1]])] if block else [name]
-  return tuple(names)
+  return repeat_blocks(adapter_layers(one), {"transformer_blocks": full.num_layers,
+                                             "single_transformer_blocks": full.num_single_layers})
 
 
-def check_lora_targets(targets: Sequence[str], where: str, *, layers: Sequence[str] | None = None) -> None:
+def check_lora_targets(targets: Sequence[str], where: str, *, layers: Sequence[str] | None = None,
+                       model: str = "FLUX") -> None:
   """Every peft target key must match a layer (of `layers`, FLUX.1-Kontext-dev's by default): one that matches
-  none would train nothing, silently. Needs no weights, so config validation calls it before loading."""
+  none would train nothing, silently. Needs no weights, so config validation calls it before loading.
+  `model` names the transformer in the message."""
   layers = _kontext_adapter_layers() if layers is None else layers
   unmatched = [t for t in targets if not any(target_matches(t, name) for name in layers)]
   if unmatched:
     kinds = sorted({re.sub(r"^(\w+)\.\d+\.", r"\1.<i>.", name) for name in layers})
     said = ", ".join(repr(t) for t in unmatched)
     said = f"targets {said} match" if len(unmatched) > 1 else f"target {said} matches"
-    raise ValueError(f"{where}: {said} no layer of the FLUX transformer; layers that take an adapter: {kinds}")
+    raise ValueError(f"{where}: {said} no layer of the {model} transformer; layers that take an adapter: {kinds}")
 
 
 split_params = split_adapters  # (graphdef, adapter state, base state) of a FLUX transformer
@@ -445,13 +474,22 @@ def load_flux_transformer(folder: str, *, dtype: str = "float32", param_dtype: s
                                          dtype=dtype, param_dtype=param_dtype or dtype, lora=lora, remat=remat,
                                          attention_impl=attention_impl)
   abstract = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
+  return fill_transformer(abstract, folder, FLUX_WEIGHTS, FLUX_LORA_WEIGHTS, lora=lora, lora_weights=lora_weights,
+                          mesh=mesh, rules=rules, seed=seed)
+
+
+def fill_transformer(abstract: nnx.Module, folder: str, table, lora_table, *, lora: LoraSpec | None,
+                     lora_weights: str | None, mesh, rules, seed: int) -> nnx.Module:
+  """An abstract transformer with its base read from `folder` through `table` and its adapters read from
+  `lora_weights` through `lora_table`, or fresh from `seed`; each tensor straight into its sharding."""
+  if lora_weights is not None and lora is None:
+    raise ValueError(f"{lora_weights}: pass `lora=LoraSpec(...)` to say the rank, alpha and targets to load into")
   graphdef, abstract_adapters, abstract_base = split_params(abstract)
-  base = wio.load_state(abstract_base, wio.SafetensorsReader.from_folder(folder), FLUX_WEIGHTS, source=folder,
+  base = wio.load_state(abstract_base, wio.SafetensorsReader.from_folder(folder), table, source=folder,
                         mesh=mesh, rules=rules)
   if lora_weights is not None:
-    if lora is None:
-      raise ValueError(f"{lora_weights}: pass `lora=LoraSpec(...)` to say the rank, alpha and targets to load into")
-    adapters = load_lora_weights(abstract_adapters, lora_weights, lora.scale, mesh=mesh, rules=rules)
+    adapters = load_lora_weights(abstract_adapters, lora_weights, lora.scale, mesh=mesh, rules=rules,
+                                 table=lora_table)
   else:
     adapters = init_adapters(abstract_adapters, jax.random.key(seed), mesh=mesh, rules=rules)
   return nnx.merge(graphdef, adapters, base)
@@ -471,9 +509,10 @@ def _check_lora_metadata(metadata: dict, abstract_adapters, scale: float, path: 
                               f"{sorted(ours)} and scale alpha/rank = {scale}")
 
 
-def load_lora_weights(abstract_adapters, path: str, scale: float, *, mesh=None, rules=shd.DEFAULT_RULES):
+def load_lora_weights(abstract_adapters, path: str, scale: float, *, mesh=None, rules=shd.DEFAULT_RULES,
+                      table=FLUX_LORA_WEIGHTS):
   """A diffusers (`transformer.` prefix) or peft (`base_model.model.` prefix) LoRA file -> adapter state."""
   reader = wio.SafetensorsReader([path])
   _check_lora_metadata(reader.metadata, abstract_adapters, scale, path)
-  return wio.load_state(abstract_adapters, reader, FLUX_LORA_WEIGHTS, source=path, mesh=mesh, rules=rules,
+  return wio.load_state(abstract_adapters, reader, table, source=path, mesh=mesh, rules=rules,
                         strip_prefixes=LORA_PREFIXES)
