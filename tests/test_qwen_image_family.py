@@ -276,3 +276,31 @@ def test_merged_export_equals_lora(lora, lora_pipe, tmp_path):
   assert max_rel_err(torch_forward(lora_pipe.transformer, inputs), ref) <= QWEN_IMAGE_BOUND  # peft's unmerged LoRA
   no_adapter = nnx.merge(graphdef, jax.tree.map(lambda a: 0 * a, adapters), base)
   assert max_rel_err(np.asarray(no_adapter(**inputs)), ref) > 1e-2  # the merge changed the weights
+
+
+def test_launch_edit_with_two_images_without_torch(qwen_edit_pipeline, tmp_path):  # noqa: F811
+  """launch/edit.py on a Qwen-Image-Edit folder (found by its model_index.json), two --image, in a fresh interpreter
+  that must not import torch; the output takes the last image's size."""
+  import os
+  import subprocess
+  import sys
+
+  from PIL import Image
+  first, second = images(two=True)
+  paths = [tmp_path / "a.png", tmp_path / "b.png"]
+  for image, path in zip((first, second), paths):
+    image.save(path)
+  out = tmp_path / "edited.png"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ("import sys, runpy\nsys.argv = sys.argv[1:]\ntry:\n  runpy.run_path(sys.argv[0], run_name='__main__')\n"
+          "except SystemExit as e:\n  if e.code:\n    raise\n"
+          "assert 'torch' not in sys.modules, 'the runtime imported torch'\nprint('torch not imported')")
+  args = [f"--model={qwen_edit_pipeline[0]}", f"--image={paths[0]}", f"--image={paths[1]}",
+          f"--instruction={INSTRUCTION}", f"--out={out}", "--steps=2", "--dtype=float32", "--noauto_resize"]
+  env = dict(os.environ, PYTHONPATH=root, XLA_FLAGS="")
+  result = subprocess.run([sys.executable, "-c", code, os.path.join(root, "launch", "edit.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "wrote" in result.stdout and "torch not imported" in result.stdout
+  with Image.open(out) as img:
+    assert img.size == second.size and img.mode == "RGB"
