@@ -11,8 +11,23 @@ def _load(name):
   return importlib.import_module(f"configs.{name}").get_config()
 
 
-def test_tiny_config_validates():
-  run_config.validate(_load("tiny"), num_devices=8)
+@pytest.mark.parametrize("name", ["tiny", "tiny_qwen_image_edit"])
+def test_tiny_config_validates(name):
+  run_config.validate(_load(name), num_devices=8)
+
+
+def test_qwen_image_edit_config_is_the_public_run():
+  """The Kontext run's settings on the Qwen-Image-Edit family, without CFG in rollouts."""
+  c, k = _load("qwen_image_edit"), _load("kontext")
+  assert c.model.family == "qwen_image_edit" and (c.rollout.guidance, c.rollout.eval_guidance) == (1.0, 1.0)
+  assert (c.data.resolution, c.rollout.num_steps, c.rollout.sampler) == (512, 6, "dpm2")
+  assert tuple(c.lora.targets) == tuple(k.lora.targets) and (c.lora.rank, c.lora.alpha) == (32, 64.0)
+  assert (c.data.group_size, c.data.groups_per_epoch, c.filter.tau_mu, c.filter.tau_sigma) == (12, 24, 0.9, 0.05)
+  with pytest.raises(run_config.ConfigError, match=r"config.model.pipeline_dir is empty"):
+    run_config.validate(c, num_devices=8)
+  c.data.text_max_length = 2048
+  with pytest.raises(run_config.ConfigError, match=r"config.data.text_max_length = 2048"):
+    run_config.validate(c, num_devices=8)
 
 
 def test_kontext_config_is_the_paper_run():
