@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.reward.template_file = ""  # judging prompt with {instruction} and {requirement}; empty: ours
   c.reward.dtype = "bfloat16"
   c.reward.batch_size = 8  # pairs per scoring call
+  # Keep the judge's weights in host memory except while it scores (same shardings, memory kind pinned_host): the
+  # rollout and NFT steps then have the chips' memory without it (launch/plan.py shows when that is needed).
+  c.reward.offload = False
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset_dir = ""  # Edit-R1 folder: images/, train_metadata.jsonl, test_metadata.jsonl

@@ -281,8 +281,9 @@ class Plan:
   steps: list[StepPlan]
   resident_bytes: int  # per chip: train state + frozen weights
   abstract: dict  # the abstract inputs of each step (for checks)
-  judge_bytes: int = 0  # per chip: the MLLM judge's parameters (resident through the epoch)
+  judge_bytes: int = 0  # per chip: the MLLM judge's parameters
   judge: Any = None  # its `qwen2_5_vl.Qwen25VLConfig` (None: no MLLM reward)
+  judge_offloaded: bool = False  # `config.reward.offload`: on the chips only during its own step
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,6 +405,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     judge_graphdef, judge_state = abstract_judge(judge_spec[0], mesh, rules)
     judge_bytes = shard_bytes(judge_state)
     log(f"judge: {judge_bytes / GiB:.2f} GiB of parameters per chip")
+  judge_resident = 0 if config.reward.offload else judge_bytes  # what the policy's steps share the chips with
 
   n_rollouts = config.data.groups_per_epoch * config.data.group_size
   chunk = config.rollout.batch_size * rows_multiple
@@ -427,7 +429,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     traced = sampler.trace(*args, solver=config.rollout.sampler)
     plan, _ = compile_step("rollout (one chunk)", traced, args, calls=math.ceil(n_rollouts / chunk))
     x0_dtype = jax.tree.leaves(traced.out_info)[0].dtype
-    plan.resident_extra_bytes = resident - shard_bytes(state.old_params) - shard_bytes(frozen) + judge_bytes
+    plan.resident_extra_bytes = resident - shard_bytes(state.old_params) - shard_bytes(frozen) + judge_resident
     abstract["rollout"] = args
     out.append(plan)
     log(f"compiled {plan.name} in {plan.compile_s:.1f}s")
@@ -458,7 +460,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
                           math.ceil(n_rollouts / micro), resident - shard_bytes(state) - shard_bytes(frozen)),
               apply=("apply", trainer.apply, (state,), 1, shard_bytes(frozen)),
               update_old=("update_old", trainer.update_old, (state,), 1, shard_bytes(frozen)))
-  todo = {k: v[:4] + (v[4] + judge_bytes,) for k, v in todo.items()}
+  todo = {k: v[:4] + (v[4] + judge_resident,) for k, v in todo.items()}
   for step in ("accumulate", "apply", "update_old"):
     if step not in steps:
       continue
@@ -468,7 +470,8 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     abstract[step] = args
     out.append(plan)
     log(f"compiled {plan.name} in {plan.compile_s:.1f}s")
-  return Plan(topo, dict(mesh.shape), out, resident, abstract, judge_bytes, judge_spec and judge_spec[0])
+  return Plan(topo, dict(mesh.shape), out, resident, abstract, judge_bytes, judge_spec and judge_spec[0],
+              bool(config.reward.offload))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,6 +497,108 @@ def _time(s: float) -> str:
   return f"{s * 1e3:.2f}ms" if s < 1 else f"{s:.2f}s"
 
 
+# --------------------------------------------------------------------------------------------------
+# What to change when a step does not fit
+# The knob that sets each row-batched step's rows per data-parallel shard.
+ROW_KNOBS = {"rollout": "rollout.batch_size", "judge": "reward.batch_size", "accumulate": "nft.micro_batch"}
+_STEP_OF = {"rollout (one chunk)": "rollout", "judge prefill": "judge", "accumulate (one micro-batch)": "accumulate",
+            "apply": "apply", "update_old": "update_old"}
+
+
+@dataclasses.dataclass
+class Fit:
+  """The largest value of a step's row knob whose step fits the chip, found by compiling (`largest_rows`)."""
+  step: str
+  knob: str  # the config field
+  configured: int
+  largest: int  # 0: not even one row fits
+  live_bytes: int  # of the step at `largest` (or at 1 row when nothing fits)
+  compiles: int
+
+  def __str__(self) -> str:
+    return (f"{self.knob}: configured {self.configured}, largest that fits {self.largest} "
+            f"({_bytes(self.live_bytes)} live per chip; {self.compiles} compiles)")
+
+
+def _with(config, field: str, value):
+  config = config.copy_and_resolve_references()
+  section, name = field.split(".")
+  with config.unlocked():
+    config[section][name] = value
+  return config
+
+
+def largest_rows(config, topo: Topology, step: str, *, layers=None, judge: str | None = None, max_compiles: int = 6,
+                 log=None) -> Fit:
+  """The largest rows per data-parallel shard (`ROW_KNOBS[step]`) whose `step` fits the chip's HBM: doubling from
+  the configured value while it fits (then bisecting), or halving while it does not; at most `max_compiles`
+  compiles (each a full compile of that one step)."""
+  if topo.chip is None:
+    raise PlanError(f"--topology={topo.name}: no chip figures, nothing to fit against")
+  knob = ROW_KNOBS[step]
+  section, name = knob.split(".")
+  configured = int(config[section][name])
+  live: dict[int, int] = {}
+
+  def fits(rows: int) -> bool:
+    if rows not in live:
+      plan = plan_epoch(_with(config, knob, rows), topo, layers=layers, steps=(step,), judge=judge)
+      live[rows] = plan.steps[0].live_bytes
+      if log:
+        log(f"{knob} = {rows}: {_bytes(live[rows])} live per chip")
+    return live[rows] <= topo.chip.hbm_bytes
+
+  good, bad = 0, None
+  rows = configured
+  while len(live) < max_compiles:
+    if fits(rows):
+      good = rows
+      if bad is None:
+        rows *= 2
+        continue
+    else:
+      bad = rows
+      if good == 0 and rows > 1:
+        rows //= 2
+        continue
+    if bad is None or bad - good <= 1:
+      break
+    rows = (good + bad) // 2
+  return Fit(step, knob, configured, good, live[good] if good else live[min(live)], len(live))
+
+
+def fit_rows(plan: Plan, config, **kw) -> list[Fit]:
+  """`largest_rows` for each row-batched step of `plan`."""
+  return [largest_rows(config, plan.topology, _STEP_OF[s.name], **kw) for s in plan.steps
+          if _STEP_OF[s.name] in ROW_KNOBS]
+
+
+def advice(plan: Plan, config) -> list[str]:
+  """What to change for each step that does not fit, from the plan alone (no compiles): the judge off the chips
+  between its steps, full remat for the NFT step; `largest_rows` for the rows that fit."""
+  chip = plan.topology.chip
+  if chip is None:
+    return []
+  lines = []
+  for s in plan.steps:
+    over = s.live_bytes - chip.hbm_bytes
+    if over <= 0:
+      continue
+    step = _STEP_OF[s.name]
+    tips = []
+    if plan.judge_bytes and not plan.judge_offloaded and step != "judge":
+      freed = plan.judge_bytes
+      tips.append(f"--config.reward.offload=True frees {_bytes(freed)} per chip (the judge waits in host memory; "
+                  f"{'enough' if freed >= over else 'not enough alone'})")
+    if step == "accumulate" and config.model.remat != "full":
+      tips.append(f"--config.model.remat=full (now {config.model.remat!r}) recomputes every block's activations in "
+                  "the backward pass")
+    if step in ROW_KNOBS:
+      tips.append(f"fewer rows per shard ({ROW_KNOBS[step]}; launch/plan.py --fit searches the largest that fits)")
+    lines.append(f"{s.name} is over by {_bytes(over)}: " + "; ".join(tips or ["more chips (a larger slice)"]))
+  return lines
+
+
 def format_plan(plan: Plan) -> str:
   chip = plan.topology.chip
   mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh_shape.items())
@@ -502,8 +607,10 @@ def format_plan(plan: Plan) -> str:
            f"resident per chip (train state + frozen weights): {_bytes(plan.resident_bytes)}"]
   if plan.judge is not None:
     j = plan.judge
+    where = ("in host memory except during its step (config.reward.offload)" if plan.judge_offloaded
+             else "resident through the epoch")
     lines.append(f"judge (Qwen2.5-VL, {j.num_hidden_layers} layers x {j.hidden_size}, vision {j.vision.depth} x "
-                 f"{j.vision.hidden_size}, {j.param_dtype}) resident per chip: {_bytes(plan.judge_bytes)}")
+                 f"{j.vision.hidden_size}, {j.param_dtype}): {_bytes(plan.judge_bytes)} per chip, {where}")
   head = ("step", "calls", "arguments", "outputs", "aliased", "temporaries", "peak", "live", "FLOPs/chip",
           "loop x", "roofline", "x calls", "HBM", "compile")
   rows = []

@@ -31,7 +31,7 @@ CHOICES = {
     "filter.semantics": advantages.FILTERS,
     "nft.old_policy_schedule": nft.DECAY_SCHEDULES,
 }
-BOOLS = ("reward.tiny", "data.ban_filtered", "data.allow_outside_paths", "data.accept_changed_data",
+BOOLS = ("reward.tiny", "reward.offload", "data.ban_filtered", "data.allow_outside_paths", "data.accept_changed_data",
          "advantage.rloo", "optim.full_finetune", "eval_before_training")
 
 
@@ -91,7 +91,7 @@ RESUME_SAFE = ("num_epochs", "checkpoint_every", "keep_checkpoints", "eval_every
                "eval_before_training", "log_images_every", "max_nonfinite_updates", "max_invalid_reward_epochs",
                "resume_accept", "rollout.eval_steps", "rollout.eval_guidance", "rollout.eval_sampler",
                "reward.batch_size", "data.tfds_dir", "data.prompt_cache_entries", "data.dataset_dir",
-               "data.accept_changed_data", "mesh.shape", "mesh.rules")
+               "data.accept_changed_data", "mesh.shape", "mesh.rules", "reward.offload")
 
 
 class ConfigError(ValueError):
@@ -198,12 +198,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def resume_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
   """The fields where `config` differs from the config a checkpoint was saved with, other than the fields in
-  RESUME_SAFE and those the user accepts in `config.resume_accept`; one line each."""
+  RESUME_SAFE and those the user accepts in `config.resume_accept`; one line each. A field the saved config
+  lacks (added to the project after the checkpoint was written) counts as unchanged while it keeps its default."""
+  from configs import base
   old, new = _flatten(saved), _flatten(as_json(config))
+  defaults = _flatten(as_json(base.get_config()))
   accepted = set(RESUME_SAFE) | set(config.resume_accept)
   lines = []
   for field in sorted(set(old) | set(new)):
     if field in accepted or old.get(field, _ABSENT) == new.get(field, _ABSENT):
+      continue
+    if field not in old and field in defaults and new.get(field, _ABSENT) == defaults[field]:
       continue
     lines.append(f"config.{field}: saved {old.get(field, '(absent)')!r}, now {new.get(field, '(absent)')!r}")
   return lines

@@ -234,12 +234,14 @@ def tiny_judge_config(folder: str = os.path.join(ASSETS, "judge")) -> qwen2_5_vl
                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
 
 
-def tiny_judge(seed: int, batch_size: int, *, template_file: str | None = None, mesh=None, rules=shd.DEFAULT_RULES):
+def tiny_judge(seed: int, batch_size: int, *, template_file: str | None = None, mesh=None, rules=shd.DEFAULT_RULES,
+               offload: bool = False):
   """The MLLM reward with a random tiny Qwen2.5-VL: every code path of the real judge, meaningless scores."""
   from editr1_jax.reward.mllm import MllmJudge
   folder = os.path.join(ASSETS, "judge")
   model = _placed(qwen2_5_vl.Qwen25VL(tiny_judge_config(folder), rngs=nnx.Rngs(seed + 4)), mesh, rules)
-  return MllmJudge(folder, template_file=template_file, mesh=mesh, rules=rules, batch_size=batch_size, model=model)
+  return MllmJudge(folder, template_file=template_file, mesh=mesh, rules=rules, batch_size=batch_size, model=model,
+                   offload=offload)
 
 
 def _storage(runtime: dict) -> dict:

@@ -4,6 +4,7 @@ per chip, argument / output / temporary bytes, FLOPs, a roofline time and whethe
   python launch/plan.py --config=configs/kontext.py --topology=v5p-8 [--config.x=y ...]
   python launch/plan.py --config=configs/tiny.py                 # the local CPU devices
   python launch/plan.py --config=configs/kontext.py --topology=gpu --judge=7b
+  python launch/plan.py --config=configs/kontext.py --topology=v6e-8 --fit   # + the largest rows that fit
 
 No weights are read and nothing full-size is allocated: models are built with `jax.eval_shape`. TPU topologies
 compile on compile-only devices from libtpu (`pip install libtpu==0.0.42.1`); `gpu` uses the local GPUs.
@@ -24,6 +25,8 @@ _STEPS = flags.DEFINE_list("steps", "rollout,judge,accumulate,apply,update_old",
 _JUDGE = flags.DEFINE_enum("judge", None, ["7b", "32b", "tiny"], "The MLLM judge's size (Qwen2.5-VL). Default: the "
                            "sizes in config.reward.model_dir's config.json if it has one, else tiny for "
                            "config.reward.tiny, else 32b. Its parameters count as resident in every step.")
+_FIT = flags.DEFINE_bool("fit", False, "Also search, by compiling, the largest rows per data-parallel shard that fit "
+                         "the chip for each row-batched step (rollout.batch_size, reward.batch_size, nft.micro_batch).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -49,6 +52,16 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(planning.format_plan(result), flush=True)
+  for line in planning.advice(result, _CONFIG.value):
+    print(f"to fit: {line}", flush=True)
+  if _FIT.value:
+    try:
+      for fit in planning.fit_rows(result, _CONFIG.value, layers=layers, judge=_JUDGE.value,
+                                   log=lambda m: print(m, file=sys.stderr, flush=True)):
+        print(fit, flush=True)
+    except planning.PlanError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
 
 
 if __name__ == "__main__":

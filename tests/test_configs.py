@@ -99,3 +99,14 @@ def test_resume_differences_skip_safe_and_accepted_fields():
       "config.optim.learning_rate: saved 0.001, now 0.0005"]
   c.resume_accept = ("optim.learning_rate",)
   assert [line.split(":")[0] for line in run_config.resume_differences(saved, c)] == ["config.lora.targets"]
+
+
+def test_a_field_added_since_the_checkpoint_resumes_at_its_default():
+  """A checkpoint written before `data.text_max_length` existed: resuming is fine while the new field keeps its
+  default, refused when it is set to something else."""
+  saved = run_config.as_json(_load("tiny"))
+  del saved["data"]["text_max_length"]
+  c = _load("tiny")
+  assert run_config.resume_differences(saved, c) == []
+  c.data.text_max_length = 64
+  assert run_config.resume_differences(saved, c) == ["config.data.text_max_length: saved '(absent)', now 64"]

@@ -102,6 +102,19 @@ def test_judge_prefill_row(tiny_plan):
   assert "judge (Qwen2.5-VL" in planning.format_plan(plan)
 
 
+def test_an_offloaded_judge_leaves_the_other_steps(tiny_plan):
+  """`config.reward.offload`: the judge's parameters count in its own step only."""
+  config, resident = tiny_plan
+  config = config.copy_and_resolve_references()
+  config.reward.offload = True
+  plan = planning.plan_epoch(config, planning.topology("cpu"), steps=("judge", "apply"))
+  before = {s.name: s for s in resident.steps}
+  after = {s.name: s for s in plan.steps}
+  assert after["apply"].resident_extra_bytes == before["apply"].resident_extra_bytes - resident.judge_bytes
+  assert after["judge prefill"].argument_bytes == before["judge prefill"].argument_bytes
+  assert "in host memory except during its step" in planning.format_plan(plan)
+
+
 def test_judge_parts(tmp_path):
   import json
   from editr1_jax.models import qwen2_5_vl
@@ -210,3 +223,24 @@ def test_tiny_plan_on_v5p_8():
   assert acc.flops > 0 and acc.temp_bytes > 0
   text = planning.format_plan(plan)
   assert "TPU v5p" in text and "fits" in text and "roofline" in text
+
+
+def test_largest_rows_that_fit_are_found_by_compiling():
+  """A chip whose HBM lies between the NFT step's live bytes at 2 and 3 rows per shard: the search, started from the
+  configured 4, lands on 2; the advice names the knobs."""
+  config = tiny_config.get_config()
+  cpu = planning.topology("cpu")
+  live = {m: planning.plan_epoch(planning._with(config, "nft.micro_batch", m), cpu,
+                                 steps=("accumulate",)).steps[0].live_bytes for m in (2, 3)}
+  assert live[2] < live[3]
+  small = planning.Topology("cpu", cpu.devices, planning.Chip("small", 1e12, (live[2] + live[3]) // 2, 1e11))
+  assert config.nft.micro_batch == 4
+  fit = planning.largest_rows(config, small, "accumulate")
+  assert (fit.knob, fit.configured, fit.largest, fit.live_bytes) == ("nft.micro_batch", 4, 2, live[2])
+  assert fit.compiles <= 3
+  plan = planning.plan_epoch(config, small, steps=("accumulate",))
+  (line,) = planning.advice(plan, config)
+  assert line.startswith("accumulate (one micro-batch) is over by")
+  assert "nft.micro_batch" in line and "--config.model.remat=full" in line and "--config.reward.offload=True" in line
+  with pytest.raises(planning.PlanError, match="no chip figures"):
+    planning.largest_rows(config, cpu, "accumulate")

@@ -87,6 +87,18 @@ def test_sharded_scoring_equals_unsharded(qwen_reference, judge):
   assert max_rel_err(sharded.score(*pairs).scores, judge.score(*pairs).scores) <= REWARD_BOUND  # rounding only
 
 
+def test_offloaded_judge_waits_in_host_memory_and_scores_the_same(qwen_reference, judge):
+  """`offload`: the weights sit in pinned host memory between calls (same shardings) and score exactly as the
+  resident judge does (the same program on the same values)."""
+  mesh = shd.make_mesh((2, 2, 2))
+  resident = mllm.MllmJudge(qwen_reference[1], mesh=mesh, batch_size=4, length_multiple=16)
+  offloaded = mllm.MllmJudge(qwen_reference[1], mesh=mesh, batch_size=4, length_multiple=16, offload=True)
+  assert offloaded.memory_kinds == {"pinned_host"} and "pinned_host" not in resident.memory_kinds
+  pairs = make_pairs()
+  np.testing.assert_array_equal(offloaded.score(*pairs).scores, resident.score(*pairs).scores)
+  assert offloaded.memory_kinds == {"pinned_host"}
+
+
 def test_cli_json_prints_the_score(qwen_reference, expected, tmp_path):
   sources, edits, instructions, requirements = make_pairs()
   sources[0].save(tmp_path / "source.png")

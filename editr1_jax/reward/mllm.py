@@ -107,8 +107,11 @@ class MllmJudge:
   tokenizer, chat template, preprocessor_config.json)."""
 
   def __init__(self, folder: str, *, template_file: str | None = None, dtype: str = "float32", mesh=None,
-               rules=shd.DEFAULT_RULES, batch_size: int = 8, length_multiple: int = 64, model=None):
-    """`model`: an already loaded model (anything with `cfg` and `logits_at_batch`), else it is read from `folder`."""
+               rules=shd.DEFAULT_RULES, batch_size: int = 8, length_multiple: int = 64, model=None,
+               offload: bool = False):
+    """`model`: an already loaded model (anything with `cfg` and `logits_at_batch`), else it is read from `folder`.
+    `offload`: the weights wait in host memory (the same shardings, memory kind pinned_host) and come to the
+    devices only for a `score` call, so the policy's steps have the accelerators' memory to themselves."""
     if batch_size < 1 or length_multiple < 1:
       raise ValueError(f"batch_size {batch_size} and length_multiple {length_multiple} must be positive")
     self.image_cfg = proc.ImageProcessorConfig.from_folder(folder)
@@ -126,6 +129,16 @@ class MllmJudge:
       self._row_multiple = int(np.prod([mesh.shape[a] for a in _mesh_axes(rules, "batch")]))
     self._graphdef, self._state = nnx.split(model)
     self._step = jax.jit(functools.partial(score_step, self._graphdef, self.digit_ids, mesh, rules))
+    self.offload = offload
+    self._on_device = jax.tree.map(lambda x: x.sharding, self._state)
+    if offload:
+      self._state = jax.device_put(self._state, jax.tree.map(lambda s: s.with_memory_kind("pinned_host"),
+                                                             self._on_device))
+
+  @property
+  def memory_kinds(self) -> set[str]:
+    """Where the weights are now (one memory kind per leaf)."""
+    return {x.sharding.memory_kind for x in jax.tree.leaves(self._state)}
 
   def _check_agreement(self, folder: str) -> None:
     """The tokenizer, the preprocessor and config.json must describe the same model."""
@@ -167,12 +180,14 @@ class MllmJudge:
     valid = np.zeros(n, bool)
     calls = [members[start:start + self.batch_size] for members in groups.values()
              for start in range(0, len(members), self.batch_size)]
+    state = jax.device_put(self._state, self._on_device) if self.offload else self._state
     for rows in tqdm(calls, desc=progress, disable=progress is None, leave=False):
-      s, p, v = self._score_rows([pairs[i] for i in rows])
+      s, p, v = self._score_rows(state, [pairs[i] for i in rows])
       scores[rows], probs[rows], valid[rows] = s, p, v
+    del state  # offloaded: the device copy goes with it, the host copy stays
     return RewardResult(scores, probs, valid)
 
-  def _score_rows(self, pairs):
+  def _score_rows(self, state, pairs):
     """One jitted call on pairs of equal image sizes, padded to a bucketed batch and length."""
     rows = _bucket(len(pairs), self.batch_size, self._row_multiple)
     padded = list(pairs) + [pairs[0]] * (rows - len(pairs))  # repeated rows: computed, then dropped
@@ -182,7 +197,7 @@ class MllmJudge:
     batch = qwen2_5_vl.prepare_batch(input_ids, mask, np.concatenate([pv for _, pv, _ in padded]),
                                      np.concatenate([g for _, _, g in padded]), self.cfg)
     placed = qwen2_5_vl.place_batch(batch, self.mesh, self.rules)
-    s, p, v = self._step(self._state, placed, shd.put_rows(positions[:, None], self.mesh, self.rules))
+    s, p, v = self._step(state, placed, shd.put_rows(positions[:, None], self.mesh, self.rules))
     k = len(pairs)
     return shd.to_host(s)[:k], shd.to_host(p)[:k], shd.to_host(v)[:k]
 
@@ -212,8 +227,9 @@ def build_mllm(config, mesh=None, rules=None) -> MllmReward:
   template_file = config.reward.template_file or None
   if config.reward.tiny:
     from editr1_jax import tiny
-    judge = tiny.tiny_judge(config.seed, config.reward.batch_size, template_file=template_file, mesh=mesh, rules=rules)
+    judge = tiny.tiny_judge(config.seed, config.reward.batch_size, template_file=template_file, mesh=mesh, rules=rules,
+                            offload=config.reward.offload)
   else:
     judge = MllmJudge(config.reward.model_dir, template_file=template_file, dtype=config.reward.dtype, mesh=mesh,
-                      rules=rules, batch_size=config.reward.batch_size)
+                      rules=rules, batch_size=config.reward.batch_size, offload=config.reward.offload)
   return MllmReward(judge)
