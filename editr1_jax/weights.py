@@ -408,6 +408,25 @@ def _typed(value, hint):
   raise TypeError
 
 
+class DiffusersConfig:
+  """Mixin of a frozen dataclass config that a diffusers model's config.json describes: `_DIFFUSERS_KEYS` are read
+  field by field (an absent one keeps our default, which is diffusers'), and written back with `_CLASS_NAME`."""
+
+  _CLASS_NAME: typing.ClassVar[str]
+  _DIFFUSERS_KEYS: typing.ClassVar[tuple[str, ...]]
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_diffusers_config(cls, config: dict, *, source: str = "config", **runtime):
+    return cls(**config_fields(cls, config, cls._DIFFUSERS_KEYS, source, required=False), **runtime)
+
+  def to_diffusers_config(self) -> dict:
+    values = {k: getattr(self, k) for k in self._DIFFUSERS_KEYS}
+    return {"_class_name": self._CLASS_NAME, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
+
+
 def config_fields(cls, config: Mapping, keys: Iterable[str], source: str, *, required: bool = True,
                   prefix: str = "") -> dict:
   """`keys` of a reference config as keyword arguments of the dataclass `cls`, each checked against its field's

@@ -1,12 +1,13 @@
 """The training program on the tiny Qwen-Image-Edit family (configs/tiny_qwen_image_edit.py): a run, an exact resume
 from its checkpoint, the export; the family's condition with several images, its config checks."""
 
-import importlib
 import shutil
 
 import jax
 import numpy as np
 import pytest
+from test_train import _leaves
+from test_train import tiny_config as train_tiny_config
 
 from editr1_jax import export, run_config, train_loop
 from editr1_jax.families.qwen_image import QwenImageEdit
@@ -15,20 +16,7 @@ from editr1_jax.models import qwen_image
 
 
 def tiny_config(**overrides):
-  c = importlib.import_module("configs.tiny_qwen_image_edit").get_config()
-  c.num_epochs = 4
-  c.checkpoint_every = 2
-  c.eval_every = 0
-  c.data.groups_per_epoch, c.data.group_size = 2, 4
-  for key, value in overrides.items():
-    section, _, field = key.rpartition(".")
-    (c[section] if section else c)[field] = value
-  return c
-
-
-def _leaves(state):
-  return [np.asarray(x) for x in jax.tree.leaves((state.params, state.old_params, state.ema_params, state.opt_state,
-                                                  state.step))]
+  return train_tiny_config("tiny_qwen_image_edit", **overrides)
 
 
 @pytest.fixture(scope="module")

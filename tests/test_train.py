@@ -19,8 +19,9 @@ from editr1_jax.reward.base import RewardResult
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-  c = importlib.import_module("configs.tiny").get_config()
+def tiny_config(name: str = "tiny", **overrides):
+  """`configs/<name>.py`, shortened: 4 epochs of 2 groups of 4, checkpoints every 2, no evaluation."""
+  c = importlib.import_module(f"configs.{name}").get_config()
   c.num_epochs = 4
   c.checkpoint_every = 2
   c.eval_every = 0

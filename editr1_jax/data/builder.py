@@ -116,7 +116,8 @@ class Split:
       raise folder_format.DatasetError(f"{self._where}: record at position {record_id} has id {int(ex['id'])}")
     where = f"{self._where}[{record_id}] ({_text(ex['image_path'])})"
     return {"id": int(ex["id"]), "prompt": _text(ex["prompt"]), "requirement": _text(ex["requirement"]),
-            "category": _text(ex["category"]), "image": folder_format.decode_image(ex["image_bytes"], where)}
+            "category": _text(ex["category"]), "image": folder_format.decode_image(ex["image_bytes"], where),
+            "image_path": _text(ex["image_path"])}  # relative to the dataset folder
 
 
 def read(split: "Split", record_ids, num_threads: int = 8) -> list[dict]:

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from editr1_jax import sampling
+from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
 from editr1_jax.layers import AdapterRows, LoraSpec
 
@@ -140,6 +141,35 @@ def lora_spec(config) -> LoraSpec | None:
   if config.optim.full_finetune:
     return None
   return LoraSpec(rank=config.lora.rank, alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
+
+
+def runtime(config) -> dict:
+  """The networks' runtime settings in the config: compute and storage dtypes, remat policy, attention kernel."""
+  return dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+              attention_impl=config.model.attention_impl)
+
+
+def family_from_config(cls, config, mesh, rules, *, max_sequence_length: int):
+  """A family class's `from_config`: `config.model.preset` "tiny" (`cls.tiny`, built in code) or "" (`cls.from_folder`
+  on `config.model.pipeline_dir`), with the config's LoRA, dtypes, encoding chunk and prompt cache."""
+  rules = shd.DEFAULT_RULES if rules is None else rules
+  kw = dict(lora=lora_spec(config), max_sequence_length=max_sequence_length, mesh=mesh, rules=rules,
+            chunk=config.rollout.batch_size * shd.batch_width(mesh),
+            prompt_cache_entries=config.data.prompt_cache_entries, **runtime(config))
+  if config.model.preset == "tiny":
+    return cls.tiny(config.seed, **kw)
+  return cls.from_folder(config.model.pipeline_dir, lora_weights=config.model.init_lora or None, seed=config.seed,
+                         **kw)
+
+
+def policy_from_config(config, mesh, rules, tiny_builder, loader):
+  """A family's `transformer_from_config`: the policy network alone (what an export needs), with the config's LoRA
+  unless fully fine-tuned: `tiny_builder(seed, lora, ...)` for the tiny preset, else `loader(pipeline_dir, ...)`."""
+  kw = dict(mesh=mesh, rules=rules, **runtime(config))
+  if config.model.preset == "tiny":
+    return tiny_builder(config.seed, lora_spec(config), **kw)
+  return loader(config.model.pipeline_dir, lora=lora_spec(config), lora_weights=config.model.init_lora or None,
+                seed=config.seed, **kw)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ from flax import nnx
 from editr1_jax import chunks, latents, sampling
 from editr1_jax import sharding as shd
 from editr1_jax.conditioning import MAX_T5_LENGTH, TextEncoders
-from editr1_jax.families.base import lora_spec, register, scheduler_shift
+from editr1_jax.families.base import family_from_config, lora_spec, policy_from_config, register, \
+  scheduler_shift
+from editr1_jax.families.base import runtime as family_runtime
 from editr1_jax.layers import AdapterRows, LoraSpec
 from editr1_jax.models import autoencoder, flux
 
@@ -114,34 +116,20 @@ class Kontext:
   @classmethod
   def from_config(cls, config, mesh=None, rules=None) -> "Kontext":
     """`config.model.preset` "tiny" (built in code) or "" (read from `config.model.pipeline_dir`)."""
-    rules = shd.DEFAULT_RULES if rules is None else rules
-    kw = dict(lora=lora_spec(config), max_sequence_length=config.data.t5_max_length, mesh=mesh, rules=rules,
-              dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-              attention_impl=config.model.attention_impl, chunk=config.rollout.batch_size * shd.batch_width(mesh),
-              prompt_cache_entries=config.data.prompt_cache_entries)
-    if config.model.preset == "tiny":
-      return cls.tiny(config.seed, **kw)
-    return cls.from_folder(config.model.pipeline_dir, lora_weights=config.model.init_lora or None, seed=config.seed,
-                           **kw)
+    return family_from_config(cls, config, mesh, rules, max_sequence_length=config.data.t5_max_length)
 
   @staticmethod
-  def transformer_from_config(config, mesh=None, rules=shd.DEFAULT_RULES) -> flux.FluxTransformer:
+  def transformer_from_config(config, mesh=None, rules=shd.DEFAULT_RULES):
     """The policy network alone (what an export needs), with the config's LoRA unless fully fine-tuned."""
-    kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-              attention_impl=config.model.attention_impl, mesh=mesh, rules=rules)
-    if config.model.preset == "tiny":
-      from editr1_jax import tiny
-      return tiny.tiny_transformer(config.seed, lora_spec(config), **kw)
-    return flux.load_flux_transformer(config.model.pipeline_dir, lora=lora_spec(config),
-                                      lora_weights=config.model.init_lora or None, seed=config.seed, **kw)
+    from editr1_jax import tiny
+    return policy_from_config(config, mesh, rules, tiny.tiny_transformer, flux.load_flux_transformer)
 
   @classmethod
   def abstract_parts(cls, config, layers: tuple[int, int] | None = None):
     """What ahead-of-time planning needs from the config alone, nothing allocated: (a transformer constructor,
     `condition(rows, mesh, rules)` -> abstract condition rows, the token grid, the latent channels); the tiny
     preset's sizes or FLUX.1-Kontext-dev's; `layers` (double, single) overrides the depth."""
-    runtime = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-                   attention_impl=config.model.attention_impl, lora=lora_spec(config))
+    runtime = dict(family_runtime(config), lora=lora_spec(config))
     if config.model.preset == "tiny":
       from editr1_jax import tiny
       cfg, vae, compute = tiny.tiny_flux_config(**runtime), autoencoder.tiny(), "float32"  # tiny encoders: float32

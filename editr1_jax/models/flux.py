@@ -31,7 +31,7 @@ _SAVED_BY_FLUX_POLICY = ("flux_qkv", "flux_attention")
 
 
 @dataclasses.dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(wio.DiffusersConfig):
   in_channels: int = 64
   out_channels: int | None = None
   num_layers: int = 19
@@ -69,21 +69,10 @@ class FluxConfig:
   def out_dim(self) -> int:
     return self.patch_size * self.patch_size * (self.out_channels or self.in_channels)
 
-  def replace(self, **kw) -> "FluxConfig":
-    return dataclasses.replace(self, **kw)
-
+  _CLASS_NAME = "FluxTransformer2DModel"
   _DIFFUSERS_KEYS = ("in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
                      "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
-                     "patch_size")
-
-  @classmethod
-  def from_diffusers_config(cls, config: dict, *, source: str = "config", **runtime) -> "FluxConfig":
-    kw = wio.config_fields(cls, config, cls._DIFFUSERS_KEYS + ("axes_dims_rope",), source, required=False)
-    return cls(**kw, **runtime)
-
-  def to_diffusers_config(self) -> dict:
-    config = {k: getattr(self, k) for k in self._DIFFUSERS_KEYS}
-    return {"_class_name": "FluxTransformer2DModel", **config, "axes_dims_rope": list(self.axes_dims_rope)}
+                     "patch_size", "axes_dims_rope")
 
 
 def kontext_dev(**runtime) -> FluxConfig:

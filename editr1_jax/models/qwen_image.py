@@ -35,7 +35,7 @@ _UNPORTED = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_lay
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenImageConfig:
+class QwenImageConfig(wio.DiffusersConfig):
   patch_size: int = 2
   in_channels: int = 64
   out_channels: int | None = 16
@@ -76,20 +76,9 @@ class QwenImageConfig:
   def out_dim(self) -> int:
     return self.patch_size * self.patch_size * (self.out_channels or self.in_channels)
 
-  def replace(self, **kw) -> "QwenImageConfig":
-    return dataclasses.replace(self, **kw)
-
+  _CLASS_NAME = "QwenImageTransformer2DModel"
   _DIFFUSERS_KEYS = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
-                     "num_attention_heads", "joint_attention_dim") + _UNPORTED
-
-  @classmethod
-  def from_diffusers_config(cls, config: dict, *, source: str = "config", **runtime) -> "QwenImageConfig":
-    kw = wio.config_fields(cls, config, cls._DIFFUSERS_KEYS + ("axes_dims_rope",), source, required=False)
-    return cls(**kw, **runtime)
-
-  def to_diffusers_config(self) -> dict:
-    config = {k: getattr(self, k) for k in self._DIFFUSERS_KEYS}
-    return {"_class_name": "QwenImageTransformer2DModel", **config, "axes_dims_rope": list(self.axes_dims_rope)}
+                     "num_attention_heads", "joint_attention_dim", "axes_dims_rope") + _UNPORTED
 
 
 def edit_2509(**runtime) -> QwenImageConfig:
