@@ -218,7 +218,8 @@ class QwenImageTextEncoder:
 
   # device -----------------------------------------------------------------------------------------
   def __call__(self, instructions: Sequence[str], images: Sequence) -> tuple[jax.Array, np.ndarray]:
-    """-> (prompt_embeds (B, L, hidden) in the compute dtype, zero past each row's tokens; mask (B, L) int32), one forward.
+    """-> (prompt_embeds (B, L, hidden) in the compute dtype, zero past each row's tokens; mask (B, L) int32), one
+    forward.
     With a mesh, rows are padded (row 0 repeated) to a multiple of the data-parallel width and dropped after."""
     n = len(instructions)
     extra = -n % shd.batch_width(self.mesh)

@@ -59,7 +59,8 @@ class QwenImageCondition:
 
   @staticmethod
   def logical_axes(negative: bool = False) -> "QwenImageCondition":
-    return QwenImageCondition(("batch", "seq", None), Prompt.logical_axes(), Prompt.logical_axes() if negative else None,
+    prompt = Prompt.logical_axes()
+    return QwenImageCondition(("batch", "seq", None), prompt, prompt if negative else None,
                               ("batch",), (None, None), (None, None))
 
 
@@ -171,7 +172,8 @@ class QwenImageEdit:
   def transformer_from_config(config, mesh=None, rules=shd.DEFAULT_RULES):
     """The policy network alone (what an export needs), with the config's LoRA unless fully fine-tuned."""
     from editr1_jax import tiny
-    return policy_from_config(config, mesh, rules, tiny.tiny_qwen_image_transformer, qwen_image.load_qwen_image_transformer)
+    return policy_from_config(config, mesh, rules, tiny.tiny_qwen_image_transformer,
+                              qwen_image.load_qwen_image_transformer)
 
   @classmethod
   def abstract_parts(cls, config, layers: tuple[int, ...] | None = None):
