@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 10  # epochs (0: never)
   c.eval_before_training = True  # also evaluate the starting weights (epoch 0)
   c.eval_samples = -1  # -1: every test record; N > 0: the first N
+  # A programmatic accuracy of the evaluation's edits from their pixels, beside the reward: "" (none) | "world" (the
+  # drawn demo world, editr1_jax/demo/world.py: each test record's target image under the dataset's targets/).
+  c.eval_accuracy = ""
   # Optionally a benchmark's own protocol at every evaluation too (held-out items of its release, judged by
   # generation with an open Qwen2.5-VL; see launch/evaluate.py for the formats): "" | "gedit" | "imgedit".
   c.eval_benchmark = ""

@@ -11,9 +11,16 @@ from editr1_jax import metrics, rollouts, streams
 from editr1_jax.data import builder as data_builder
 
 
+# Programmatic accuracies of held-out edits, from pixels only (`config.eval_accuracy`): name -> module with
+# `targets_for(records, folder)` and `edit_correct(source, edit, target)`.
+ACCURACIES = {"world": "editr1_jax.demo.world"}
+
+
 def evaluate(family, sampler, states, split: data_builder.Split, reward, config, *, chunk: int,
-             desc: str | None = None) -> dict:
-  """eval/* metrics over the first `config.eval_samples` test records (-1: all of them)."""
+             desc: str | None = None, keep: dict | None = None) -> dict:
+  """eval/* metrics over the first `config.eval_samples` test records (-1: all of them); with
+  `config.eval_accuracy`, also the fraction of edits a programmatic check of their pixels calls correct
+  (eval/accuracy, and per category). `keep`: filled with the sources, edits and targets (uint8), for image grids."""
   n = len(split) if config.eval_samples == -1 else min(config.eval_samples, len(split))
   records = data_builder.read(split, range(n))
   result = rollouts.collect(
@@ -21,8 +28,24 @@ def evaluate(family, sampler, states, split: data_builder.Split, reward, config,
       resolution=config.data.resolution, num_steps=config.rollout.eval_steps, solver=config.rollout.eval_sampler,
       guidance=config.rollout.eval_guidance, chunk=chunk, desc=desc)
   scores, valid = rollouts.score(reward, result, records)
-  return {"eval/reward_mean": float(np.mean(scores[valid])) if valid.any() else float("nan"),
-          "eval/invalid": int((~valid).sum()), "eval/samples": n}
+  out = {"eval/reward_mean": float(np.mean(scores[valid])) if valid.any() else float("nan"),
+         "eval/invalid": int((~valid).sum()), "eval/samples": n}
+  finite = np.isfinite(result.edits).reshape(n, -1).all(axis=1)
+  edits = metrics.to_uint8(np.where(finite[:, None, None, None], result.edits, -1.0))
+  sources = metrics.to_uint8(result.sources)
+  targets = None
+  if config.eval_accuracy:
+    import importlib
+    check = importlib.import_module(ACCURACIES[config.eval_accuracy])
+    targets = np.stack(check.targets_for([{"image": r["image_path"]} for r in records], config.data.dataset_dir))
+    correct = np.array([ok and check.edit_correct(s, e, t) for ok, s, e, t in zip(finite, sources, edits, targets)])
+    out["eval/accuracy"] = float(correct.mean())
+    for category in sorted({r["category"] for r in records}):
+      rows = np.array([r["category"] == category for r in records])
+      out[f"eval/accuracy_{category}"] = float(correct[rows].mean())
+  if keep is not None:
+    keep.update(sources=sources, edits=edits, targets=targets)
+  return out
 
 
 class BenchmarkEval:

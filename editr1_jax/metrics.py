@@ -65,6 +65,20 @@ def group_grid(sources: np.ndarray, edits: np.ndarray, scores: np.ndarray, group
   return np.asarray(grid)
 
 
+def columns_grid(columns: dict, rows: int = 8) -> np.ndarray:
+  """The first `rows` items as rows, one captioned column per entry of `columns` (name -> uint8 (n, H, W, 3))."""
+  arrays = [np.asarray(a)[:rows] for a in columns.values()]
+  n, (h, w) = len(arrays[0]), arrays[0].shape[1:3]
+  label = 12
+  grid = Image.new("RGB", (len(arrays) * w, label + n * h), (255, 255, 255))
+  draw = ImageDraw.Draw(grid)
+  for j, (name, images) in enumerate(zip(columns, arrays)):
+    draw.text((j * w + 2, 0), name, fill=(0, 0, 0))
+    for i, image in enumerate(images):
+      grid.paste(Image.fromarray(image).resize((w, h)), (j * w, label + i * h))
+  return np.asarray(grid)
+
+
 def summary_line(epoch: int, num_epochs: int, m: dict) -> str:
   """One console line; an evaluation of the starting weights (epoch 0) has only its eval part."""
   parts = [f"epoch {epoch}/{num_epochs}"]
@@ -76,6 +90,8 @@ def summary_line(epoch: int, num_epochs: int, m: dict) -> str:
               f"rollout {m['time/rollout_s']:.1f}s reward {m['time/reward_s']:.1f}s train {m['time/train_s']:.1f}s"]
   if "eval/reward_mean" in m:
     parts.append(f"eval reward {m['eval/reward_mean']:.4f}")
+  if "eval/accuracy" in m:
+    parts.append(f"eval accuracy {m['eval/accuracy']:.3f}")
   for key in sorted(k for k in m if k.count("/") == 3 and k.startswith("eval/")):  # eval/<benchmark>/<subset>/<metric>
     parts.append(f"{key[len('eval/'):]} {m[key]:.4g}")
   return " | ".join(parts)

@@ -15,6 +15,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from editr1_jax import advantages as adv
@@ -239,11 +240,35 @@ class Trainer:
   def evaluate(self) -> dict:
     """The EMA parameters on the test split (docs/METHOD.md section 2, step 7), and on the benchmark if any."""
     states, desc = (self.state.ema_params, self.frozen), "eval" if self.is_main else None
+    images: dict = {}
     out = evaluation.evaluate(self.family, self.rollout_sampler, states, self.test_split, self.reward, self.config,
-                              chunk=self.chunk, desc=desc)
+                              chunk=self.chunk, desc=desc, keep=images)
+    self._eval_images(images)
     if self.benchmark is not None:
       out.update(self.benchmark(self.family, self.rollout_sampler, states, self.epoch, chunk=self.chunk, desc=desc))
     return out
+
+  def _eval_images(self, images: dict) -> None:
+    """The evaluation's first edits as a grid (the same sources and noise every time: `images/eval_<epoch>.png`);
+    the starting weights' edits are kept (`images/eval_edits_00000.npy`) so that every later evaluation also
+    writes `images/before_after.png`: source, before training, now (and the target where there is one)."""
+    if not (self.is_main and self.config.log_images_every):
+      return
+    columns = {"source": images["sources"], f"epoch {self.epoch}": images["edits"]}
+    if images["targets"] is not None:
+      columns["target"] = images["targets"]
+    self.writer.image(self.epoch, "eval", metrics.columns_grid(columns))
+    first = os.path.join(self.workdir, "images", "eval_edits_00000.npy")
+    if self.epoch == 0:
+      os.makedirs(os.path.dirname(first), exist_ok=True)
+      np.save(first, images["edits"])
+    elif os.path.isfile(first):
+      before = np.load(first)
+      if before.shape == images["edits"].shape:
+        columns = {"source": images["sources"], "epoch 0": before, f"epoch {self.epoch}": images["edits"],
+                   **({"target": images["targets"]} if images["targets"] is not None else {})}
+        path = os.path.join(self.workdir, "images", "before_after.png")
+        Image.fromarray(metrics.columns_grid(columns)).save(path)
 
   # ------------------------------------------------------------------------------------------------
   def _sync(self, name: str) -> None:
