@@ -104,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.advantage.std = "global"  # global | group
   c.advantage.rloo = False
   c.advantage.clip = 5.0  # c in the NFT loss
-  c.advantage.mode = "all"  # all | positive | negative | binary
+  c.advantage.mode = "all"  # all | positive | negative | binary | zero (a control: no signal from the rewards)
 
   c.filter = ml_collections.ConfigDict()
   # paper: drop a group when mean > tau_mu AND std < tau_sigma, ban the same | public (the public code): drop

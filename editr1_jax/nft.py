@@ -26,7 +26,7 @@ from editr1_jax import sharding as shd
 from editr1_jax.families.base import host_rows, tile_rows
 from editr1_jax.layers import AdapterRows, split_adapters
 
-ADV_MODES = ("all", "positive", "negative", "binary")
+ADV_MODES = ("all", "positive", "negative", "binary", "zero")  # zero: the control run (no learning signal)
 DECAY_SCHEDULES = (0, 1, 2)
 
 
@@ -77,6 +77,8 @@ def advantage_to_r(advantages: jax.Array, cfg: NFTConfig) -> jax.Array:
     a = jnp.minimum(a, 0.0)
   elif cfg.adv_mode == "binary":
     a = jnp.sign(a)
+  elif cfg.adv_mode == "zero":
+    a = jnp.zeros_like(a)
   return jnp.clip(a / c / 2.0 + 0.5, 0.0, 1.0)
 
 

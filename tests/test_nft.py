@@ -21,7 +21,8 @@ from editr1_jax.models import flux
 def np_nft(v, v_old, v_ref, x_t, x0, t, adv, mask, *, beta, kl_weight, mode, c=5.0, floor=1e-5):
   v, v_old, v_ref, x_t, x0, t, adv, mask = (np.asarray(a, np.float64) for a in (v, v_old, v_ref, x_t, x0, t, adv, mask))
   a = np.clip(adv, -c, c)
-  a = {"all": a, "positive": np.clip(a, 0, c), "negative": np.clip(a, -c, 0), "binary": np.sign(a)}[mode]
+  a = {"all": a, "positive": np.clip(a, 0, c), "negative": np.clip(a, -c, 0), "binary": np.sign(a),
+       "zero": 0 * a}[mode]
   r = np.clip(a / c / 2 + 0.5, 0, 1)[:, None, None]
   d = np.prod(x0.shape[1:])
   tt = t[:, None, None]
@@ -122,6 +123,7 @@ def test_r_from_advantages():
   np.testing.assert_allclose(r("positive"), [0.5, 0.5, 0.5, 0.5, 0.75, 1, 1], **tol)
   np.testing.assert_allclose(r("negative"), [0, 0, 0.4, 0.5, 0.5, 0.5, 0.5], **tol)
   np.testing.assert_allclose(r("binary"), [0.4, 0.4, 0.4, 0.5, 0.6, 0.6, 0.6], **tol)
+  np.testing.assert_array_equal(r("zero"), np.full(7, 0.5, np.float32))
 
 
 def test_config_errors_name_the_field():
@@ -436,3 +438,17 @@ def test_full_finetune_step():
                           *KONTEXT, full_finetune=True)
   with pytest.raises(ValueError, match="LoraSpec"):
     nft.Policy.from_model(nnx.eval_shape(lambda: flux.FluxTransformer(TINY, rngs=nnx.Rngs(0))), *KONTEXT)
+
+
+def test_zero_advantages_give_no_policy_gradient_at_the_old_policy():
+  """The control mode: with every r = 0.5, L_pos and L_neg pull v equally both ways around v_old, so at v = v_old
+  only the KL term has a gradient (kl_weight 0 here: none at all)."""
+  v, v_old, v_ref, x_t, x0, t, adv = loss_inputs()
+  m = np.ones(len(adv), np.float32)
+
+  def gradient_at_old(mode):
+    cfg = nft.NFTConfig(kl_weight=0.0, adv_mode=mode)
+    return np.abs(np.asarray(jax.grad(lambda v: nft.nft_loss(v, v_old, v_ref, x_t, x0, t, adv, m, cfg)[0])(v_old)))
+
+  assert gradient_at_old("zero").max() < 1e-6
+  assert gradient_at_old("all").max() > 1e-3  # the same point with the rewards' advantages: a real gradient
