@@ -197,7 +197,7 @@ class QwenImageEdit:
 
     def condition(rows, mesh, rules):
       put = functools.partial(shd.abstract_rows, mesh=mesh, rules=rules)
-      prompt = Prompt(put((rows, lt, cfg.joint_attention_dim), "float32"), put((rows, lt), "int32"))
+      prompt = Prompt(put((rows, lt, cfg.joint_attention_dim), compute), put((rows, lt), "int32"))  # as encoded
       return QwenImageCondition(reference=put((rows, n, cfg.in_channels), compute), prompt=prompt, negative=None,
                                 cfg_scale=put((rows,), "float32"),
                                 image_positions=put((2 * n, 3), "float32", axes=(None,)),
