@@ -476,7 +476,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
 
 # --------------------------------------------------------------------------------------------------
 # The table
-def _bytes(b: float) -> str:
+def format_bytes(b: float) -> str:
   sign, b = ("-" if b < 0 else ""), abs(b)
   for unit, scale in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
     if b >= scale:
@@ -517,7 +517,7 @@ class Fit:
 
   def __str__(self) -> str:
     return (f"{self.knob}: configured {self.configured}, largest that fits {self.largest} "
-            f"({_bytes(self.live_bytes)} live per chip; {self.compiles} compiles)")
+            f"({format_bytes(self.live_bytes)} live per chip; {self.compiles} compiles)")
 
 
 def _with(config, field: str, value):
@@ -545,7 +545,7 @@ def largest_rows(config, topo: Topology, step: str, *, layers=None, judge: str |
       plan = plan_epoch(_with(config, knob, rows), topo, layers=layers, steps=(step,), judge=judge)
       live[rows] = plan.steps[0].live_bytes
       if log:
-        log(f"{knob} = {rows}: {_bytes(live[rows])} live per chip")
+        log(f"{knob} = {rows}: {format_bytes(live[rows])} live per chip")
     return live[rows] <= topo.chip.hbm_bytes
 
   good, bad = 0, None
@@ -588,14 +588,14 @@ def advice(plan: Plan, config) -> list[str]:
     tips = []
     if plan.judge_bytes and not plan.judge_offloaded and step != "judge":
       freed = plan.judge_bytes
-      tips.append(f"--config.reward.offload=True frees {_bytes(freed)} per chip (the judge waits in host memory; "
+      tips.append(f"--config.reward.offload=True frees {format_bytes(freed)} per chip (the judge waits in host memory; "
                   f"{'enough' if freed >= over else 'not enough alone'})")
     if step == "accumulate" and config.model.remat != "full":
       tips.append(f"--config.model.remat=full (now {config.model.remat!r}) recomputes every block's activations in "
                   "the backward pass")
     if step in ROW_KNOBS:
       tips.append(f"fewer rows per shard ({ROW_KNOBS[step]}; launch/plan.py --fit searches the largest that fits)")
-    lines.append(f"{s.name} is over by {_bytes(over)}: " + "; ".join(tips or ["more chips (a larger slice)"]))
+    lines.append(f"{s.name} is over by {format_bytes(over)}: " + "; ".join(tips or ["more chips (a larger slice)"]))
   return lines
 
 
@@ -604,13 +604,13 @@ def format_plan(plan: Plan) -> str:
   mesh = " x ".join(f"{k}={v}" for k, v in plan.mesh_shape.items())
   lines = [f"topology {plan.topology.name}: {len(plan.topology.devices)} devices, "
            f"chip {chip.name if chip else 'none (no published figures: no roofline, no HBM check)'}; mesh {mesh}",
-           f"resident per chip (train state + frozen weights): {_bytes(plan.resident_bytes)}"]
+           f"resident per chip (train state + frozen weights): {format_bytes(plan.resident_bytes)}"]
   if plan.judge is not None:
     j = plan.judge
     where = ("in host memory except during its step (config.reward.offload)" if plan.judge_offloaded
              else "resident through the epoch")
     lines.append(f"judge (Qwen2.5-VL, {j.num_hidden_layers} layers x {j.hidden_size}, vision {j.vision.depth} x "
-                 f"{j.vision.hidden_size}, {j.param_dtype}): {_bytes(plan.judge_bytes)} per chip, {where}")
+                 f"{j.vision.hidden_size}, {j.param_dtype}): {format_bytes(plan.judge_bytes)} per chip, {where}")
   head = ("step", "calls", "arguments", "outputs", "aliased", "temporaries", "peak", "live", "FLOPs/chip",
           "loop x", "roofline", "x calls", "HBM", "compile")
   rows = []
@@ -620,12 +620,12 @@ def format_plan(plan: Plan) -> str:
       t = chip.roofline_s(s.flops, s.bytes_accessed)
       epoch += t * s.calls
       margin = chip.hbm_bytes - s.live_bytes
-      fit = f"fits ({_bytes(margin)} free)" if margin >= 0 else f"DOES NOT FIT (over by {_bytes(-margin)})"
+      fit = f"fits ({format_bytes(margin)} free)" if margin >= 0 else f"DOES NOT FIT (over by {format_bytes(-margin)})"
       roof, total = _time(t), _time(t * s.calls)
     else:
       roof = total = fit = "n/a"
-    rows.append((s.name, str(s.calls), _bytes(s.argument_bytes), _bytes(s.output_bytes), _bytes(s.alias_bytes),
-                 _bytes(s.temp_bytes), _bytes(s.peak_bytes), _bytes(s.live_bytes), _flops(s.flops),
+    rows.append((s.name, str(s.calls), format_bytes(s.argument_bytes), format_bytes(s.output_bytes), format_bytes(s.alias_bytes),
+                 format_bytes(s.temp_bytes), format_bytes(s.peak_bytes), format_bytes(s.live_bytes), _flops(s.flops),
                  f"{s.loop_factor:.1f}", roof, total, fit, f"{s.compile_s:.1f}s"))
   widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
   fmt = lambda r: "  ".join(c.ljust(w) if i in (0, 12) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -634,8 +634,8 @@ def format_plan(plan: Plan) -> str:
     hbm = chip.hbm_bytes
     worst = max(plan.steps, key=lambda s: s.live_bytes)
     verdict = "fits" if worst.live_bytes <= hbm else "DOES NOT FIT"
-    lines.append(f"largest: {worst.name}, {_bytes(worst.live_bytes)} of {_bytes(hbm)} HBM per chip: {verdict} "
-                 f"(margin {_bytes(hbm - worst.live_bytes)}); epoch roofline (every rollout kept) {_time(epoch)}")
+    lines.append(f"largest: {worst.name}, {format_bytes(worst.live_bytes)} of {format_bytes(hbm)} HBM per chip: {verdict} "
+                 f"(margin {format_bytes(hbm - worst.live_bytes)}); epoch roofline (every rollout kept) {_time(epoch)}")
   lines.append("peak = arguments + outputs - aliased + temporaries + code; live = peak + resident state (judge "
                "included) that is not an argument (VAE and text encoders not counted); FLOPs and bytes x loop factor "
                "(XLA counts a loop body once)")
