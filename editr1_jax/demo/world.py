@@ -208,12 +208,15 @@ def held_out(combination: tuple[str, str], seed: int) -> bool:
   return int.from_bytes(digest[:8], "big") < HELD_OUT * 2 ** 64
 
 
-def items(rng: np.random.Generator, split: str, seed: int) -> Iterator[Item]:
-  """Endless items of one side of the split ("train" or "test"), kinds in turn."""
+def items(rng: np.random.Generator, split: str, seed: int, kinds: Sequence[str] = KINDS) -> Iterator[Item]:
+  """Endless items of one side of the split ("train" or "test"), of the instruction kinds `kinds` in turn."""
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  unknown = sorted(set(kinds) - set(KINDS))
+  if unknown or not kinds:
+    raise ValueError(f"kinds {list(kinds)}: must be a non-empty sequence of {KINDS}")
   for i in range(10 ** 9):
-    kind = KINDS[i % len(KINDS)]
+    kind = kinds[i % len(kinds)]
     while True:
       item = random_item(rng, kind)
       if held_out(item.combination, seed) == (split == "test"):
@@ -319,7 +322,7 @@ def _as_pixels(image, name: str) -> np.ndarray:
   return array.astype(np.float32)
 
 
-def _near_edges(image: np.ndarray, band: int) -> np.ndarray:
+def near_edges(image: np.ndarray, band: int) -> np.ndarray:
   """Pixels within `band` (Chebyshev) of a pixel whose right or lower neighbour has another colour."""
   edge = np.zeros(image.shape[:2], bool)
   across = (image[:, 1:] != image[:, :-1]).any(-1)
@@ -336,19 +339,22 @@ def _near_edges(image: np.ndarray, band: int) -> np.ndarray:
   return near
 
 
+def _judged_errors(source, edit, target) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(judged, changed, wrong) pixel masks: away from edges; where the target differs from the source; off target."""
+  source, edit, target = (_as_pixels(x, n) for x, n in ((source, "source"), (edit, "edit"), (target, "target")))
+  judged = ~(near_edges(source, BAND) | near_edges(target, BAND))
+  return judged, (source != target).any(-1), np.linalg.norm(edit - target, axis=-1) > TOLERANCE
+
+
 def edit_score(source, edit, target) -> float:
   """1 - (pixels of the edit region left wrong + pixels outside it spoiled) / pixels of the edit region, clipped to
   [0, 1]; the edit region is where target and source differ, pixels near an edge are not counted (TOLERANCE, BAND).
   All three are uint8 (SIZE, SIZE, 3) images; source and target drawn by `draw`."""
-  source, edit, target = (_as_pixels(x, n) for x, n in ((source, "source"), (edit, "edit"), (target, "target")))
-  judged = ~(_near_edges(source, BAND) | _near_edges(target, BAND))
-  changed = (source != target).any(-1)
-  wrong = np.linalg.norm(edit - target, axis=-1) > TOLERANCE
+  judged, changed, wrong = _judged_errors(source, edit, target)
   region = int((changed & judged).sum())
   if region == 0:
     raise ValueError("target: no pixel away from the edges differs from the source; nothing to measure")
-  errors = int((wrong & judged).sum())
-  return float(np.clip(1.0 - errors / region, 0.0, 1.0))
+  return float(np.clip(1.0 - int((wrong & judged).sum()) / region, 0.0, 1.0))
 
 
 def edit_correct(source, edit, target) -> bool:
