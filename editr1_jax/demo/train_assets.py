@@ -25,7 +25,12 @@ Every stage is deterministic from the seed and trains on world items of the trai
 4. The folders: editor/ (FluxKontextPipeline), judge/ (Qwen2.5-VL), bfloat16 weights, and judge_prompt.txt; then
    both are reloaded (`Kontext.from_folder`, `MllmJudge`) and measured: report.json.
 
-Measured (seed 0, 2 CPU cores shared with other work): MEASURED
+Measured (seed 0, 2 CPU cores, alone but for short runs at the start): 24.5 min in all (VAE 366 s, editor 219 s,
+judge 873 s, measures 9 s), 5.7 MiB written. The VAE passes 95% of held-out drawn targets through `edit_correct`;
+the editor stops at 1800 steps (0.55 of fresh training-side items) and edits 39% of the shipped held-out split
+correctly (background 88%, add 56%, remove 13%, recolour 0%); the judge, on 256 held-out triples: digit accuracy
+0.69, Spearman 0.74 with `edit_score` (0.75 on the editor's own samples), pass agreement 0.86; on 256 unseen items
+of training-side combinations (what the demo's rollouts are): 0.72 / 0.77 / 0.80. report.json has them all.
 """
 
 import argparse
