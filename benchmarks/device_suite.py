@@ -701,7 +701,9 @@ def table_row(row: dict, chip: plan.Chip | None) -> tuple:
   flops_per_s = row["flops"] / (row["ms"] / 1e3)
   mfu = f"{100 * flops_per_s / chip.bf16_flops:.1f}%" if chip else "n/a"
   ratio = f"{row['ms'] / ref_ms:.3g}" if ref_ms else "-"
-  return (row["step"], row["shapes"], f"{row['ms']:.2f}", f"{flops_per_s / 1e12:.3f}", mfu, fmt_bytes(row["peak"])) \
+  # Three significant figures, not three decimals: a quick CPU run of a small step is well under 0.0005 TFLOP/s on
+  # a slow machine, and a rate printed as 0.000 would read as no work done.
+  return (row["step"], row["shapes"], f"{row['ms']:.2f}", f"{flops_per_s / 1e12:.3g}", mfu, fmt_bytes(row["peak"])) \
       + ref + (ratio,)
 
 
