@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import time
 from typing import Any, Sequence
 
@@ -201,6 +202,9 @@ class StepPlan:
   loop_factor: float
   compile_s: float
   resident_extra_bytes: int = 0  # resident train state / frozen weights that are not arguments of this step
+  # The compiler's refusal when the step cannot fit the chip at all (then temp_bytes is the temporaries it asked
+  # for, FLOPs are unknown and counted as 0).
+  refused: str = ""
 
   @property
   def flops(self) -> float:
@@ -220,13 +224,21 @@ class StepPlan:
 
 
 def compile_step(name: str, traced, args, *, calls: int = 1) -> tuple[StepPlan, Any]:
-  """Lower and compile a traced step (`jitted.trace(*args)`, `args` abstract) -> (its plan, the compiled executable).
+  """Lower and compile a traced step (`jitted.trace(*args)`, `args` abstract) -> (its plan, the compiled executable;
+  None when a TPU compile refuses the step for lack of HBM: the plan then says so, with the bytes asked for).
 
   Arguments are counted from `args`' shards, not from the compiler's count, which leaves out inputs the program
   never reads (jit prunes them: e.g. Qwen-Image's last text-stream MLP, whose output nothing uses); they are in
   HBM all the same."""
   t0 = time.perf_counter()
-  compiled = traced.lower().compile()
+  try:
+    compiled = traced.lower().compile()
+  except jax.errors.JaxRuntimeError as e:
+    temp = refused_temp_bytes(str(e))
+    if temp is None:
+      raise
+    return StepPlan(name, calls, shard_bytes(args), 0, 0, temp, 0, 0.0, 0.0, 1.0, time.perf_counter() - t0,
+                    refused=str(e).strip().splitlines()[0]), None
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -235,6 +247,23 @@ def compile_step(name: str, traced, args, *, calls: int = 1) -> tuple[StepPlan, 
                   int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), int(mem.generated_code_size_in_bytes),
                   float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
                   _loop_factor(traced.jaxpr), compile_s), compiled
+
+
+_REFUSAL = re.compile(r"RESOURCE_EXHAUSTED.*?HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available HBM", re.S)
+
+
+def refused_temp_bytes(message: str) -> int | None:
+  """The temporaries a TPU compile asked for when it refused for lack of HBM ("... the total memory required for
+  HLO temporaries (19.28G) exceeds available HBM (15.75G)"), or None for any other error. XLA prints GiB as "G"."""
+  m = _REFUSAL.search(message)
+  if m is None:
+    return None
+  return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def _log_compiled(log, plan: StepPlan) -> None:
+  log(f"refused {plan.name} after {plan.compile_s:.1f}s: {plan.refused}" if plan.refused else
+      f"compiled {plan.name} in {plan.compile_s:.1f}s")
 
 
 def _loop_factor(jaxpr) -> float:
@@ -432,7 +461,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     plan.resident_extra_bytes = resident - shard_bytes(state.old_params) - shard_bytes(frozen) + judge_resident
     abstract["rollout"] = args
     out.append(plan)
-    log(f"compiled {plan.name} in {plan.compile_s:.1f}s")
+    _log_compiled(log, plan)
 
   if "judge" in steps and judge_spec is not None:
     from editr1_jax.reward import mllm
@@ -448,7 +477,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     plan.resident_extra_bytes = resident
     abstract["judge"] = args
     out.append(plan)
-    log(f"compiled {plan.name} in {plan.compile_s:.1f}s")
+    _log_compiled(log, plan)
 
   rows = functools.partial(shd.abstract_rows, mesh=mesh, rules=rules)
   batch = nft.TrainBatch(x0=rows((micro, tokens, channels), x0_dtype), cond=condition(micro, mesh, rules),
@@ -469,7 +498,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     plan.resident_extra_bytes = extra
     abstract[step] = args
     out.append(plan)
-    log(f"compiled {plan.name} in {plan.compile_s:.1f}s")
+    _log_compiled(log, plan)
   return Plan(topo, dict(mesh.shape), out, resident, abstract, judge_bytes, judge_spec and judge_spec[0],
               bool(config.reward.offload))
 
@@ -624,9 +653,12 @@ def format_plan(plan: Plan) -> str:
       roof, total = _time(t), _time(t * s.calls)
     else:
       roof = total = fit = "n/a"
+    if s.refused:  # the compiler stopped before a cost analysis: bytes are a lower bound, FLOPs unknown
+      roof = total = "-"
+      fit = f"DOES NOT FIT (refused by the compiler; over by at least {format_bytes(s.live_bytes - chip.hbm_bytes)})"
     rows.append((s.name, str(s.calls), format_bytes(s.argument_bytes), format_bytes(s.output_bytes), format_bytes(s.alias_bytes),
-                 format_bytes(s.temp_bytes), format_bytes(s.peak_bytes), format_bytes(s.live_bytes), _flops(s.flops),
-                 f"{s.loop_factor:.1f}", roof, total, fit, f"{s.compile_s:.1f}s"))
+                 format_bytes(s.temp_bytes), format_bytes(s.peak_bytes), format_bytes(s.live_bytes),
+                 "-" if s.refused else _flops(s.flops), f"{s.loop_factor:.1f}", roof, total, fit, f"{s.compile_s:.1f}s"))
   widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
   fmt = lambda r: "  ".join(c.ljust(w) if i in (0, 12) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
   lines += [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]

@@ -244,3 +244,42 @@ def test_largest_rows_that_fit_are_found_by_compiling():
   assert "nft.micro_batch" in line and "--config.model.remat=full" in line and "--config.reward.offload=True" in line
   with pytest.raises(planning.PlanError, match="no chip figures"):
     planning.largest_rows(config, cpu, "accumulate")
+
+
+# The message jax 0.10.2 + libtpu 0.0.42.1 gave for the paper's NFT step on v5e-16 (measured: launch/plan.py).
+_REFUSAL = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (19.28G) "
+            "exceeds available HBM (15.75G).")
+
+
+class _Refused:
+  """A traced step whose compile fails with `message`, as a TPU compile does when the step cannot fit."""
+
+  jaxpr = None
+
+  def __init__(self, message):
+    self.message = message
+
+  def lower(self):
+    return self
+
+  def compile(self):
+    raise jax.errors.JaxRuntimeError(self.message)
+
+
+def test_a_step_the_compiler_refuses_is_planned_as_not_fitting():
+  assert planning.refused_temp_bytes(_REFUSAL) == int(19.28 * 2 ** 30)
+  assert planning.refused_temp_bytes("INTERNAL: something else") is None
+  args = (jax.ShapeDtypeStruct((1024, 1024), jnp.float32),)
+  step, compiled = planning.compile_step("accumulate (one micro-batch)", _Refused(_REFUSAL), args, calls=3)
+  assert compiled is None and step.refused.startswith("RESOURCE_EXHAUSTED")
+  assert step.argument_bytes == 4 * 2 ** 20 and step.temp_bytes == int(19.28 * 2 ** 30) and step.flops == 0
+  v5e = planning.CHIPS["v5e"]
+  plan = planning.Plan(planning.Topology("v5e-16", jax.devices()[:1], v5e), {"data": 1}, [step], 0, {})
+  text = planning.format_plan(plan)
+  assert "DOES NOT FIT (refused by the compiler; over by at least" in text, text
+  assert step.live_bytes > v5e.hbm_bytes
+  config = importlib.import_module("configs.kontext").get_config()
+  tips = planning.advice(plan, config)
+  assert len(tips) == 1 and "--config.model.remat=full" in tips[0] and "nft.micro_batch" in tips[0], tips
+  with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):  # any other failure is not a plan
+    planning.compile_step("accumulate (one micro-batch)", _Refused("INTERNAL: something else"), args)
