@@ -123,3 +123,16 @@ def test_folders_load_in_diffusers_and_transformers():
   for cls, path in parts:
     _, info = cls.from_pretrained(path, output_loading_info=True)
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (path, info)
+
+
+def test_demo_config_reads_the_assets_as_trained():
+  """configs/demo.py repeats train_assets' sampler, guidance and T5 length (a config stays light to import): they
+  must agree, or the editor reads features it was never trained on."""
+  from configs import demo
+  c = demo.get_config()
+  assert (c.model.pipeline_dir, c.reward.model_dir) == (EDITOR, JUDGE)
+  assert c.reward.template_file == os.path.join(ta.ASSETS, "judge_prompt.txt")
+  assert c.data.t5_max_length == ta.T5_MAX_LENGTH
+  for sampler, steps, guidance in ((c.rollout.sampler, c.rollout.num_steps, c.rollout.guidance),
+                                   (c.rollout.eval_sampler, c.rollout.eval_steps, c.rollout.eval_guidance)):
+    assert (sampler, steps, guidance) == (ta.SOLVER, ta.NUM_STEPS, ta.GUIDANCE)
