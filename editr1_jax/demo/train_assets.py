@@ -224,7 +224,7 @@ def write_tokenizers(root: str) -> None:
   words into letters: T5 reads "Add" as <unk> and needs 34 tokens for "Add a yellow circle in the bottom right
   corner.", and the judging prompt alone is 426 Qwen tokens (576 with the images, padded), which a small judge
   trained from scratch cannot learn to read past in minutes. Here CLIP's BPE and Qwen's byte-level BPE are trained
-  the same way (`tiny.write_*`) on `world.texts()` and the judging prompt (a judged pair: about 200 tokens), and
+  the same way (`tiny.write_*`) on `world.texts()` and JUDGE_TEMPLATE (a judged pair: about 106 tokens), and
   T5's Unigram model gets every word as one piece (and every letter, so nothing is unknown): at most 12 tokens."""
   from transformers.models.t5.tokenization_t5 import T5Tokenizer
   texts = world.texts()
