@@ -4,10 +4,10 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
+from editr1_jax import run_config
 from editr1_jax import weights as wio
 from editr1_jax.checkpoint import CheckpointDamaged, Checkpointer
 from editr1_jax.layers import LoraSpec
@@ -48,8 +48,9 @@ def merge_adapters(adapters, base, spec: LoraSpec):
     if path[-1] != "lora_a":
       continue
     kernel_path = path[:-1] + ("kernel",)
-    a0 = np.asarray(jax.device_get(a.get_value()))[0].astype(np.float64)
-    b0 = np.asarray(jax.device_get(lora[path[:-1] + ("lora_b",)].get_value()))[0].astype(np.float64)
+    # adapter 0: the adapter axis is the third from last (after a stacked parameter's block axis)
+    a0 = np.asarray(jax.device_get(a.get_value()))[..., 0, :, :].astype(np.float64)
+    b0 = np.asarray(jax.device_get(lora[path[:-1] + ("lora_b",)].get_value()))[..., 0, :, :].astype(np.float64)
     w = merged[kernel_path]
     value = np.asarray(jax.device_get(w.get_value()))
     merged[kernel_path] = w.replace((value.astype(np.float64) + spec.scale * a0 @ b0).astype(value.dtype))
@@ -102,7 +103,7 @@ def export_run(workdir: str, out: str, *, weights: str = "ema", merged: bool = F
     raise FileNotFoundError(f"{ckpt.directory}: cannot export epoch {epoch}: {e}; intact epochs: "
                             f"{ckpt.intact_epochs()[0]}") from None
   meta = ckpt.restore_meta(epoch)
-  config = ml_collections.ConfigDict(meta["config"])
+  config = run_config.saved_config(meta["config"])
   family = families.family_class(config.model.family)
   spec = families.lora_spec(config)
   transformer = family.transformer_from_config(config, mesh=None, rules=train_loop.mesh_rules(config))

@@ -1,13 +1,14 @@
 """Building blocks shared by the ported networks.
 
 Normalisation statistics, softmax and rotary math run in float32 whatever the compute dtype.
-`Dense` can hold LoRA adapters: `lora_a` (n, in, r) / `lora_b` (n, r, out) are `nnx.LoRAParam`s, so
+`Dense` can hold LoRA adapters: `lora_a` (n, in, r) / `lora_b` (n, r, out) are `nnx.LoRAParam`s (with a leading
+block axis before n when `StackedBlocks` holds them), so
 `nnx.split(model, nnx.LoRAParam, ...)` separates the trainable adapters from the frozen base, and
 `AdapterRows` picks, per batch row, which of the n stacked adapters applies and at what scale.
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.struct
 import jax
@@ -186,6 +187,55 @@ def remat_policy(name: str, saved_names: Sequence[str] = ()):
   if name == "names":
     return jax.checkpoint_policies.save_only_these_names(*saved_names)
   raise ValueError(f"remat policy must be 'none', 'full' or 'names', got {name!r}")
+
+
+STACKED = "stacked"  # the path element under which `StackedBlocks` keeps its blocks' stacked parameters
+LAYERS = "layers"  # the logical axis of that stacking (the sharding rules map it to no mesh axis)
+
+
+class StackedBlocks(nnx.Module):
+  """Blocks of one structure with their parameters stacked on a leading `LAYERS` axis, run by one `lax.scan`.
+
+  The compiled program then holds one block whatever the depth (compile time and host memory stop growing with
+  it), and under FSDP only the running block's weights are gathered at a time. A parameter's checkpoint name puts
+  the block's index where `STACKED` sits in its path (`layer_paths`), so the weight tables do not change.
+  """
+
+  def __init__(self, blocks: Sequence[nnx.Module], where: str):
+    if not blocks:
+      raise ValueError(f"{where}: no blocks to stack")
+    graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+    unlike = [i for i, g in enumerate(graphdefs) if g != graphdefs[0]]
+    if unlike:
+      raise ValueError(f"{where}.{unlike[0]} is built unlike {where}.0 (LoRA targets that name some blocks only?): "
+                       "blocks run by a scan must be alike; set model.scan_blocks=False to keep them apart")
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    for _, var in nnx.to_flat_state(stacked):
+      axes = var.get_metadata().get("logical_axes")
+      if axes is not None:
+        var.set_metadata(logical_axes=(LAYERS,) + tuple(axes))
+    setattr(self, STACKED, nnx.merge(graphdefs[0], stacked))
+
+  def scan(self, step: Callable, carry, policy=None):
+    """`carry` through every block in order, `step(block, carry) -> carry`; `policy` (a `remat_policy`) puts each
+    block under jax.checkpoint."""
+    graphdef, state = nnx.split(getattr(self, STACKED))
+
+    def body(carry, layer):
+      return step(nnx.merge(graphdef, layer), carry), None
+
+    if policy is not None:  # the scan already keeps the blocks apart: no CSE barrier needed
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return jax.lax.scan(body, carry, state)[0]
+
+
+def layer_paths(path: tuple, depth: int) -> list[tuple]:
+  """The per-block paths of a parameter: one per block, the index in place of `STACKED`, for a stacked parameter of
+  `depth` blocks; the path itself otherwise."""
+  if STACKED not in path:
+    return [path]
+  k = path.index(STACKED)
+  return [path[:k] + (i,) + path[k + 1:] for i in range(depth)]
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

@@ -33,7 +33,11 @@ CHOICES = {
     "nft.old_policy_schedule": nft.DECAY_SCHEDULES,
 }
 BOOLS = ("reward.tiny", "reward.offload", "data.ban_filtered", "data.allow_outside_paths", "data.accept_changed_data",
-         "advantage.rloo", "optim.full_finetune", "eval_before_training")
+         "advantage.rloo", "optim.full_finetune", "eval_before_training", "model.scan_blocks")
+
+# Fields added after checkpoints were already written, with the value a run had before they existed (what a saved
+# config without them meant): the blocks were kept apart, a layout a scanned model does not restore.
+BEFORE_FIELD = {"model.scan_blocks": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,12 +202,28 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def saved_config(saved: dict) -> ml_collections.ConfigDict:
+  """The config a checkpoint was saved with, fields added since then at the value they had before (BEFORE_FIELD)."""
+  config = ml_collections.ConfigDict(saved)
+  for field, value in BEFORE_FIELD.items():
+    *parents, leaf = field.split(".")
+    node = config
+    for part in parents:
+      if part not in node:
+        break
+      node = node[part]
+    else:
+      if leaf not in node:
+        node[leaf] = value
+  return config
+
+
 def resume_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
   """The fields where `config` differs from the config a checkpoint was saved with, other than the fields in
   RESUME_SAFE and those the user accepts in `config.resume_accept`; one line each. A field the saved config
   lacks (added to the project after the checkpoint was written) counts as unchanged while it keeps its default."""
   from configs import base
-  old, new = _flatten(saved), _flatten(as_json(config))
+  old, new = _flatten(as_json(saved_config(saved))), _flatten(as_json(config))
   defaults = _flatten(as_json(base.get_config()))
   accepted = set(RESUME_SAFE) | set(config.resume_accept)
   lines = []

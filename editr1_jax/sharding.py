@@ -29,6 +29,7 @@ DEFAULT_RULES = (
     ("seq", None),
     ("act_embed", None),  # activation width: replicated
     ("adapters", None),
+    ("layers", None),  # the stacking axis of blocks run by a scan (layers.StackedBlocks): each chip holds every block
     ("lora_rank", None),
     ("conv_in", None),
     ("conv_out", "tensor"),

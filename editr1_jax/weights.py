@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from editr1_jax import sharding as shd
+from editr1_jax.layers import STACKED, layer_paths
 
 _DTYPES = {
     "F64": np.float64,
@@ -268,13 +269,24 @@ def reference_name(path: str, table: Iterable[WeightRule]) -> tuple[str, str]:
   raise CheckpointError(f"parameter {path!r} has no rule in the weight table")
 
 
+def tensor_entries(state) -> list[tuple[str, nnx.Variable, int | None]]:
+  """(our tensor path, Variable, block) for every tensor of a state: a stacked Variable (`layers.StackedBlocks`)
+  holds one tensor per block, named with the block's index (`layers.layer_paths`); block is None otherwise."""
+  out = []
+  for path, var in nnx.to_flat_state(state):
+    if STACKED in path:
+      out += [(path_str(p), var, i) for i, p in enumerate(layer_paths(path, var.get_value().shape[0]))]
+    else:
+      out.append((path_str(path), var, None))
+  return out
+
+
 def reference_shapes(abstract_state, table: Iterable[WeightRule]) -> dict[str, tuple[tuple[int, ...], str, str]]:
-  """{reference name: (reference shape, our path, layout)} for every Variable of the state."""
+  """{reference name: (reference shape, our tensor path, layout)} for every tensor of the state."""
   out = {}
-  for path, var in nnx.to_flat_state(abstract_state):
-    ours = path_str(path)
+  for ours, var, block in tensor_entries(abstract_state):
     theirs, layout = reference_name(ours, table)
-    shape = tuple(var.get_value().shape)
+    shape = tuple(var.get_value().shape)[0 if block is None else 1:]
     ref_shape = _invert_shape(layout, shape)
     if theirs in out:
       raise CheckpointError(f"weight table maps both {out[theirs][1]!r} and {ours!r} to {theirs!r}")
@@ -293,12 +305,13 @@ REFERENCE_LAYOUTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def to_reference(state, table: Iterable[WeightRule]) -> dict[str, np.ndarray]:
-  """{reference name: host array in the reference layout} for every Variable of a concrete state."""
+  """{reference name: host array in the reference layout} for every tensor of a concrete state."""
   table = tuple(table)
   out = {}
-  for path, var in nnx.to_flat_state(state):
-    name, layout = reference_name(path_str(path), table)
-    out[name] = np.ascontiguousarray(REFERENCE_LAYOUTS[layout](np.asarray(jax.device_get(var.get_value()))))
+  for ours, var, block in tensor_entries(state):
+    name, layout = reference_name(ours, table)
+    value = var.get_value() if block is None else var.get_value()[block]
+    out[name] = np.ascontiguousarray(REFERENCE_LAYOUTS[layout](np.asarray(jax.device_get(value))))
   return out
 
 
@@ -341,7 +354,7 @@ def load_state(abstract_state, reader: SafetensorsReader, table: Iterable[Weight
   misshaped = sorted(f"{k}: checkpoint {reader.shape(stored[k])}, model expects {expected[k][0]}"
                      for k in set(expected) & set(stored) if tuple(reader.shape(stored[k])) != expected[k][0])
   # an integer or boolean tensor in a float parameter is a wrong file, not a value to cast
-  floats = {path_str(p) for p, v in nnx.to_flat_state(abstract_state)
+  floats = {ours for ours, v, _ in tensor_entries(abstract_state)
             if jnp.issubdtype(jnp.dtype(dtype or v.get_value().dtype), jnp.floating)}
   not_float = sorted(f"{k}: {reader.read(stored[k]).dtype}" for k in set(expected) & set(stored)
                      if expected[k][1] in floats and not jnp.issubdtype(reader.read(stored[k]).dtype, jnp.floating))
@@ -355,18 +368,24 @@ def load_state(abstract_state, reader: SafetensorsReader, table: Iterable[Weight
 
   by_ours = {v[1]: (k, v[2]) for k, v in expected.items()}
 
+  def host(ours: str) -> np.ndarray:  # a checkpoint tensor in our layout, still memory-mapped
+    theirs, layout = by_ours[ours]
+    return LAYOUTS[layout](reader.read(stored[theirs]))
+
   def fill(path, var):
-    theirs, layout = by_ours[path_str(path)]
     target = var.get_value()
     want = jnp.dtype(dtype or target.dtype)
-    host = LAYOUTS[layout](reader.read(stored[theirs]))
+    if STACKED in path:  # one checkpoint tensor per block, stacked on the leading axis
+      blocks = [host(path_str(p)) for p in layer_paths(path, target.shape[0])]
+      read = lambda idx: np.stack([np.asarray(b[idx[1:]]) for b in blocks[idx[0]]]).astype(want)
+    else:
+      tensor = host(path_str(path))
+      read = lambda idx: np.asarray(tensor[idx]).astype(want)
     if mesh is None:
       sharding = SingleDeviceSharding(jax.devices()[0])
     else:
       sharding = NamedSharding(mesh, shd.variable_spec(var, rules, mesh))
-    value = jax.make_array_from_callback(
-        target.shape, sharding, lambda idx: np.asarray(host[idx]).astype(want))
-    return var.replace(value)
+    return var.replace(jax.make_array_from_callback(target.shape, sharding, read))
 
   flat = [(path, fill(path, var)) for path, var in nnx.to_flat_state(abstract_state)]
   return nnx.from_flat_state(flat)

@@ -144,9 +144,10 @@ def lora_spec(config) -> LoraSpec | None:
 
 
 def runtime(config) -> dict:
-  """The networks' runtime settings in the config: compute and storage dtypes, remat policy, attention kernel."""
+  """The networks' runtime settings in the config: compute and storage dtypes, remat policy, attention kernel,
+  blocks run by a scan."""
   return dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-              attention_impl=config.model.attention_impl)
+              attention_impl=config.model.attention_impl, scan_blocks=config.model.scan_blocks)
 
 
 def family_from_config(cls, config, mesh, rules, *, max_sequence_length: int):

@@ -89,12 +89,12 @@ class Kontext:
   @classmethod
   def from_folder(cls, folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                   lora: LoraSpec | None = None, lora_weights: str | None = None, remat: str = "none",
-                  attention_impl: str = "xla", max_sequence_length: int = MAX_T5_LENGTH, mesh=None,
-                  rules=shd.DEFAULT_RULES, seed: int = 0, **kw) -> "Kontext":
+                  attention_impl: str = "xla", scan_blocks: bool = True, max_sequence_length: int = MAX_T5_LENGTH,
+                  mesh=None, rules=shd.DEFAULT_RULES, seed: int = 0, **kw) -> "Kontext":
     """A diffusers pipeline folder (transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/)."""
     transformer = flux.load_flux_transformer(folder, dtype=dtype, param_dtype=param_dtype, lora=lora,
                                              lora_weights=lora_weights, remat=remat, attention_impl=attention_impl,
-                                             mesh=mesh, rules=rules, seed=seed)
+                                             scan_blocks=scan_blocks, mesh=mesh, rules=rules, seed=seed)
     vae = autoencoder.load_autoencoder(folder, dtype=dtype, mesh=mesh, rules=rules)
     text = TextEncoders.from_pipeline(folder, dtype=dtype, max_sequence_length=max_sequence_length, mesh=mesh,
                                       rules=rules)
@@ -103,12 +103,12 @@ class Kontext:
   @classmethod
   def tiny(cls, seed: int = 0, *, lora: LoraSpec | None = None, max_sequence_length: int = 16, mesh=None,
            rules=shd.DEFAULT_RULES, dtype: str = "float32", param_dtype: str | None = None, remat: str = "none",
-           attention_impl: str = "xla", **kw) -> "Kontext":
+           attention_impl: str = "xla", scan_blocks: bool = True, **kw) -> "Kontext":
     """Small random models drawn from `seed`, sized to the shipped tiny tokenizers (the CPU demo, tests);
     FLUX's default schedule."""
     from editr1_jax import tiny
     transformer = tiny.tiny_transformer(seed, lora, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,
-                                        remat=remat, attention_impl=attention_impl)
+                                        remat=remat, attention_impl=attention_impl, scan_blocks=scan_blocks)
     return cls(transformer, tiny.tiny_vae(seed, mesh=mesh, rules=rules),
                tiny.tiny_text_encoders(seed, max_sequence_length, mesh=mesh, rules=rules), mesh=mesh, rules=rules,
                **kw)

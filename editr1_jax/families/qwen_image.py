@@ -137,8 +137,8 @@ class QwenImageEdit:
   @classmethod
   def from_folder(cls, folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                   lora: LoraSpec | None = None, lora_weights: str | None = None, remat: str = "none",
-                  attention_impl: str = "xla", max_sequence_length: int = qic.MAX_SEQUENCE_LENGTH, mesh=None,
-                  rules=shd.DEFAULT_RULES, seed: int = 0, **kw) -> "QwenImageEdit":
+                  attention_impl: str = "xla", scan_blocks: bool = True,
+                  max_sequence_length: int = qic.MAX_SEQUENCE_LENGTH, mesh=None, rules=shd.DEFAULT_RULES, seed: int = 0, **kw) -> "QwenImageEdit":
     """A diffusers Qwen-Image-Edit(-2509) folder (transformer/, vae/, text_encoder/, processor/, tokenizer/,
     scheduler/)."""
     shift = scheduler_shift(folder)  # the cheap checks first
@@ -146,19 +146,20 @@ class QwenImageEdit:
                                                   mesh=mesh, rules=rules)
     transformer = qwen_image.load_qwen_image_transformer(folder, dtype=dtype, param_dtype=param_dtype, lora=lora,
                                                          lora_weights=lora_weights, remat=remat,
-                                                         attention_impl=attention_impl, mesh=mesh, rules=rules,
-                                                         seed=seed)
+                                                         attention_impl=attention_impl, scan_blocks=scan_blocks,
+                                                         mesh=mesh, rules=rules, seed=seed)
     vae = qwen_image_vae.load_qwen_image_vae(folder, dtype=dtype, mesh=mesh, rules=rules)
     return cls(transformer, vae, text, shift, mesh=mesh, rules=rules, **kw)
 
   @classmethod
   def tiny(cls, seed: int = 0, *, lora: LoraSpec | None = None, max_sequence_length: int = 64, mesh=None,
            rules=shd.DEFAULT_RULES, dtype: str = "float32", param_dtype: str | None = None, remat: str = "none",
-           attention_impl: str = "xla", **kw) -> "QwenImageEdit":
+           attention_impl: str = "xla", scan_blocks: bool = True, **kw) -> "QwenImageEdit":
     """Small random models drawn from `seed`, sized to the shipped tiny Qwen tokenizer; Qwen-Image's schedule."""
     from editr1_jax import tiny
     transformer = tiny.tiny_qwen_image_transformer(seed, lora, mesh=mesh, rules=rules, dtype=dtype,
-                                                   param_dtype=param_dtype, remat=remat, attention_impl=attention_impl)
+                                                   param_dtype=param_dtype, remat=remat, attention_impl=attention_impl,
+                                                   scan_blocks=scan_blocks)
     return cls(transformer, tiny.tiny_qwen_image_vae(seed, mesh=mesh, rules=rules),
                tiny.tiny_qwen_text_encoder(seed, max_sequence_length, mesh=mesh, rules=rules), mesh=mesh, rules=rules,
                **kw)

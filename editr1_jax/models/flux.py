@@ -20,8 +20,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
-from editr1_jax.layers import AdapterRows, Dense, LoraSpec, RMSNorm, attention, gelu_tanh, layer_norm, lora_init, \
-  remat_policy, split_adapters, target_matches
+from editr1_jax.layers import AdapterRows, Dense, LoraSpec, RMSNorm, StackedBlocks, attention, gelu_tanh, \
+  layer_norm, layer_paths, lora_init, remat_policy, split_adapters, target_matches
 
 # peft target keys of docs/METHOD.md section 7; matched as dotted suffixes of diffusers module names.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -50,6 +50,7 @@ class FluxConfig(wio.DiffusersConfig):
   param_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
   attention_impl: str = "xla"  # "xla" | "cudnn"
+  scan_blocks: bool = True  # each kind of block stacked and run by one lax.scan (layers.StackedBlocks)
   lora: LoraSpec | None = None
 
   def __post_init__(self):
@@ -341,12 +342,28 @@ def _rematted(block: nnx.Module, policy):
   return functools.partial(run, state)
 
 
-def remat_block(block: nnx.Module, remat: str):
-  """The block itself, or under jax.checkpoint with one of REMAT_POLICIES ("flux" keeps q/k/v and attention)."""
+def block_policy(remat: str):
+  """The jax.checkpoint policy of one of REMAT_POLICIES ("flux" keeps q/k/v and attention), None for "none"."""
   if remat == "none":
-    return block
-  policy = remat_policy("full") if remat == "full" else remat_policy("names", _SAVED_BY_FLUX_POLICY)
-  return _rematted(block, policy)
+    return None
+  return remat_policy("full") if remat == "full" else remat_policy("names", _SAVED_BY_FLUX_POLICY)
+
+
+def block_list(blocks: list[nnx.Module], where: str, scan: bool):
+  """A model's blocks of one kind: stacked for a scan (`StackedBlocks`), or kept apart in a list."""
+  return StackedBlocks(blocks, where) if scan and blocks else nnx.List(blocks)
+
+
+def run_blocks(blocks, remat: str, x, context, *args) -> tuple[jax.Array, jax.Array]:
+  """(context, x) after every block (a `block_list`), each called as block(x, context, *args) -> (context, x)."""
+  policy = block_policy(remat)
+  if isinstance(blocks, StackedBlocks):
+    x, context = blocks.scan(lambda block, carry: block(*carry, *args)[::-1], (x, context), policy)
+    return context, x
+  for block in blocks:
+    run = block if policy is None else _rematted(block, policy)
+    context, x = run(x, context, *args)
+  return context, x
 
 
 class FluxTransformer(nnx.Module):
@@ -358,10 +375,12 @@ class FluxTransformer(nnx.Module):
     self.x_embedder = f.dense("x_embedder", cfg.in_channels, dim, (None, "embed"))
     self.context_embedder = f.dense("context_embedder", cfg.joint_attention_dim, dim, (None, "embed"))
     self.time_text_embed = TimeTextEmbed(f)
-    self.transformer_blocks = nnx.List(
-        [DoubleStreamBlock(f, f"transformer_blocks.{i}") for i in range(cfg.num_layers)])
-    self.single_transformer_blocks = nnx.List(
-        [SingleStreamBlock(f, f"single_transformer_blocks.{i}") for i in range(cfg.num_single_layers)])
+    self.transformer_blocks = block_list(
+        [DoubleStreamBlock(f, f"transformer_blocks.{i}") for i in range(cfg.num_layers)], "transformer_blocks",
+        cfg.scan_blocks)
+    self.single_transformer_blocks = block_list(
+        [SingleStreamBlock(f, f"single_transformer_blocks.{i}") for i in range(cfg.num_single_layers)],
+        "single_transformer_blocks", cfg.scan_blocks)
     self.norm_out = AdaNorm(f, "norm_out", 2)
     self.proj_out = f.dense("proj_out", dim, cfg.out_dim, ("embed", None))
     if cfg.lora is not None:
@@ -384,8 +403,8 @@ class FluxTransformer(nnx.Module):
     temb = self.time_text_embed(t, g, pooled_projections.astype(jnp.dtype(cfg.dtype)), adapters)
     rope = rope_tables(jnp.concatenate([txt_ids, img_ids], axis=-2), cfg.axes_dims_rope, cfg.rope_theta)
 
-    for block in list(self.transformer_blocks) + list(self.single_transformer_blocks):
-      context, x = remat_block(block, cfg.remat)(x, context, temb, rope, adapters)
+    for blocks in (self.transformer_blocks, self.single_transformer_blocks):
+      context, x = run_blocks(blocks, cfg.remat, x, context, temb, rope, adapters)
     scale, shift = self.norm_out(temb, adapters)
     return self.proj_out(_modulate(x, shift, scale, jnp.dtype(cfg.dtype)), adapters)
 
@@ -394,8 +413,9 @@ class FluxTransformer(nnx.Module):
 def adapter_layers(model: nnx.Module, table=FLUX_WEIGHTS) -> list[str]:
   """The diffusers names of the model's Dense layers (through its weight `table`): what peft target keys are
   matched against."""
-  return [wio.reference_name(wio.path_str(path) + ".kernel", table)[0].removesuffix(".weight")
-          for path, node in nnx.iter_graph(model) if isinstance(node, Dense)]
+  return [wio.reference_name(wio.path_str(one) + ".kernel", table)[0].removesuffix(".weight")
+          for path, node in nnx.iter_graph(model) if isinstance(node, Dense)
+          for one in layer_paths(path, node.kernel.get_value().shape[0])]
 
 
 def repeat_blocks(names: Sequence[str], depth: dict[str, int]) -> tuple[str, ...]:
@@ -451,7 +471,7 @@ def init_adapters(abstract_adapters, key: jax.Array, *, mesh=None, rules=shd.DEF
 
 def load_flux_transformer(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                           lora: LoraSpec | None = None, lora_weights: str | None = None, remat: str = "none",
-                          attention_impl: str = "xla", mesh=None, rules=shd.DEFAULT_RULES,
+                          attention_impl: str = "xla", scan_blocks: bool = True, mesh=None, rules=shd.DEFAULT_RULES,
                           seed: int = 0) -> FluxTransformer:
   """Read a diffusers FluxTransformer2DModel folder, tensor by tensor, into its target sharding.
 
@@ -461,7 +481,7 @@ def load_flux_transformer(folder: str, *, dtype: str = "float32", param_dtype: s
   folder = wio.model_folder(folder, "transformer")
   cfg = FluxConfig.from_diffusers_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),
                                          dtype=dtype, param_dtype=param_dtype or dtype, lora=lora, remat=remat,
-                                         attention_impl=attention_impl)
+                                         attention_impl=attention_impl, scan_blocks=scan_blocks)
   abstract = nnx.eval_shape(lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0)))
   return fill_transformer(abstract, folder, FLUX_WEIGHTS, FLUX_LORA_WEIGHTS, lora=lora, lora_weights=lora_weights,
                           mesh=mesh, rules=rules, seed=seed)

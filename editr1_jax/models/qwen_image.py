@@ -54,6 +54,7 @@ class QwenImageConfig(wio.DiffusersConfig):
   param_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
   attention_impl: str = "xla"  # "xla" | "cudnn"
+  scan_blocks: bool = True  # the blocks stacked and run by one lax.scan (layers.StackedBlocks)
   lora: LoraSpec | None = None
 
   def __post_init__(self):
@@ -211,8 +212,9 @@ class QwenImageTransformer(nnx.Module):
                             dtype=f.dtype)
     self.img_in = f.dense("img_in", cfg.in_channels, dim, (None, "embed"))
     self.txt_in = f.dense("txt_in", cfg.joint_attention_dim, dim, (None, "embed"))
-    self.transformer_blocks = nnx.List(
-        [QwenImageTransformerBlock(f, f"transformer_blocks.{i}") for i in range(cfg.num_layers)])
+    self.transformer_blocks = flux.block_list(
+        [QwenImageTransformerBlock(f, f"transformer_blocks.{i}") for i in range(cfg.num_layers)], "transformer_blocks",
+        cfg.scan_blocks)
     self.norm_out = flux.AdaNorm(f, "norm_out", 2)
     self.proj_out = f.dense("proj_out", dim, cfg.out_dim, ("embed", None))
     if cfg.lora is not None:
@@ -252,8 +254,7 @@ class QwenImageTransformer(nnx.Module):
       keep = jnp.concatenate([jnp.asarray(mask) != 0, jnp.ones((batch, n_img), bool)], axis=1)
       mask = keep[:, None, None, :]
 
-    for block in self.transformer_blocks:
-      context, x = flux.remat_block(block, cfg.remat)(x, context, temb, rope, adapters, mask)
+    context, x = flux.run_blocks(self.transformer_blocks, cfg.remat, x, context, temb, rope, adapters, mask)
     scale, shift = self.norm_out(temb, adapters)
     return self.proj_out(flux._modulate(x, shift, scale, jnp.dtype(cfg.dtype)), adapters)
 
@@ -290,15 +291,15 @@ def load_lora_weights(abstract_adapters, path: str, scale: float, *, mesh=None, 
 
 def load_qwen_image_transformer(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                                 lora: LoraSpec | None = None, lora_weights: str | None = None, remat: str = "none",
-                                attention_impl: str = "xla", mesh=None, rules=shd.DEFAULT_RULES,
-                                seed: int = 0) -> QwenImageTransformer:
+                                attention_impl: str = "xla", scan_blocks: bool = True, mesh=None,
+                                rules=shd.DEFAULT_RULES, seed: int = 0) -> QwenImageTransformer:
   """Read a diffusers QwenImageTransformer2DModel folder (or a pipeline folder holding `transformer/`), tensor by
   tensor, into its target sharding. With `lora`, fresh adapters are attached (or read from `lora_weights`, a
   diffusers/peft LoRA safetensors file)."""
   folder = wio.model_folder(folder, "transformer")
   cfg = QwenImageConfig.from_diffusers_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),
                                               dtype=dtype, param_dtype=param_dtype or dtype, lora=lora, remat=remat,
-                                              attention_impl=attention_impl)
+                                              attention_impl=attention_impl, scan_blocks=scan_blocks)
   abstract = nnx.eval_shape(lambda: QwenImageTransformer(cfg, rngs=nnx.Rngs(0)))
   return flux.fill_transformer(abstract, folder, QWEN_IMAGE_WEIGHTS, QWEN_IMAGE_LORA_WEIGHTS, lora=lora,
                                lora_weights=lora_weights, mesh=mesh, rules=rules, seed=seed)
