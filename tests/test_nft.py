@@ -413,9 +413,9 @@ def test_sharded_step_equals_single_device(lora_setup):
                state.opt_state[1][0].nu):
     for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(declared)):
       assert leaf.sharding.spec == sharding.spec
-  to_q = state.params["transformer_blocks"][0]["attn"]["to_q"]
-  assert to_q["lora_a"][...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
-  assert to_q["lora_b"][...].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+  to_q = state.params["transformer_blocks"]["stacked"]["attn"]["to_q"]  # (blocks, adapters, ...)
+  assert to_q["lora_a"][...].sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp", None)
+  assert to_q["lora_b"][...].sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
   with pytest.raises(ValueError, match="data x fsdp"):
     sharded.place(rows(s["batch"], np.arange(3), np.ones(3)), "batch")  # 3 rows over 4 devices
 
@@ -431,7 +431,7 @@ def test_full_finetune_step():
   changed = lambda path: float(jnp.abs(path(state.params)[...] - path(frozen)[...]).max()) > 0
   # base weights train (not only adapters); the frozen reference copy is a separate buffer, untouched
   assert changed(lambda p: p["x_embedder"]["kernel"]) and changed(lambda p: p["proj_out"]["kernel"])
-  assert changed(lambda p: p["transformer_blocks"][0]["attn"]["to_q"]["kernel"])
+  assert changed(lambda p: p["transformer_blocks"]["stacked"]["attn"]["to_q"]["kernel"])
   np.testing.assert_array_equal(frozen["x_embedder"]["kernel"][...], params["x_embedder"]["kernel"][...])
   with pytest.raises(ValueError, match="LoraSpec"):
     nft.Policy.from_model(nnx.eval_shape(lambda: flux.FluxTransformer(TINY.replace(lora=LORA), rngs=nnx.Rngs(0))),

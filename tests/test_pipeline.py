@@ -122,8 +122,8 @@ def test_lora_file_spec_and_load(folder, tmp_path):
   assert (read.rank, read.alpha) == (4, 8.0)
   assert {"transformer_blocks.0.attn.to_out.0", "single_transformer_blocks.0.attn.to_q"} <= set(read.targets)
   model = pipeline.Editor.from_folder(folder[0], lora_weights=path).family.transformer
-  np.testing.assert_array_equal(model.transformer_blocks[0].attn.to_q.lora_b[...],
-                                adapters["transformer_blocks"][0]["attn"]["to_q"]["lora_b"][...])
+  np.testing.assert_array_equal(model.transformer_blocks.stacked.attn.to_q.lora_b[...],
+                                adapters["transformer_blocks"]["stacked"]["attn"]["to_q"]["lora_b"][...])
 
   tensors, _ = export.lora_tensors(adapters, spec)
   bare = str(tmp_path / "bare.safetensors")

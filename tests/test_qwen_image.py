@@ -94,8 +94,8 @@ def test_lora_targets_match_peft(qwen_image_lora_reference):
                   if ".lora_A." in n}
   abstract = nnx.eval_shape(lambda: qi.QwenImageTransformer(qi.tiny(lora=LORA), rngs=nnx.Rngs(0)))
   _, adapters, _ = qi.split_params(abstract)
-  ours_modules = {wio.reference_name(wio.path_str(p), qi.QWEN_IMAGE_LORA_WEIGHTS)[0].rsplit(".lora_", 1)[0]
-                  for p, _ in nnx.to_flat_state(adapters)}
+  ours_modules = {wio.reference_name(p, qi.QWEN_IMAGE_LORA_WEIGHTS)[0].rsplit(".lora_", 1)[0]
+                  for p, _, _ in wio.tensor_entries(adapters)}
   assert ours_modules == peft_modules and len(ours_modules) == 8 * TINY["num_layers"]
 
 
@@ -155,11 +155,11 @@ def test_sharded_jit_forward_equals_single_device(qwen_image_reference, qwen_ima
   assert len(jax.devices()) >= 8, "conftest sets 8 host devices"
   mesh = shd.make_mesh((2, 2, 2))
   model = qi.load_qwen_image_transformer(qwen_image_reference[1], mesh=mesh, lora=LORA)
-  kernel = model.transformer_blocks[0].attn.to_q.kernel[...]
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-  assert {s.data.shape for s in kernel.addressable_shards} == {(16, 16)}
-  assert model.transformer_blocks[1].img_mlp.fc2.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
-      "tensor", "fsdp")
+  blocks = model.transformer_blocks.stacked  # stacked for the scan: the block axis is never split
+  kernel = blocks.attn.to_q.kernel[...]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert {s.data.shape[1:] for s in kernel.addressable_shards} == {(16, 16)}
+  assert blocks.img_mlp.fc2.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
   inputs = make_inputs(TWO_REFERENCES, EXACT, batch=4)
   positions = qi.rope_positions(inputs.pop("img_shapes"), inputs["encoder_hidden_states"].shape[1])
   with shd.use_mesh(mesh):
