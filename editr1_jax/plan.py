@@ -14,7 +14,8 @@ the step's loop factor: the step's matmul/convolution FLOPs counted on its jaxpr
 over the same count with every scan once (an estimate that assumes the loop body dominates, as it does for the
 sampler's steps and the NFT timesteps). The roofline time is max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM
 bandwidth) of the chip (`CHIPS`). "Live" adds to the step's own peak the train state, frozen weights and the MLLM
-judge's parameters that stay resident between steps but are not its arguments; VAE and text encoders are not counted.
+judge's parameters (unless offloaded) and the VAE and text encoders (`Family.abstract_encoders`) that stay resident
+between steps but are not its arguments.
 
 The judge's prefill ("judge prefill", `config.reward.kind == "mllm"` only) is `reward.mllm.score_step` on a full
 scoring call: `config.reward.batch_size` pairs (rounded up to the data-parallel width), each two images of
@@ -52,13 +53,21 @@ DEFAULT_JUDGE_PIXELS = (56 * 56, 28 * 28 * 16384)
 
 
 # --------------------------------------------------------------------------------------------------
-# Chips: published figures (dense bf16 peak, HBM capacity and bandwidth per chip).
+# Chips: published figures (dense bf16 peak, HBM capacity and bandwidth per chip), and the HBM a TPU program may
+# use: what the compiler offers, less than the published capacity (libtpu 0.0.42.1 names it when it refuses a
+# program too large for the chip: "... exceeds available HBM (15.75G)"; `usable_hbm` measures it so).
 @dataclasses.dataclass(frozen=True)
 class Chip:
   name: str
   bf16_flops: float  # peak dense bf16 FLOP/s
-  hbm_bytes: float
+  hbm_bytes: float  # published
   hbm_bandwidth: float  # bytes/s
+  usable_hbm_bytes: float | None = None  # the compiler's budget per chip (None: the published capacity)
+
+  @property
+  def budget_bytes(self) -> float:
+    """What a step may hold per chip: every fit check compares against this."""
+    return self.hbm_bytes if self.usable_hbm_bytes is None else self.usable_hbm_bytes
 
   def roofline_s(self, flops: float, bytes_accessed: float) -> float:
     return max(flops / self.bf16_flops, bytes_accessed / self.hbm_bandwidth)
@@ -66,10 +75,10 @@ class Chip:
 
 CHIPS = {
     # Cloud TPU system architecture pages (per chip; v4 and v5p: one megacore device per chip).
-    "v4": Chip("TPU v4", 275e12, 32 * GiB, 1200e9),
-    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1640e9),
+    "v4": Chip("TPU v4", 275e12, 32 * GiB, 1200e9, 30.75 * GiB),
+    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9, 15.75 * GiB),
+    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9, 95.74 * GiB),
+    "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1640e9, 31.25 * GiB),
     # NVIDIA datasheets, SXM, dense (no sparsity).
     "h100": Chip("H100 SXM", 989e12, 80e9, 3.35e12),
     "h200": Chip("H200 SXM", 989e12, 141e9, 4.8e12),
@@ -252,13 +261,37 @@ def compile_step(name: str, traced, args, *, calls: int = 1) -> tuple[StepPlan, 
 _REFUSAL = re.compile(r"RESOURCE_EXHAUSTED.*?HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available HBM", re.S)
 
 
+def _xla_bytes(m: re.Match) -> int:
+  """A size as XLA prints it in a message ("19.28G": its G is GiB), from a match's (number, unit) groups."""
+  return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
 def refused_temp_bytes(message: str) -> int | None:
   """The temporaries a TPU compile asked for when it refused for lack of HBM ("... the total memory required for
   HLO temporaries (19.28G) exceeds available HBM (15.75G)"), or None for any other error. XLA prints GiB as "G"."""
   m = _REFUSAL.search(message)
   if m is None:
     return None
-  return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+  return _xla_bytes(m)
+
+
+_AVAILABLE = re.compile(r"exceeds available HBM \(([0-9.]+)([KMGT]?)\)")
+
+
+def compiler_hbm_budget(device) -> int | None:
+  """The HBM per chip the TPU compiler lets a program use on `device` (a compile-only TPU device), read from its
+  refusal of a program that needs more (sorting 2^31 values twice); None if it compiles or the message says
+  otherwise. What `Chip.usable_hbm_bytes` records."""
+  n = 2 ** 31 - 1024  # the most one sort takes
+  x = jax.ShapeDtypeStruct((8,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+  wide = lambda a, k: jnp.broadcast_to(a * k, (n // 8, 8)).reshape(-1)
+  program = jax.jit(lambda a: jnp.sort(wide(a, 3.0))[::1024] + jnp.sort(wide(a, 5.0))[::1024])
+  try:
+    program.trace(x).lower().compile()
+  except jax.errors.JaxRuntimeError as e:
+    m = _AVAILABLE.search(str(e))
+    return None if m is None else _xla_bytes(m)
+  return None
 
 
 def _log_compiled(log, plan: StepPlan) -> None:
@@ -313,6 +346,7 @@ class Plan:
   judge_bytes: int = 0  # per chip: the MLLM judge's parameters
   judge: Any = None  # its `qwen2_5_vl.Qwen25VLConfig` (None: no MLLM reward)
   judge_offloaded: bool = False  # `config.reward.offload`: on the chips only during its own step
+  encoder_bytes: dict = dataclasses.field(default_factory=dict)  # per chip, by name: VAE and text encoders, resident
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,12 +386,18 @@ def judge_parts(config, judge: str | None = None):
   return cfg, image_cfg
 
 
+def abstract_module(make, mesh, rules):
+  """(graphdef, abstract state carrying the shardings its weights get) of the module `make()` builds."""
+  from flax import nnx
+  graphdef, state = nnx.split(nnx.eval_shape(make))
+  return graphdef, with_shardings(state, shd.state_shardings(state, mesh, rules))
+
+
 def abstract_judge(cfg, mesh, rules):
-  """(graphdef, abstract state carrying the shardings the judge's weights get) of a Qwen2.5-VL."""
+  """`abstract_module` of a Qwen2.5-VL judge."""
   from flax import nnx
   from editr1_jax.models import qwen2_5_vl
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: qwen2_5_vl.Qwen25VL(cfg, rngs=nnx.Rngs(0))))
-  return graphdef, with_shardings(state, shd.state_shardings(state, mesh, rules))
+  return abstract_module(lambda: qwen2_5_vl.Qwen25VL(cfg, rngs=nnx.Rngs(0)), mesh, rules)
 
 
 def judge_batch(cfg, image_cfg, rows: int, resolution: int, mesh, rules, *, text_tokens: int = JUDGE_TEXT_TOKENS,
@@ -434,7 +474,12 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     judge_graphdef, judge_state = abstract_judge(judge_spec[0], mesh, rules)
     judge_bytes = shard_bytes(judge_state)
     log(f"judge: {judge_bytes / GiB:.2f} GiB of parameters per chip")
-  judge_resident = 0 if config.reward.offload else judge_bytes  # what the policy's steps share the chips with
+  encoders = {name: shard_bytes(abstract_module(make, mesh, rules)[1])
+              for name, make in family_cls.abstract_encoders(config).items()}
+  log("VAE and text encoders: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in encoders.items()) + " per chip")
+  # what the policy's steps share the chips with: the judge unless offloaded, the encoders always (no step here
+  # takes them as arguments)
+  beside = (0 if config.reward.offload else judge_bytes) + sum(encoders.values())
 
   n_rollouts = config.data.groups_per_epoch * config.data.group_size
   chunk = config.rollout.batch_size * rows_multiple
@@ -458,7 +503,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     traced = sampler.trace(*args, solver=config.rollout.sampler)
     plan, _ = compile_step("rollout (one chunk)", traced, args, calls=math.ceil(n_rollouts / chunk))
     x0_dtype = jax.tree.leaves(traced.out_info)[0].dtype
-    plan.resident_extra_bytes = resident - shard_bytes(state.old_params) - shard_bytes(frozen) + judge_resident
+    plan.resident_extra_bytes = resident - shard_bytes(state.old_params) - shard_bytes(frozen) + beside
     abstract["rollout"] = args
     out.append(plan)
     _log_compiled(log, plan)
@@ -474,7 +519,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     args = (judge_state, judge_batch_, positions)
     plan, _ = compile_step("judge prefill", fn.trace(*args), args,
                            calls=math.ceil(n_rollouts / config.reward.batch_size))
-    plan.resident_extra_bytes = resident
+    plan.resident_extra_bytes = resident + sum(encoders.values())
     abstract["judge"] = args
     out.append(plan)
     _log_compiled(log, plan)
@@ -489,7 +534,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
                           math.ceil(n_rollouts / micro), resident - shard_bytes(state) - shard_bytes(frozen)),
               apply=("apply", trainer.apply, (state,), 1, shard_bytes(frozen)),
               update_old=("update_old", trainer.update_old, (state,), 1, shard_bytes(frozen)))
-  todo = {k: v[:4] + (v[4] + judge_resident,) for k, v in todo.items()}
+  todo = {k: v[:4] + (v[4] + beside,) for k, v in todo.items()}
   for step in ("accumulate", "apply", "update_old"):
     if step not in steps:
       continue
@@ -500,7 +545,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     out.append(plan)
     _log_compiled(log, plan)
   return Plan(topo, dict(mesh.shape), out, resident, abstract, judge_bytes, judge_spec and judge_spec[0],
-              bool(config.reward.offload))
+              bool(config.reward.offload), encoders)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -575,7 +620,7 @@ def largest_rows(config, topo: Topology, step: str, *, layers=None, judge: str |
       live[rows] = plan.steps[0].live_bytes
       if log:
         log(f"{knob} = {rows}: {format_bytes(live[rows])} live per chip")
-    return live[rows] <= topo.chip.hbm_bytes
+    return live[rows] <= topo.chip.budget_bytes
 
   good, bad = 0, None
   rows = configured
@@ -604,13 +649,13 @@ def fit_rows(plan: Plan, config, **kw) -> list[Fit]:
 
 def advice(plan: Plan, config) -> list[str]:
   """What to change for each step that does not fit, from the plan alone (no compiles): the judge off the chips
-  between its steps, full remat for the NFT step; `largest_rows` for the rows that fit."""
+  between its steps, the blocks in a scan, full remat for the NFT step; `largest_rows` for the rows that fit."""
   chip = plan.topology.chip
   if chip is None:
     return []
   lines = []
   for s in plan.steps:
-    over = s.live_bytes - chip.hbm_bytes
+    over = s.live_bytes - chip.budget_bytes
     if over <= 0:
       continue
     step = _STEP_OF[s.name]
@@ -619,6 +664,9 @@ def advice(plan: Plan, config) -> list[str]:
       freed = plan.judge_bytes
       tips.append(f"--config.reward.offload=True frees {format_bytes(freed)} per chip (the judge waits in host memory; "
                   f"{'enough' if freed >= over else 'not enough alone'})")
+    if step in ("rollout", "accumulate") and not config.model.scan_blocks:
+      tips.append("--config.model.scan_blocks=True runs the blocks in a scan: FSDP gathers one block's weights at a "
+                  "time instead of holding many gathered")
     if step == "accumulate" and config.model.remat != "full":
       tips.append(f"--config.model.remat=full (now {config.model.remat!r}) recomputes every block's activations in "
                   "the backward pass")
@@ -640,6 +688,9 @@ def format_plan(plan: Plan) -> str:
              else "resident through the epoch")
     lines.append(f"judge (Qwen2.5-VL, {j.num_hidden_layers} layers x {j.hidden_size}, vision {j.vision.depth} x "
                  f"{j.vision.hidden_size}, {j.param_dtype}): {format_bytes(plan.judge_bytes)} per chip, {where}")
+  if plan.encoder_bytes:
+    lines.append("resident VAE and text encoders per chip: " +
+                 ", ".join(f"{k} {format_bytes(v)}" for k, v in plan.encoder_bytes.items()))
   head = ("step", "calls", "arguments", "outputs", "aliased", "temporaries", "peak", "live", "FLOPs/chip",
           "loop x", "roofline", "x calls", "HBM", "compile")
   rows = []
@@ -648,14 +699,14 @@ def format_plan(plan: Plan) -> str:
     if chip:
       t = chip.roofline_s(s.flops, s.bytes_accessed)
       epoch += t * s.calls
-      margin = chip.hbm_bytes - s.live_bytes
+      margin = chip.budget_bytes - s.live_bytes
       fit = f"fits ({format_bytes(margin)} free)" if margin >= 0 else f"DOES NOT FIT (over by {format_bytes(-margin)})"
       roof, total = _time(t), _time(t * s.calls)
     else:
       roof = total = fit = "n/a"
     if s.refused:  # the compiler stopped before a cost analysis: bytes are a lower bound, FLOPs unknown
       roof = total = "-"
-      fit = f"DOES NOT FIT (refused by the compiler; over by at least {format_bytes(s.live_bytes - chip.hbm_bytes)})"
+      fit = f"DOES NOT FIT (refused by the compiler; over by at least {format_bytes(s.live_bytes - chip.budget_bytes)})"
     rows.append((s.name, str(s.calls), format_bytes(s.argument_bytes), format_bytes(s.output_bytes), format_bytes(s.alias_bytes),
                  format_bytes(s.temp_bytes), format_bytes(s.peak_bytes), format_bytes(s.live_bytes),
                  "-" if s.refused else _flops(s.flops), f"{s.loop_factor:.1f}", roof, total, fit, f"{s.compile_s:.1f}s"))
@@ -663,13 +714,13 @@ def format_plan(plan: Plan) -> str:
   fmt = lambda r: "  ".join(c.ljust(w) if i in (0, 12) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
   lines += [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
   if chip:
-    hbm = chip.hbm_bytes
+    hbm = chip.budget_bytes
     worst = max(plan.steps, key=lambda s: s.live_bytes)
     verdict = "fits" if worst.live_bytes <= hbm else "DOES NOT FIT"
-    lines.append(f"largest: {worst.name}, {format_bytes(worst.live_bytes)} of {format_bytes(hbm)} HBM per chip: {verdict} "
+    lines.append(f"largest: {worst.name}, {format_bytes(worst.live_bytes)} of {format_bytes(hbm)} usable HBM per chip: {verdict} "
                  f"(margin {format_bytes(hbm - worst.live_bytes)}); epoch roofline (every rollout kept) {_time(epoch)}")
   lines.append("peak = arguments + outputs - aliased + temporaries + code; live = peak + resident state (judge "
-               "included) that is not an argument (VAE and text encoders not counted); FLOPs and bytes x loop factor "
+               "included unless offloaded, VAE and text encoders always) that is not an argument; FLOPs and bytes x loop factor "
                "(XLA counts a loop body once)")
   if plan.judge is not None and any(s.name == "judge prefill" for s in plan.steps):
     lines.append(f"the judge prefill row is one full scoring call, {JUDGE_TEXT_TOKENS} text tokens per pair assumed "

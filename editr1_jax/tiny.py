@@ -162,12 +162,19 @@ def write_assets(root: str = ASSETS) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Models drawn from a seed, sized to the shipped tokenizers and to each other.
-def tiny_text_encoders(seed: int, max_sequence_length: int, *, root: str = ASSETS, mesh=None,
-                       rules=shd.DEFAULT_RULES) -> TextEncoders:
+def tiny_text_configs(root: str = ASSETS) -> tuple[clip.CLIPTextConfig, t5.T5Config]:
+  """The tiny CLIP and T5 configs, their vocabularies sized to the shipped tokenizers."""
   clip_tok, t5_tok = load_tokenizers(root)
   # The legacy CLIP config of FLUX (eos_token_id 2): the pooled token is the highest id, end-of-text.
   clip_cfg = dataclasses.replace(clip.tiny(), vocab_size=len(clip_tok), max_position_embeddings=CLIP_MAX_LENGTH)
   t5_cfg = dataclasses.replace(t5.tiny(), vocab_size=len(t5_tok) + 5)  # T5's table is a little larger, as the real one
+  return clip_cfg, t5_cfg
+
+
+def tiny_text_encoders(seed: int, max_sequence_length: int, *, root: str = ASSETS, mesh=None,
+                       rules=shd.DEFAULT_RULES) -> TextEncoders:
+  clip_tok, t5_tok = load_tokenizers(root)
+  clip_cfg, t5_cfg = tiny_text_configs(root)
   clip_model = clip.CLIPTextModel(clip_cfg, rngs=nnx.Rngs(seed))
   t5_model = t5.T5EncoderModel(t5_cfg, rngs=nnx.Rngs(seed + 1))
   return TextEncoders(clip_tok, t5_tok, _placed(clip_model, mesh, rules), _placed(t5_model, mesh, rules),

@@ -54,6 +54,11 @@ class Family(Protocol):
     the config alone: what `launch/plan.py` compiles against."""
 
   @staticmethod
+  def abstract_encoders(config) -> dict:
+    """{name: constructor} of the networks besides the transformer that stay on the chips through the epoch
+    (VAE, text encoders): counted as resident by `launch/plan.py`."""
+
+  @staticmethod
   def check_config(config) -> None:
     """A ValueError naming `config.<field>` for a setting this family cannot train with (run_config.validate)."""
 

@@ -22,7 +22,7 @@ from editr1_jax.families.base import family_from_config, lora_spec, policy_from_
   scheduler_shift
 from editr1_jax.families.base import runtime as family_runtime
 from editr1_jax.layers import AdapterRows, LoraSpec
-from editr1_jax.models import autoencoder, flux
+from editr1_jax.models import autoencoder, clip, flux, t5
 
 
 @flax.struct.dataclass
@@ -152,6 +152,20 @@ class Kontext:
                               txt_ids=put((lt, 3), "float32", axes=(None,)))
 
     return (lambda: flux.FluxTransformer(cfg, rngs=nnx.Rngs(0))), condition, grid, cfg.in_channels
+
+  @staticmethod
+  def abstract_encoders(config) -> dict:
+    """The networks that stay on the chips beside the transformer (VAE, CLIP, T5) as constructors, for planning:
+    the tiny preset's sizes (float32) or FLUX.1-Kontext-dev's in `config.model.dtype`, as `from_folder` loads them."""
+    if config.model.preset == "tiny":
+      from editr1_jax import tiny
+      vae, (clip_cfg, t5_cfg) = autoencoder.tiny(), tiny.tiny_text_configs()
+    else:
+      stored = dict(dtype=config.model.dtype, param_dtype=config.model.dtype)
+      vae, clip_cfg, t5_cfg = autoencoder.flux(**stored), clip.clip_l(**stored), t5.t5_xxl(**stored)
+    return {"VAE": lambda: autoencoder.Autoencoder(vae, rngs=nnx.Rngs(0)),
+            "CLIP": lambda: clip.CLIPTextModel(clip_cfg, rngs=nnx.Rngs(0)),
+            "T5": lambda: t5.T5EncoderModel(t5_cfg, rngs=nnx.Rngs(0))}
 
   # the family interface ---------------------------------------------------------------------------
   @staticmethod

@@ -27,7 +27,7 @@ from editr1_jax.families.base import family_from_config, lora_spec, policy_from_
   scheduler_shift
 from editr1_jax.families.base import runtime as family_runtime
 from editr1_jax.layers import AdapterRows, LoraSpec
-from editr1_jax.models import qwen_image, qwen_image_vae
+from editr1_jax.models import qwen2_5_vl, qwen_image, qwen_image_vae
 
 NEGATIVE_PROMPT = " "  # the negative prompt of the model card's examples (benchmark sampling with true CFG)
 # Qwen-Image's scheduler_config.json: exponential dynamic shift over 256..8192 tokens, ending at sigma 0.02.
@@ -205,6 +205,20 @@ class QwenImageEdit:
                                 text_positions=put((lt, 3), "float32", axes=(None,)))
 
     return (lambda: qwen_image.QwenImageTransformer(cfg, rngs=nnx.Rngs(0))), condition, grid, cfg.in_channels
+
+  @staticmethod
+  def abstract_encoders(config) -> dict:
+    """The networks that stay on the chips beside the transformer (VAE, the Qwen2.5-VL prompt encoder) as
+    constructors, for planning: the tiny preset's sizes (float32) or Qwen-Image-Edit-2509's (Qwen2.5-VL-7B) in
+    `config.model.dtype`, as `from_folder` loads them."""
+    if config.model.preset == "tiny":
+      from editr1_jax import tiny
+      vae, text = qwen_image_vae.tiny(), tiny.tiny_judge_config()
+    else:
+      stored = dict(dtype=config.model.dtype, param_dtype=config.model.dtype)
+      vae, text = qwen_image_vae.qwen_image(**stored), qwen2_5_vl.qwen2_5_vl_7b(**stored)
+    return {"VAE": lambda: qwen_image_vae.QwenImageVAE(vae, rngs=nnx.Rngs(0)),
+            "Qwen2.5-VL": lambda: qwen2_5_vl.Qwen25VL(text, rngs=nnx.Rngs(0))}
 
   # the family interface ---------------------------------------------------------------------------
   @staticmethod
