@@ -3,12 +3,28 @@
   python launch/train.py --config=configs/kontext.py --workdir=gs://... \
     --config.model.pipeline_dir=/ckpt/FLUX.1-Kontext-dev --config.reward.model_dir=/ckpt/Qwen2.5-VL-32B-Instruct \
     --config.data.dataset_dir=/data/edit_r1
+
+`--config=configs/kontext.py:v5e-16` adds the settings that fit the run on that TPU slice (SLICES).
 """
 
 from configs import base
 
+# What each slice needs beyond the paper's settings to fit every step with margin, as `launch/plan.py
+# --config=configs/kontext.py:<slice> --topology=<slice>` measured it (README "Will it fit?"; FSDP over all chips).
+# Offloading keeps the 32B judge in host memory between reward steps; full remat recomputes each block in the
+# backward pass instead of keeping its q/k/v and attention output.
+SLICES = {
+    "v5p-8": {},
+    "v6e-8": {"model.remat": "full"},
+    "v4-8": {"reward.offload": True, "model.remat": "full"},
+    "v5e-16": {"reward.offload": True, "model.remat": "full"},
+}
 
-def get_config():
+
+def get_config(slice_name: str = ""):
+  """The paper's run; `slice_name` (a key of SLICES) adds that TPU slice's settings."""
+  if slice_name and slice_name not in SLICES:
+    raise ValueError(f"configs/kontext.py:{slice_name}: no settings for that slice; measured: {sorted(SLICES)}")
   c = base.get_config()
   c.num_epochs = 300
   c.model.pipeline_dir = ""  # required: the FLUX.1-Kontext-dev diffusers folder
@@ -30,4 +46,7 @@ def get_config():
   c.nft.ema_max_decay = 0.9
   c.filter.semantics, c.filter.tau_mu, c.filter.tau_sigma = "paper", 0.9, 0.05
   c.mesh.shape = (1, -1, 1)  # FSDP over every device
+  for field, value in SLICES.get(slice_name, {}).items():
+    section, name = field.split(".")
+    c[section][name] = value
   return c

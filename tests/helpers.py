@@ -57,3 +57,14 @@ def bfloat16_bound(depth: int, *, safety: float = 8.0) -> float:
   bound = safety * depth ** 0.5 * EPS_BF16
   assert bound <= 0.15, f"bfloat16_bound {bound:.2f}: this loose, it would hide real bugs"
   return bound
+
+
+def override(config, **fields):
+  """`config` with each dotted field ("data.group_size") set to its value; returns the config."""
+  for key, value in fields.items():
+    section, _, field = key.rpartition(".")
+    node = config
+    for part in section.split(".") if section else ():
+      node = node[part]
+    node[field] = value
+  return config

@@ -110,3 +110,35 @@ def test_a_field_added_since_the_checkpoint_resumes_at_its_default():
   assert run_config.resume_differences(saved, c) == []
   c.data.text_max_length = 64
   assert run_config.resume_differences(saved, c) == ["config.data.text_max_length: saved '(absent)', now 64"]
+
+
+def test_a_checkpoint_from_before_scanned_blocks_keeps_them_apart():
+  """A checkpoint written before `model.scan_blocks` existed holds its blocks apart: the saved config means False
+  there, so resuming with the (scanned) default is refused by name, and with scan_blocks=False it resumes."""
+  saved = run_config.as_json(_load("tiny"))
+  del saved["model"]["scan_blocks"]
+  assert run_config.saved_config(saved).model.scan_blocks is False
+  c = _load("tiny")
+  assert run_config.resume_differences(saved, c) == ["config.model.scan_blocks: saved False, now True"]
+  c.model.scan_blocks = False
+  assert run_config.resume_differences(saved, c) == []
+
+
+@pytest.mark.parametrize("slice_name", ["v5p-8", "v6e-8", "v4-8", "v5e-16"])
+def test_kontext_slice_settings(slice_name, tmp_path):
+  """`--config=configs/kontext.py:<slice>`: the paper's run plus that slice's measured settings, nothing else."""
+  module = importlib.import_module("configs.kontext")
+  c, paper = module.get_config(slice_name), module.get_config()
+  changed = {f"{s}.{k}" for s in paper.keys() if hasattr(paper[s], "keys") for k in paper[s].keys()
+             if c[s][k] != paper[s][k]}
+  assert changed == {f for f, v in module.SLICES[slice_name].items() if paper[f.split(".")[0]][f.split(".")[1]] != v}
+  for field, value in module.SLICES[slice_name].items():
+    section, name = field.split(".")
+    assert c[section][name] == value
+  c.model.pipeline_dir = c.reward.model_dir = c.data.dataset_dir = str(tmp_path)
+  run_config.validate(c, num_devices=8)
+
+
+def test_unknown_slice_is_named():
+  with pytest.raises(ValueError, match=r"^configs/kontext.py:v9-8: no settings for that slice; measured: \["):
+    importlib.import_module("configs.kontext").get_config("v9-8")

@@ -3,6 +3,7 @@ trained tiny Qwen2.5-VL judge's digit logits (filtering, NFT, EMA as in the pape
 on the held-out split, and the independent pixel check of the same held-out edits does not get worse."""
 
 import numpy as np
+from helpers import override
 
 from configs import demo
 from editr1_jax import train_loop
@@ -19,10 +20,7 @@ REWARD_GAIN = 0.01
 def demo_config(**overrides):
   c = demo.get_config()
   c.num_epochs, c.checkpoint_every, c.eval_every, c.log_images_every = EPOCHS, EPOCHS, 0, 0
-  for key, value in overrides.items():
-    section, _, field = key.rpartition(".")
-    (c[section] if section else c)[field] = value
-  return c
+  return override(c, **overrides)
 
 
 def test_demo_raises_the_judge_reward_without_losing_accuracy(tmp_path):

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import override
 from PIL import Image
 
 from editr1_jax import export, rollouts, train_loop
@@ -27,10 +28,7 @@ def tiny_config(name: str = "tiny", **overrides):
   c.eval_every = 0
   c.log_images_every = 1
   c.data.groups_per_epoch, c.data.group_size = 2, 4
-  for key, value in overrides.items():
-    section, _, field = key.rpartition(".")
-    (c[section] if section else c)[field] = value
-  return c
+  return override(c, **overrides)
 
 
 def _leaves(state):
