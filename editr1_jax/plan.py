@@ -35,14 +35,15 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from editr1_jax import nft, rollouts, train_loop
+from editr1_jax import latents, nft, rollouts, train_loop
 from editr1_jax import sharding as shd
 
 GiB = 1024 ** 3
 LIBTPU_HINT = "pip install libtpu==0.0.42.1"
-STEPS = ("rollout", "judge", "accumulate", "apply", "update_old")
+STEPS = ("text", "encode", "rollout", "decode", "judge", "accumulate", "apply", "update_old")
 JUDGES = ("7b", "32b", "tiny")
 # Text tokens of one judging turn besides the image pads (chat template, the shipped judging prompt with an
 # instruction and requirement, vision start/end markers): 200, as benchmarks/reward_prefill.py counted one pair
@@ -317,7 +318,6 @@ def _abstract(shape, dtype, mesh, spec=PartitionSpec()):
 def with_shardings(tree, shardings):
   """Abstract arrays (nnx Variables kept) carrying the shardings of `shardings` (a tree of NamedShardings where
   `tree` has Variables or arrays)."""
-  from flax import nnx
 
   def one(x, s):
     if isinstance(x, nnx.Variable):
@@ -388,14 +388,12 @@ def judge_parts(config, judge: str | None = None):
 
 def abstract_module(make, mesh, rules):
   """(graphdef, abstract state carrying the shardings its weights get) of the module `make()` builds."""
-  from flax import nnx
   graphdef, state = nnx.split(nnx.eval_shape(make))
   return graphdef, with_shardings(state, shd.state_shardings(state, mesh, rules))
 
 
 def abstract_judge(cfg, mesh, rules):
   """`abstract_module` of a Qwen2.5-VL judge."""
-  from flax import nnx
   from editr1_jax.models import qwen2_5_vl
   return abstract_module(lambda: qwen2_5_vl.Qwen25VL(cfg, rngs=nnx.Rngs(0)), mesh, rules)
 
@@ -403,33 +401,48 @@ def abstract_judge(cfg, mesh, rules):
 def judge_batch(cfg, image_cfg, rows: int, resolution: int, mesh, rules, *, text_tokens: int = JUDGE_TEXT_TOKENS,
                 length_multiple: int = 64):
   """(abstract `qwen2_5_vl.Batch`, abstract positions (rows, 1)) of one scoring call as `MllmJudge` places it:
-  `rows` pairs of two `resolution`-squared images, left-padded to a multiple of `length_multiple`. Only the token
-  ids (rows x length) and the vision layout are made on the host; pixel values are abstract."""
-  from editr1_jax.models import qwen2_5_vl
-  from editr1_jax.reward import processor as proc
-  if (image_cfg.patch_size, image_cfg.merge_size, image_cfg.temporal_patch_size) != (
-      cfg.vision.patch_size, cfg.vision.spatial_merge_size, cfg.vision.temporal_patch_size):
-    raise PlanError("the judge's preprocessor_config.json and config.json disagree on the patch sizes")
-  h, w = proc.smart_resize(resolution, resolution, image_cfg.factor, image_cfg.min_pixels, image_cfg.max_pixels)
-  grid = (1, h // image_cfg.patch_size, w // image_cfg.patch_size)
-  image_tokens = image_cfg.num_tokens(grid)
+  `rows` pairs of two `resolution`-squared images, left-padded to a multiple of `length_multiple`."""
+  h, w = vl_image_pixels(image_cfg, resolution, resolution)
+  image_tokens = image_cfg.num_tokens((1, h // image_cfg.patch_size, w // image_cfg.patch_size))
   text = max(text_tokens, 4)  # the vision start / end markers are part of it
   length = -(-(text + 2 * image_tokens) // length_multiple) * length_multiple
+  batch = vl_batch(cfg, image_cfg, rows, (h, w), 2, text, length, mesh, rules, left_pad=True)
+  return batch, shd.abstract_rows((rows, 1), "int32", mesh, rules)
+
+
+def vl_image_pixels(image_cfg, height: int, width: int) -> tuple[int, int]:
+  """The pixels a Qwen2.5-VL image processor resizes a `height` x `width` image to."""
+  from editr1_jax.reward import processor as proc
+  return proc.smart_resize(height, width, image_cfg.factor, image_cfg.min_pixels, image_cfg.max_pixels)
+
+
+def vl_batch(cfg, image_cfg, rows: int, size: tuple[int, int], images: int, text: int, length: int, mesh, rules, *,
+             left_pad: bool):
+  """An abstract `qwen2_5_vl.Batch` of `rows` rows of `length` tokens: `text` tokens (vision markers included) and
+  `images` images of `size` pixels (already resized by the processor's rules) each, padded on the left or the
+  right. Only the token ids and the vision layout are made on the host; pixel values are abstract."""
+  from editr1_jax.models import qwen2_5_vl
+  if (image_cfg.patch_size, image_cfg.merge_size, image_cfg.temporal_patch_size) != (
+      cfg.vision.patch_size, cfg.vision.spatial_merge_size, cfg.vision.temporal_patch_size):
+    raise PlanError("the Qwen2.5-VL's preprocessor_config.json and config.json disagree on the patch sizes")
+  grid = (1, size[0] // image_cfg.patch_size, size[1] // image_cfg.patch_size)
   filler = cfg.image_token_id + 1 if cfg.image_token_id + 1 < cfg.vocab_size else 0
-  image = [cfg.vision_start_token_id] + [cfg.image_token_id] * image_tokens + [cfg.vision_end_token_id]
-  row = [filler] * (text - 4) + image + image
+  image = [cfg.vision_start_token_id] + [cfg.image_token_id] * image_cfg.num_tokens(grid) + [cfg.vision_end_token_id]
+  row = [filler] * (text - 2 * images) + image * images
+  if len(row) > length:
+    raise PlanError(f"{len(row)} tokens ({images} image(s) of {size[0]}x{size[1]} pixels and text) exceed {length}")
+  at = slice(length - len(row), length) if left_pad else slice(0, len(row))
   ids = np.zeros((rows, length), np.int32)
-  ids[:, length - len(row):] = row
+  ids[:, at] = row
   mask = np.zeros((rows, length), bool)
-  mask[:, length - len(row):] = True
-  patches = jax.ShapeDtypeStruct((2 * rows * math.prod(grid), cfg.vision.patch_dim), jnp.float32)
-  host = qwen2_5_vl.prepare_batch(ids, mask, patches, np.asarray([grid] * (2 * rows)), cfg)
+  mask[:, at] = True
+  patches = jax.ShapeDtypeStruct((images * rows * math.prod(grid), cfg.vision.patch_dim), jnp.float32)
+  host = qwen2_5_vl.prepare_batch(ids, mask, patches, np.asarray([grid] * (images * rows)), cfg)
   rows_of = lambda x, axes=("batch",): jax.tree.map(
       lambda a: shd.abstract_rows(np.shape(a), a.dtype, mesh, rules, axes), x)
-  batch = rows_of(host, ()).replace(input_ids=rows_of(host.input_ids), attention_mask=rows_of(host.attention_mask),
-                                    position_ids=rows_of(host.position_ids, (None, "batch")),
-                                    pixel_values=rows_of(host.pixel_values))
-  return batch, shd.abstract_rows((rows, 1), "int32", mesh, rules)
+  return rows_of(host, ()).replace(input_ids=rows_of(host.input_ids), attention_mask=rows_of(host.attention_mask),
+                                   position_ids=rows_of(host.position_ids, (None, "batch")),
+                                   pixel_values=rows_of(host.pixel_values))
 
 
 def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None, steps: Sequence[str] = STEPS,
@@ -474,11 +487,10 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     judge_graphdef, judge_state = abstract_judge(judge_spec[0], mesh, rules)
     judge_bytes = shard_bytes(judge_state)
     log(f"judge: {judge_bytes / GiB:.2f} GiB of parameters per chip")
-  encoders = {name: shard_bytes(abstract_module(make, mesh, rules)[1])
-              for name, make in family_cls.abstract_encoders(config).items()}
+  modules = {name: abstract_module(make, mesh, rules) for name, make in family_cls.abstract_encoders(config).items()}
+  encoders = {name: shard_bytes(state) for name, (_, state) in modules.items()}
   log("VAE and text encoders: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in encoders.items()) + " per chip")
-  # what the policy's steps share the chips with: the judge unless offloaded, the encoders always (no step here
-  # takes them as arguments)
+  # what the policy's steps share the chips with: the judge unless offloaded, the encoders always
   beside = (0 if config.reward.offload else judge_bytes) + sum(encoders.values())
 
   n_rollouts = config.data.groups_per_epoch * config.data.group_size
@@ -489,6 +501,23 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
   key = jax.eval_shape(lambda: jax.random.key(0))
   out: list[StepPlan] = []
   abstract = {}
+
+  def codec_step(name, fn, args, calls, own):  # a step of the VAE or text encoders (`own`: their bytes)
+    plan, _ = compile_step(name, fn.trace(*args), args, calls=calls)
+    plan.resident_extra_bytes = resident + beside - own
+    abstract[name.split()[0]] = args
+    out.append(plan)
+    _log_compiled(log, plan)
+
+  distinct = math.ceil(config.data.groups_per_epoch / chunk)  # one encoding per distinct record and instruction
+  if "text" in steps:
+    fn, args = family_cls.abstract_text_step(config, modules, chunk, mesh, rules)
+    codec_step("text encoding", fn, args, distinct, sum(v for k, v in encoders.items() if k != "VAE"))
+  vae_def, vae_state = modules["VAE"]
+  if "encode" in steps:
+    fn = jax.jit(lambda vae, images: latents.reference_latents(nnx.merge(vae_def, vae), images)[0])
+    images = shd.abstract_rows((chunk, config.data.resolution, config.data.resolution, 3), "float32", mesh, rules)
+    codec_step("encode (VAE)", fn, (vae_state, images), distinct, encoders["VAE"])
 
   x0_dtype = jnp.float32
   if "rollout" in steps:
@@ -507,6 +536,11 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     abstract["rollout"] = args
     out.append(plan)
     _log_compiled(log, plan)
+
+  if "decode" in steps:
+    fn = jax.jit(lambda vae, x: latents.decode_tokens(nnx.merge(vae_def, vae), x, 2 * grid[0], 2 * grid[1]))
+    codec_step("decode (VAE)", fn, (vae_state, shd.abstract_rows((chunk, tokens, channels), x0_dtype, mesh, rules)),
+               math.ceil(n_rollouts / chunk), encoders["VAE"])
 
   if "judge" in steps and judge_spec is not None:
     from editr1_jax.reward import mllm
@@ -575,7 +609,8 @@ def _time(s: float) -> str:
 # What to change when a step does not fit
 # The knob that sets each row-batched step's rows per data-parallel shard.
 ROW_KNOBS = {"rollout": "rollout.batch_size", "judge": "reward.batch_size", "accumulate": "nft.micro_batch"}
-_STEP_OF = {"rollout (one chunk)": "rollout", "judge prefill": "judge", "accumulate (one micro-batch)": "accumulate",
+_STEP_OF = {"text encoding": "text", "encode (VAE)": "encode", "rollout (one chunk)": "rollout",
+            "decode (VAE)": "decode", "judge prefill": "judge", "accumulate (one micro-batch)": "accumulate",
             "apply": "apply", "update_old": "update_old"}
 
 

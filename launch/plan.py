@@ -20,8 +20,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", "cpu", "cpu (the local CPU devices),
                                 "slice: v4-8, v5e-8, v5p-8, v6e-8, ...")
 _LAYERS = flags.DEFINE_string("layers", None, "Override the transformer depth as 'double,single' (quick plans; "
                               "the numbers then describe that depth, not the config's).")
-_STEPS = flags.DEFINE_list("steps", "rollout,judge,accumulate,apply,update_old", "Steps to compile (judge: the "
-                           "MLLM reward's prefill, only for config.reward.kind=mllm).")
+_STEPS = flags.DEFINE_list("steps", "text,encode,rollout,decode,judge,accumulate,apply,update_old", "Steps to compile "
+                           "(text: the prompt encoders; encode / decode: the VAE; judge: the MLLM reward's prefill, "
+                           "only for config.reward.kind=mllm).")
 _JUDGE = flags.DEFINE_enum("judge", None, ["7b", "32b", "tiny"], "The MLLM judge's size (Qwen2.5-VL). Default: the "
                            "sizes in config.reward.model_dir's config.json if it has one, else tiny for "
                            "config.reward.tiny, else 32b. Its parameters count as resident in every step.")

@@ -14,7 +14,8 @@ from configs import tiny as tiny_config
 from editr1_jax import plan as planning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEP_NAMES = ["rollout (one chunk)", "judge prefill", "accumulate (one micro-batch)", "apply", "update_old"]
+STEP_NAMES = ["text encoding", "encode (VAE)", "rollout (one chunk)", "decode (VAE)", "judge prefill",
+              "accumulate (one micro-batch)", "apply", "update_old"]
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny_qwen_image_edit"])
@@ -104,6 +105,26 @@ def test_resident_encoders_are_the_familys(tiny_plan):
   placed = jax.tree.leaves((nnx.state(family.vae), nnx.state(text)))
   assert sum(x.addressable_shards[0].data.nbytes for x in placed) == sum(plan.encoder_bytes.values()) > 0
   assert "resident VAE and text encoders per chip: VAE" in planning.format_plan(plan)
+
+
+def test_encoder_and_vae_steps(tiny_plan):
+  """Prompt encoding, VAE encode and decode are planned on the rollout's chunk of rows; their own networks are their
+  arguments, everything else resident counts beside them."""
+  config, plan = tiny_plan
+  steps = {s.name: s for s in plan.steps}
+  chunk = config.rollout.batch_size * len(plan.topology.devices)
+  distinct = -(-config.data.groups_per_epoch // chunk)
+  (_, images), (_, tokens) = plan.abstract["encode"], plan.abstract["decode"]
+  assert images.shape == (chunk, config.data.resolution, config.data.resolution, 3)
+  assert tokens.shape[0] == chunk == plan.abstract["text"][-1].shape[0]
+  assert (steps["text encoding"].calls, steps["encode (VAE)"].calls) == (distinct, distinct)
+  assert steps["decode (VAE)"].calls == -(-config.data.groups_per_epoch * config.data.group_size // chunk)
+  everything = plan.resident_bytes + plan.judge_bytes + sum(plan.encoder_bytes.values())
+  vae = plan.encoder_bytes["VAE"]
+  assert steps["encode (VAE)"].resident_extra_bytes == steps["decode (VAE)"].resident_extra_bytes == everything - vae
+  assert steps["text encoding"].resident_extra_bytes == plan.resident_bytes + plan.judge_bytes + vae
+  for name in ("text encoding", "encode (VAE)", "decode (VAE)"):
+    assert steps[name].flops > 0 and steps[name].argument_bytes > 0, name
 
 
 def test_judge_prefill_row(tiny_plan):

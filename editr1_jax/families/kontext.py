@@ -17,7 +17,7 @@ from flax import nnx
 
 from editr1_jax import chunks, latents, sampling
 from editr1_jax import sharding as shd
-from editr1_jax.conditioning import MAX_T5_LENGTH, TextEncoders
+from editr1_jax.conditioning import MAX_T5_LENGTH, TextEncoders, encode_prompts
 from editr1_jax.families.base import family_from_config, lora_spec, policy_from_config, register, \
   scheduler_shift
 from editr1_jax.families.base import runtime as family_runtime
@@ -166,6 +166,17 @@ class Kontext:
     return {"VAE": lambda: autoencoder.Autoencoder(vae, rngs=nnx.Rngs(0)),
             "CLIP": lambda: clip.CLIPTextModel(clip_cfg, rngs=nnx.Rngs(0)),
             "T5": lambda: t5.T5EncoderModel(t5_cfg, rngs=nnx.Rngs(0))}
+
+  @staticmethod
+  def abstract_text_step(config, modules: dict, rows: int, mesh, rules):
+    """(jitted prompt encoding, its abstract arguments) for planning: `rows` instructions through CLIP (its full
+    length) and T5 (`config.data.t5_max_length`); `modules`: `abstract_encoders`' (graphdef, state) by name."""
+    (clip_def, clip_state), (t5_def, t5_state) = modules["CLIP"], modules["T5"]
+    clip_length = nnx.merge(clip_def, clip_state).cfg.max_position_embeddings
+    step = jax.jit(lambda c, t, clip_ids, t5_ids: encode_prompts(nnx.merge(clip_def, c), nnx.merge(t5_def, t), clip_ids,
+                                                                 t5_ids, mesh=mesh, rules=rules))
+    ids = lambda n: shd.abstract_rows((rows, n), "int32", mesh, rules)
+    return step, (clip_state, t5_state, ids(clip_length), ids(config.data.t5_max_length))
 
   # the family interface ---------------------------------------------------------------------------
   @staticmethod

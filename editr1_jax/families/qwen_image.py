@@ -12,6 +12,7 @@ conditional prediction's norm) is used when `guidance` > 1, as the pipeline's `t
 """
 
 import functools
+import os
 from typing import Sequence
 
 import flax.struct
@@ -28,6 +29,7 @@ from editr1_jax.families.base import family_from_config, lora_spec, policy_from_
 from editr1_jax.families.base import runtime as family_runtime
 from editr1_jax.layers import AdapterRows, LoraSpec
 from editr1_jax.models import qwen2_5_vl, qwen_image, qwen_image_vae
+from editr1_jax.reward import processor as proc
 
 NEGATIVE_PROMPT = " "  # the negative prompt of the model card's examples (benchmark sampling with true CFG)
 # Qwen-Image's scheduler_config.json: exponential dynamic shift over 256..8192 tokens, ending at sigma 0.02.
@@ -219,6 +221,25 @@ class QwenImageEdit:
       vae, text = qwen_image_vae.qwen_image(**stored), qwen2_5_vl.qwen2_5_vl_7b(**stored)
     return {"VAE": lambda: qwen_image_vae.QwenImageVAE(vae, rngs=nnx.Rngs(0)),
             "Qwen2.5-VL": lambda: qwen2_5_vl.Qwen25VL(text, rngs=nnx.Rngs(0))}
+
+  @staticmethod
+  def abstract_text_step(config, modules: dict, rows: int, mesh, rules):
+    """(jitted prompt encoding, its abstract arguments) for planning: `rows` prompts of the dropped system turn plus
+    `config.data.text_max_length` tokens, each with one condition image at the training resolution as Qwen2.5-VL
+    sees it (~384 x 384; the processor's default pixel bounds); `modules`: `abstract_encoders`' (graphdef, state)."""
+    from editr1_jax import plan
+    graphdef, state = modules["Qwen2.5-VL"]
+    cfg = nnx.merge(graphdef, state).cfg
+    if config.model.preset == "tiny":
+      from editr1_jax import tiny
+      image_cfg = proc.ImageProcessorConfig.from_folder(os.path.join(tiny.ASSETS, "judge"))
+    else:
+      image_cfg = proc.ImageProcessorConfig(*plan.DEFAULT_JUDGE_PIXELS)
+    size = plan.vl_image_pixels(image_cfg, *qic.vl_image_size(config.data.resolution, config.data.resolution))
+    length = qic.TEMPLATE_DROP + config.data.text_max_length
+    batch = plan.vl_batch(cfg, image_cfg, rows, size, 1, qic.TEMPLATE_DROP + 16, length, mesh, rules, left_pad=False)
+    step = jax.jit(functools.partial(qic.encode_step, graphdef, qic.TEMPLATE_DROP, mesh, rules))
+    return step, (state, batch, shd.abstract_rows((rows, config.data.text_max_length), "int32", mesh, rules))
 
   # the family interface ---------------------------------------------------------------------------
   @staticmethod
