@@ -2,8 +2,9 @@
 each step needs per chip (`launch/plan.py`).
 
 Every model is built abstractly (`jax.eval_shape`: no weights read, nothing full-size allocated on the host); the
-steps are the jitted functions the run itself calls (the rollout `rollouts.Sampler`, `nft.NFTTrainer`'s
-accumulate / apply / update_old), lowered with abstract inputs that carry the shardings the run gives them, and
+steps are the jitted functions the run itself calls (the family's prompt encoding, the VAE's encode and decode,
+the rollout `rollouts.Sampler`, `nft.NFTTrainer`'s accumulate / apply / update_old) on the rows the run gives them
+(prompt encoding, encode and decode: a rollout chunk), lowered with abstract inputs that carry the shardings the run gives them, and
 compiled for the topology's devices: the local CPU devices, the local GPUs, or compile-only TPU devices from
 libtpu (`jax.experimental.topologies`).
 
@@ -12,8 +13,8 @@ What a row says, per chip: argument / output / aliased (donated) / temporary byt
 accessed from `compiled.cost_analysis()`. XLA's cost analysis counts a loop body once, so both are multiplied by
 the step's loop factor: the step's matmul/convolution FLOPs counted on its jaxpr with every `scan` at its length,
 over the same count with every scan once (an estimate that assumes the loop body dominates, as it does for the
-sampler's steps and the NFT timesteps). The roofline time is max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM
-bandwidth) of the chip (`CHIPS`). "Live" adds to the step's own peak the train state, frozen weights and the MLLM
+sampler's steps, the NFT timesteps and the transformer's scanned blocks). The roofline time is max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM
+bandwidth) of the chip (`CHIPS`); "fits" compares with the HBM the TPU compiler lets a program use. "Live" adds to the step's own peak the train state, frozen weights and the MLLM
 judge's parameters (unless offloaded) and the VAE and text encoders (`Family.abstract_encoders`) that stay resident
 between steps but are not its arguments.
 
