@@ -54,8 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = "flux"  # none | full | flux (keep q/k/v and attention outputs)
   c.model.attention_impl = "xla"  # xla | cudnn
   # Each kind of transformer block stacked and run by one lax.scan: compile time and host memory independent of
-  # depth, one block's weights gathered at a time under FSDP. False keeps the blocks apart (needed for LoRA targets
-  # that name some blocks only). Checkpoints of one layout do not restore into the other; exports are the same.
+  # depth, one block's weights gathered at a time under FSDP. False keeps the blocks apart, as do LoRA targets that
+  # name some blocks only. Checkpoints of one layout do not restore into the other; exports are the same.
   c.model.scan_blocks = True
   c.model.init_lora = ""  # optional diffusers/peft LoRA file to start from
 

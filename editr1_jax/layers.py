@@ -207,8 +207,7 @@ class StackedBlocks(nnx.Module):
     graphdefs, states = zip(*(nnx.split(block) for block in blocks))
     unlike = [i for i, g in enumerate(graphdefs) if g != graphdefs[0]]
     if unlike:
-      raise ValueError(f"{where}.{unlike[0]} is built unlike {where}.0 (LoRA targets that name some blocks only?): "
-                       "blocks run by a scan must be alike; set model.scan_blocks=False to keep them apart")
+      raise ValueError(f"{where}.{unlike[0]} is built unlike {where}.0: blocks run by a scan must be alike")
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     for _, var in nnx.to_flat_state(stacked):
       axes = var.get_metadata().get("logical_axes")
@@ -227,6 +226,12 @@ class StackedBlocks(nnx.Module):
     if policy is not None:  # the scan already keeps the blocks apart: no CSE barrier needed
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     return jax.lax.scan(body, carry, state)[0]
+
+
+def alike(blocks: Sequence[nnx.Module]) -> bool:
+  """Whether the blocks have one structure (what `StackedBlocks` needs)."""
+  first = nnx.graphdef(blocks[0])
+  return all(nnx.graphdef(b) == first for b in blocks[1:])
 
 
 def layer_paths(path: tuple, depth: int) -> list[tuple]:

@@ -56,8 +56,8 @@ DEFAULT_JUDGE_PIXELS = (56 * 56, 28 * 28 * 16384)
 
 # --------------------------------------------------------------------------------------------------
 # Chips: published figures (dense bf16 peak, HBM capacity and bandwidth per chip), and the HBM a TPU program may
-# use: what the compiler offers, less than the published capacity (libtpu 0.0.42.1 names it when it refuses a
-# program too large for the chip: "... exceeds available HBM (15.75G)"; `usable_hbm` measures it so).
+# use: what the compiler offers, which differs from the published capacity (libtpu 0.0.42.1 names it when it
+# refuses a program too large for the chip: "... exceeds available HBM (15.75G)"; `compiler_hbm_budget` reads it).
 @dataclasses.dataclass(frozen=True)
 class Chip:
   name: str
@@ -708,6 +708,8 @@ def advice(plan: Plan, config) -> list[str]:
                   "the backward pass")
     if step in ROW_KNOBS:
       tips.append(f"fewer rows per shard ({ROW_KNOBS[step]}; launch/plan.py --fit searches the largest that fits)")
+    elif step in ("text", "encode", "decode"):
+      tips.append("fewer rows per shard (rollout.batch_size: these steps run on a rollout chunk)")
     lines.append(f"{s.name} is over by {format_bytes(over)}: " + "; ".join(tips or ["more chips (a larger slice)"]))
   return lines
 

@@ -128,6 +128,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
   for field, valid in RANGES.items():
     if _get(config, field) not in valid:
       raise ConfigError(f"config.{field} = {_get(config, field)!r}; expected {valid}")
+  named = {rule[0] for rule in config.mesh.rules}
+  if "layers" not in named:  # the stacked blocks' axis (model.scan_blocks), absent from rule tables written before it
+    raise ConfigError("config.mesh.rules has no rule for the logical axis 'layers' (the blocks stacked for a scan); "
+                      "add ('layers', None): every chip holds its shard of every block")
   if config.eval_samples == 0:
     raise ConfigError("config.eval_samples = 0; use -1 for every test record, N > 0 for the first N "
                       "(config.eval_every = 0 turns evaluation off)")
@@ -221,7 +225,8 @@ def saved_config(saved: dict) -> ml_collections.ConfigDict:
 def resume_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
   """The fields where `config` differs from the config a checkpoint was saved with, other than the fields in
   RESUME_SAFE and those the user accepts in `config.resume_accept`; one line each. A field the saved config
-  lacks (added to the project after the checkpoint was written) counts as unchanged while it keeps its default."""
+  lacks (added to the project after the checkpoint was written) has the value it had before it existed
+  (BEFORE_FIELD), else counts as unchanged while it keeps its default."""
   from configs import base
   old, new = _flatten(as_json(saved_config(saved))), _flatten(as_json(config))
   defaults = _flatten(as_json(base.get_config()))

@@ -377,7 +377,13 @@ def load_state(abstract_state, reader: SafetensorsReader, table: Iterable[Weight
     want = jnp.dtype(dtype or target.dtype)
     if STACKED in path:  # one checkpoint tensor per block, stacked on the leading axis
       blocks = [host(path_str(p)) for p in layer_paths(path, target.shape[0])]
-      read = lambda idx: np.stack([np.asarray(b[idx[1:]]) for b in blocks[idx[0]]]).astype(want)
+
+      def read(idx):  # this shard of every block, written straight into one array of the target dtype
+        chosen = blocks[idx[0]]
+        out = np.empty((len(chosen),) + chosen[0][idx[1:]].shape, want)
+        for i, b in enumerate(chosen):
+          out[i] = b[idx[1:]]
+        return out
     else:
       tensor = host(path_str(path))
       read = lambda idx: np.asarray(tensor[idx]).astype(want)

@@ -14,7 +14,7 @@ from helpers import max_rel_err
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
-from editr1_jax.layers import AdapterRows, LoraSpec
+from editr1_jax.layers import AdapterRows, LoraSpec, StackedBlocks
 from editr1_jax.models import flux
 
 
@@ -189,13 +189,16 @@ def test_scanned_blocks_equal_blocks_kept_apart(reference, lora_reference):
   assert worst <= FLUX_BOUND
 
 
-def test_lora_targets_naming_some_blocks_need_blocks_apart():
+def test_lora_targets_naming_some_blocks_keep_that_kind_apart():
+  """Adapters on some double blocks only (a partial LoRA file): those blocks stay a list, the single blocks, alike,
+  are still scanned; the model is the same function either way."""
   spec = LoraSpec(rank=2, alpha=2.0, targets=("to_q", "transformer_blocks.1.attn.to_k"))
-  with pytest.raises(ValueError, match=r"^transformer_blocks.1 is built unlike transformer_blocks.0 .*"
-                                       r"set model.scan_blocks=False"):
-    nnx.eval_shape(lambda: flux.FluxTransformer(flux.tiny(lora=spec), rngs=nnx.Rngs(0)))
-  apart = nnx.eval_shape(lambda: flux.FluxTransformer(flux.tiny(lora=spec, scan_blocks=False), rngs=nnx.Rngs(0)))
-  assert apart.transformer_blocks[1].attn.to_k.lora_a is not None and apart.transformer_blocks[0].attn.to_k.lora_a is None
+  model = nnx.eval_shape(lambda: flux.FluxTransformer(flux.tiny(lora=spec), rngs=nnx.Rngs(0)))
+  assert isinstance(model.transformer_blocks, nnx.List)
+  assert model.transformer_blocks[1].attn.to_k.lora_a is not None and model.transformer_blocks[0].attn.to_k.lora_a is None
+  assert isinstance(model.single_transformer_blocks, StackedBlocks)
+  with pytest.raises(ValueError, match=r"^transformer_blocks.1 is built unlike transformer_blocks.0"):
+    StackedBlocks(list(model.transformer_blocks), "transformer_blocks")
 
 
 def test_lora_target_matching_no_layer_is_an_error():

@@ -55,8 +55,13 @@ class Family(Protocol):
 
   @staticmethod
   def abstract_encoders(config) -> dict:
-    """{name: constructor} of the networks besides the transformer that stay on the chips through the epoch
-    (VAE, text encoders): counted as resident by `launch/plan.py`."""
+    """{name: constructor} of the networks besides the transformer that stay on the chips through the epoch: the
+    VAE (key "VAE") and the text encoders; counted as resident by `launch/plan.py`."""
+
+  @staticmethod
+  def abstract_text_step(config, modules: dict, rows: int, mesh, rules):
+    """(jitted prompt encoding, its abstract arguments) on `rows` prompts, for `launch/plan.py`; `modules`:
+    `abstract_encoders`' networks as abstract (graphdef, state) by name."""
 
   @staticmethod
   def check_config(config) -> None:

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
-from editr1_jax.layers import AdapterRows, Dense, LoraSpec, RMSNorm, StackedBlocks, attention, gelu_tanh, \
+from editr1_jax.layers import AdapterRows, Dense, LoraSpec, RMSNorm, StackedBlocks, alike, attention, gelu_tanh, \
   layer_norm, layer_paths, lora_init, remat_policy, split_adapters, target_matches
 
 # peft target keys of docs/METHOD.md section 7; matched as dotted suffixes of diffusers module names.
@@ -50,7 +50,7 @@ class FluxConfig(wio.DiffusersConfig):
   param_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
   attention_impl: str = "xla"  # "xla" | "cudnn"
-  scan_blocks: bool = True  # each kind of block stacked and run by one lax.scan (layers.StackedBlocks)
+  scan_blocks: bool = True  # each kind of block stacked and run by one lax.scan where its blocks are alike
   lora: LoraSpec | None = None
 
   def __post_init__(self):
@@ -350,8 +350,9 @@ def block_policy(remat: str):
 
 
 def block_list(blocks: list[nnx.Module], where: str, scan: bool):
-  """A model's blocks of one kind: stacked for a scan (`StackedBlocks`), or kept apart in a list."""
-  return StackedBlocks(blocks, where) if scan and blocks else nnx.List(blocks)
+  """A model's blocks of one kind: stacked for a scan (`StackedBlocks`) when `scan` and they are alike, else kept
+  apart in a list (LoRA targets that name some blocks only, as partial community LoRA files do, make them unlike)."""
+  return StackedBlocks(blocks, where) if scan and blocks and alike(blocks) else nnx.List(blocks)
 
 
 def run_blocks(blocks, remat: str, x, context, *args) -> tuple[jax.Array, jax.Array]:

@@ -54,7 +54,7 @@ class QwenImageConfig(wio.DiffusersConfig):
   param_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
   attention_impl: str = "xla"  # "xla" | "cudnn"
-  scan_blocks: bool = True  # the blocks stacked and run by one lax.scan (layers.StackedBlocks)
+  scan_blocks: bool = True  # the blocks stacked and run by one lax.scan where they are alike (flux.block_list)
   lora: LoraSpec | None = None
 
   def __post_init__(self):
