@@ -35,6 +35,9 @@ CHOICES = {
 BOOLS = ("reward.tiny", "reward.offload", "data.ban_filtered", "data.allow_outside_paths", "data.accept_changed_data",
          "advantage.rloo", "optim.full_finetune", "eval_before_training", "model.scan_blocks")
 
+# Fields that decide the layout of the saved state: a resume can never accept a change of them.
+LAYOUT_FIELDS = ("model.scan_blocks",)
+
 # Fields added after checkpoints were already written, with the value a run had before they existed (what a saved
 # config without them meant): the blocks were kept apart, a layout a scanned model does not restore.
 BEFORE_FIELD = {"model.scan_blocks": False}
@@ -149,6 +152,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
     raise ConfigError(str(e)) from e
   for field in config.resume_accept:
     _get(config, field)
+    if field in LAYOUT_FIELDS:
+      raise ConfigError(f"config.resume_accept names {field!r}: it changes how the saved state is laid out, so a "
+                        "checkpoint cannot be restored across it")
   if config.eval_benchmark:
     from editr1_jax.bench.run import TASKS
     if config.eval_benchmark not in TASKS:

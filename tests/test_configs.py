@@ -59,6 +59,7 @@ def test_kontext_config_is_the_paper_run():
     ("eval_samples", 0, r"config.eval_samples = 0; use -1 for every test record"),
     ("lora.targets", ("to_q", "to_kk"), r"config.lora.targets: target 'to_kk' matches no layer"),
     ("resume_accept", ("optim.lr",), r"config.optim.lr: missing field"),
+    ("resume_accept", ("model.scan_blocks",), r"config.resume_accept names 'model.scan_blocks': it changes how"),
     ("mesh.rules", (("batch", ("data", "fsdp")), ("embed", "fsdp")),
      r"config.mesh.rules has no rule for the logical axis 'layers'"),
 ])
