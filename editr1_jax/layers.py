@@ -204,10 +204,10 @@ class StackedBlocks(nnx.Module):
   def __init__(self, blocks: Sequence[nnx.Module], where: str):
     if not blocks:
       raise ValueError(f"{where}: no blocks to stack")
+    unlike = first_unlike(blocks)
+    if unlike is not None:
+      raise ValueError(f"{where}.{unlike} is built unlike {where}.0: blocks run by a scan must be alike")
     graphdefs, states = zip(*(nnx.split(block) for block in blocks))
-    unlike = [i for i, g in enumerate(graphdefs) if g != graphdefs[0]]
-    if unlike:
-      raise ValueError(f"{where}.{unlike[0]} is built unlike {where}.0: blocks run by a scan must be alike")
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     for _, var in nnx.to_flat_state(stacked):
       axes = var.get_metadata().get("logical_axes")
@@ -228,10 +228,11 @@ class StackedBlocks(nnx.Module):
     return jax.lax.scan(body, carry, state)[0]
 
 
-def alike(blocks: Sequence[nnx.Module]) -> bool:
-  """Whether the blocks have one structure (what `StackedBlocks` needs)."""
+def first_unlike(blocks: Sequence[nnx.Module]) -> int | None:
+  """The index of the first block whose structure differs from block 0's, None when all are alike (what
+  `StackedBlocks` needs)."""
   first = nnx.graphdef(blocks[0])
-  return all(nnx.graphdef(b) == first for b in blocks[1:])
+  return next((i for i, b in enumerate(blocks[1:], 1) if nnx.graphdef(b) != first), None)
 
 
 def layer_paths(path: tuple, depth: int) -> list[tuple]:

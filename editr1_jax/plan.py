@@ -4,19 +4,20 @@ each step needs per chip (`launch/plan.py`).
 Every model is built abstractly (`jax.eval_shape`: no weights read, nothing full-size allocated on the host); the
 steps are the jitted functions the run itself calls (the family's prompt encoding, the VAE's encode and decode,
 the rollout `rollouts.Sampler`, `nft.NFTTrainer`'s accumulate / apply / update_old) on the rows the run gives them
-(prompt encoding, encode and decode: a rollout chunk), lowered with abstract inputs that carry the shardings the run gives them, and
-compiled for the topology's devices: the local CPU devices, the local GPUs, or compile-only TPU devices from
-libtpu (`jax.experimental.topologies`).
+(prompt encoding, encode and decode: a rollout chunk), lowered with abstract inputs that carry the shardings the
+run gives them, and compiled for the topology's devices: the local CPU devices, the local GPUs, or compile-only TPU
+devices from libtpu (`jax.experimental.topologies`).
 
 What a row says, per chip: argument / output / aliased (donated) / temporary bytes from
 `compiled.memory_analysis()` (on TPU with layout padding: small dimensions are padded to tiles); FLOPs and bytes
 accessed from `compiled.cost_analysis()`. XLA's cost analysis counts a loop body once, so both are multiplied by
 the step's loop factor: the step's matmul/convolution FLOPs counted on its jaxpr with every `scan` at its length,
 over the same count with every scan once (an estimate that assumes the loop body dominates, as it does for the
-sampler's steps, the NFT timesteps and the transformer's scanned blocks). The roofline time is max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM
-bandwidth) of the chip (`CHIPS`); "fits" compares with the HBM the TPU compiler lets a program use. "Live" adds to the step's own peak the train state, frozen weights and the MLLM
-judge's parameters (unless offloaded) and the VAE and text encoders (`Family.abstract_encoders`) that stay resident
-between steps but are not its arguments.
+sampler's steps, the NFT timesteps and the transformer's scanned blocks). The roofline time is max(FLOPs / peak
+bf16 FLOP/s, bytes accessed / HBM bandwidth) of the chip (`CHIPS`); "fits" compares with the HBM the TPU compiler
+lets a program use. "Live" adds to the step's own peak the train state, frozen weights and the MLLM judge's
+parameters (unless offloaded) and the VAE and text encoders (`Family.abstract_encoders`) that stay resident between
+steps but are not its arguments.
 
 The judge's prefill ("judge prefill", `config.reward.kind == "mllm"` only) is `reward.mllm.score_step` on a full
 scoring call: `config.reward.batch_size` pairs (rounded up to the data-parallel width), each two images of
@@ -503,22 +504,25 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
   out: list[StepPlan] = []
   abstract = {}
 
-  def codec_step(name, fn, args, calls, own):  # a step of the VAE or text encoders (`own`: their bytes)
-    plan, _ = compile_step(name, fn.trace(*args), args, calls=calls)
-    plan.resident_extra_bytes = resident + beside - own
-    abstract[name.split()[0]] = args
+  def record(step, name, traced, args, calls, extra):  # compile one step; `extra`: resident bytes beside its args
+    plan, _ = compile_step(name, traced, args, calls=calls)
+    plan.resident_extra_bytes = extra
+    abstract[step] = args
     out.append(plan)
     _log_compiled(log, plan)
+
+  def codec_step(step, name, fn, args, calls, own):  # a step of the VAE or text encoders (`own`: their bytes)
+    record(step, name, fn.trace(*args), args, calls, resident + beside - own)
 
   distinct = math.ceil(config.data.groups_per_epoch / chunk)  # one encoding per distinct record and instruction
   if "text" in steps:
     fn, args = family_cls.abstract_text_step(config, modules, chunk, mesh, rules)
-    codec_step("text encoding", fn, args, distinct, sum(v for k, v in encoders.items() if k != "VAE"))
+    codec_step("text", "text encoding", fn, args, distinct, sum(v for k, v in encoders.items() if k != "VAE"))
   vae_def, vae_state = modules["VAE"]
   if "encode" in steps:
     fn = jax.jit(lambda vae, images: latents.reference_latents(nnx.merge(vae_def, vae), images)[0])
     images = shd.abstract_rows((chunk, config.data.resolution, config.data.resolution, 3), "float32", mesh, rules)
-    codec_step("encode (VAE)", fn, (vae_state, images), distinct, encoders["VAE"])
+    codec_step("encode", "encode (VAE)", fn, (vae_state, images), distinct, encoders["VAE"])
 
   x0_dtype = jnp.float32
   if "rollout" in steps:
@@ -531,16 +535,14 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
             jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=NamedSharding(
                 mesh, shd.logical_to_spec(("batch",), rules, keys.shape, mesh))))
     traced = sampler.trace(*args, solver=config.rollout.sampler)
-    plan, _ = compile_step("rollout (one chunk)", traced, args, calls=math.ceil(n_rollouts / chunk))
+    record("rollout", "rollout (one chunk)", traced, args, math.ceil(n_rollouts / chunk),
+           resident - shard_bytes(state.old_params) - shard_bytes(frozen) + beside)
     x0_dtype = jax.tree.leaves(traced.out_info)[0].dtype
-    plan.resident_extra_bytes = resident - shard_bytes(state.old_params) - shard_bytes(frozen) + beside
-    abstract["rollout"] = args
-    out.append(plan)
-    _log_compiled(log, plan)
 
   if "decode" in steps:
     fn = jax.jit(lambda vae, x: latents.decode_tokens(nnx.merge(vae_def, vae), x, 2 * grid[0], 2 * grid[1]))
-    codec_step("decode (VAE)", fn, (vae_state, shd.abstract_rows((chunk, tokens, channels), x0_dtype, mesh, rules)),
+    codec_step("decode", "decode (VAE)", fn,
+               (vae_state, shd.abstract_rows((chunk, tokens, channels), x0_dtype, mesh, rules)),
                math.ceil(n_rollouts / chunk), encoders["VAE"])
 
   if "judge" in steps and judge_spec is not None:
@@ -552,12 +554,8 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     digit_ids = np.arange(len(mllm.DIGITS), dtype=np.int32)  # which ids does not change the step's cost
     fn = jax.jit(functools.partial(mllm.score_step, judge_graphdef, digit_ids, mesh, rules))
     args = (judge_state, judge_batch_, positions)
-    plan, _ = compile_step("judge prefill", fn.trace(*args), args,
-                           calls=math.ceil(n_rollouts / config.reward.batch_size))
-    plan.resident_extra_bytes = resident + sum(encoders.values())
-    abstract["judge"] = args
-    out.append(plan)
-    _log_compiled(log, plan)
+    record("judge", "judge prefill", fn.trace(*args), args, math.ceil(n_rollouts / config.reward.batch_size),
+           resident + sum(encoders.values()))
 
   rows = functools.partial(shd.abstract_rows, mesh=mesh, rules=rules)
   batch = nft.TrainBatch(x0=rows((micro, tokens, channels), x0_dtype), cond=condition(micro, mesh, rules),
@@ -574,11 +572,7 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
     if step not in steps:
       continue
     name, fn, args, calls, extra = todo[step]
-    plan, _ = compile_step(name, fn.trace(*args), args, calls=calls)
-    plan.resident_extra_bytes = extra
-    abstract[step] = args
-    out.append(plan)
-    _log_compiled(log, plan)
+    record(step, name, fn.trace(*args), args, calls, extra)
   return Plan(topo, dict(mesh.shape), out, resident, abstract, judge_bytes, judge_spec and judge_spec[0],
               bool(config.reward.offload), encoders)
 
@@ -744,7 +738,8 @@ def format_plan(plan: Plan) -> str:
       roof = total = fit = "n/a"
     if s.refused:  # the compiler stopped before a cost analysis: bytes are a lower bound, FLOPs unknown
       roof = total = "-"
-      fit = f"DOES NOT FIT (refused by the compiler; over by at least {format_bytes(s.live_bytes - chip.budget_bytes)})"
+      over = format_bytes(s.live_bytes - chip.budget_bytes)
+      fit = f"DOES NOT FIT (refused by the compiler; over by at least {over})"
     rows.append((s.name, str(s.calls), format_bytes(s.argument_bytes), format_bytes(s.output_bytes), format_bytes(s.alias_bytes),
                  format_bytes(s.temp_bytes), format_bytes(s.peak_bytes), format_bytes(s.live_bytes),
                  "-" if s.refused else _flops(s.flops), f"{s.loop_factor:.1f}", roof, total, fit, f"{s.compile_s:.1f}s"))
@@ -755,11 +750,11 @@ def format_plan(plan: Plan) -> str:
     hbm = chip.budget_bytes
     worst = max(plan.steps, key=lambda s: s.live_bytes)
     verdict = "fits" if worst.live_bytes <= hbm else "DOES NOT FIT"
-    lines.append(f"largest: {worst.name}, {format_bytes(worst.live_bytes)} of {format_bytes(hbm)} usable HBM per chip: {verdict} "
-                 f"(margin {format_bytes(hbm - worst.live_bytes)}); epoch roofline (every rollout kept) {_time(epoch)}")
+    lines.append(f"largest: {worst.name}, {format_bytes(worst.live_bytes)} of {format_bytes(hbm)} usable HBM per chip: "
+                 f"{verdict} (margin {format_bytes(hbm - worst.live_bytes)}); epoch roofline (every rollout kept) {_time(epoch)}")
   lines.append("peak = arguments + outputs - aliased + temporaries + code; live = peak + resident state (judge "
-               "included unless offloaded, VAE and text encoders always) that is not an argument; FLOPs and bytes x loop factor "
-               "(XLA counts a loop body once)")
+               "included unless offloaded, VAE and text encoders always) that is not an argument; FLOPs and bytes x "
+               "loop factor (XLA counts a loop body once)")
   if plan.judge is not None and any(s.name == "judge prefill" for s in plan.steps):
     lines.append(f"the judge prefill row is one full scoring call, {JUDGE_TEXT_TOKENS} text tokens per pair assumed "
                  "besides the image pads")

@@ -20,9 +20,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", "cpu", "cpu (the local CPU devices),
                                 "slice: v4-8, v5e-8, v5p-8, v6e-8, ...")
 _LAYERS = flags.DEFINE_string("layers", None, "Override the transformer depth as 'double,single' (quick plans; "
                               "the numbers then describe that depth, not the config's).")
-_STEPS = flags.DEFINE_list("steps", "text,encode,rollout,decode,judge,accumulate,apply,update_old", "Steps to compile "
-                           "(text: the prompt encoders; encode / decode: the VAE; judge: the MLLM reward's prefill, "
-                           "only for config.reward.kind=mllm).")
+_STEPS = flags.DEFINE_list("steps", None, "Steps to compile, default all: text (the prompt encoders), encode, "
+                           "rollout, decode (the VAE's), judge (the MLLM reward's prefill, only for "
+                           "config.reward.kind=mllm), accumulate, apply, update_old.")
 _JUDGE = flags.DEFINE_enum("judge", None, ["7b", "32b", "tiny"], "The MLLM judge's size (Qwen2.5-VL). Default: the "
                            "sizes in config.reward.model_dir's config.json if it has one, else tiny for "
                            "config.reward.tiny, else 32b. Its parameters count as resident in every step.")
@@ -42,12 +42,13 @@ def main(argv):
         raise ValueError
     except ValueError:
       raise app.UsageError(f"--layers={_LAYERS.value!r}: expected two non-negative integers 'double,single'")
-  unknown = [s for s in _STEPS.value if s not in planning.STEPS]
+  steps = _STEPS.value or planning.STEPS
+  unknown = [s for s in steps if s not in planning.STEPS]
   if unknown:
     raise app.UsageError(f"--steps: unknown {unknown}; choose from {list(planning.STEPS)}")
   try:
     topo = planning.topology(_TOPOLOGY.value)
-    result = planning.plan_epoch(_CONFIG.value, topo, layers=layers, steps=_STEPS.value,
+    result = planning.plan_epoch(_CONFIG.value, topo, layers=layers, steps=steps,
                                  judge=_JUDGE.value, log=lambda m: print(m, file=sys.stderr, flush=True))
   except planning.PlanError as e:
     print(f"error: {e}", file=sys.stderr)

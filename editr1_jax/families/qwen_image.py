@@ -140,7 +140,8 @@ class QwenImageEdit:
   def from_folder(cls, folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                   lora: LoraSpec | None = None, lora_weights: str | None = None, remat: str = "none",
                   attention_impl: str = "xla", scan_blocks: bool = True,
-                  max_sequence_length: int = qic.MAX_SEQUENCE_LENGTH, mesh=None, rules=shd.DEFAULT_RULES, seed: int = 0, **kw) -> "QwenImageEdit":
+                  max_sequence_length: int = qic.MAX_SEQUENCE_LENGTH, mesh=None, rules=shd.DEFAULT_RULES,
+                  seed: int = 0, **kw) -> "QwenImageEdit":
     """A diffusers Qwen-Image-Edit(-2509) folder (transformer/, vae/, text_encoder/, processor/, tokenizer/,
     scheduler/)."""
     shift = scheduler_shift(folder)  # the cheap checks first

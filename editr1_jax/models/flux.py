@@ -20,8 +20,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
-from editr1_jax.layers import AdapterRows, Dense, LoraSpec, RMSNorm, StackedBlocks, alike, attention, gelu_tanh, \
-  layer_norm, layer_paths, lora_init, remat_policy, split_adapters, target_matches
+from editr1_jax.layers import AdapterRows, Dense, LoraSpec, RMSNorm, StackedBlocks, attention, first_unlike, \
+  gelu_tanh, layer_norm, layer_paths, lora_init, remat_policy, split_adapters, target_matches
 
 # peft target keys of docs/METHOD.md section 7; matched as dotted suffixes of diffusers module names.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -352,7 +352,7 @@ def block_policy(remat: str):
 def block_list(blocks: list[nnx.Module], where: str, scan: bool):
   """A model's blocks of one kind: stacked for a scan (`StackedBlocks`) when `scan` and they are alike, else kept
   apart in a list (LoRA targets that name some blocks only, as partial community LoRA files do, make them unlike)."""
-  return StackedBlocks(blocks, where) if scan and blocks and alike(blocks) else nnx.List(blocks)
+  return StackedBlocks(blocks, where) if scan and blocks and first_unlike(blocks) is None else nnx.List(blocks)
 
 
 def run_blocks(blocks, remat: str, x, context, *args) -> tuple[jax.Array, jax.Array]:
