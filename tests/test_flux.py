@@ -182,9 +182,11 @@ def test_scanned_blocks_equal_blocks_kept_apart(reference, lora_reference):
   for model in (scanned, apart):
     graphdef, adapters, base = flux.split_params(model)
     grads.append(wio.to_reference(jax.grad(loss)(adapters, graphdef, base), flux.FLUX_LORA_WEIGHTS))
-  # one network, other fusion of the same float32 ops: rounding only (measured 8e-7 relative on the output)
+  # one network, other fusion of the same float32 ops: rounding only (measured 3e-7 relative on the output)
   assert max_rel_err(scanned(**inputs), apart(**inputs)) <= FLUX_BOUND
   assert sorted(grads[0]) == sorted(grads[1])
+  # the backward pass re-runs every block once more (about twice the forward's roundings), still the same ops in
+  # both layouts: measured 1.0e-6, 25x under FLUX_BOUND
   worst = max(max_rel_err(grads[0][k], grads[1][k]) for k in grads[0] if np.abs(grads[1][k]).max() > 0)
   assert worst <= FLUX_BOUND
 

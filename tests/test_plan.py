@@ -347,3 +347,15 @@ def test_a_step_the_compiler_refuses_is_planned_as_not_fitting():
   assert len(tips) == 1 and "--config.model.remat=full" in tips[0] and "nft.micro_batch" in tips[0], tips
   with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):  # any other failure is not a plan
     planning.compile_step("accumulate (one micro-batch)", _Refused("INTERNAL: something else"), args)
+
+
+@pytest.mark.parametrize("name", ["text encoding", "encode (VAE)", "decode (VAE)"])
+def test_an_encoder_step_over_budget_is_advised_fewer_rollout_rows(name):
+  """The prompt encoders' and VAE's steps run on a rollout chunk: rollout.batch_size is their rows."""
+  args = (jax.ShapeDtypeStruct((1024, 1024), jnp.float32),)
+  step, _ = planning.compile_step(name, _Refused(_REFUSAL), args)
+  v5e = planning.CHIPS["v5e"]
+  plan = planning.Plan(planning.Topology("v5e-16", jax.devices()[:1], v5e), {"data": 1}, [step], 0, {})
+  (tip,) = planning.advice(plan, importlib.import_module("configs.kontext").get_config())
+  assert tip.startswith(f"{name} is over by") and "fewer rows per shard (rollout.batch_size" in tip, tip
+  assert "remat" not in tip and "nft.micro_batch" not in tip, tip
