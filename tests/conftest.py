@@ -21,5 +21,5 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # Shared fixtures (tiny reference models written to disk once per test module that uses them).
-pytest_plugins = ["flux_fixtures", "text_fixtures", "qwen_fixtures", "qwen_image_fixtures",
+pytest_plugins = ["gcs_fixtures", "flux_fixtures", "text_fixtures", "qwen_fixtures", "qwen_image_fixtures",
                   "qwen_image_pipeline_fixtures"]
