@@ -7,11 +7,10 @@ that changes the meaning of the saved state is refused with every difference lis
 import dataclasses
 import json
 import math
-import os
 
 import ml_collections
 
-from editr1_jax import advantages, evaluation, families, nft, sampling
+from editr1_jax import advantages, evaluation, families, nft, paths, sampling
 from editr1_jax import reward as rewards
 from editr1_jax.models import flux
 
@@ -164,8 +163,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
                         "launch/evaluate.py")
     _require_dir(config, "eval_benchmark_dir")
     _require_dir(config, "eval_judge_dir")
-    if config.eval_benchmark_prompts and not os.path.exists(config.eval_benchmark_prompts):
-      raise ConfigError(f"config.eval_benchmark_prompts = {config.eval_benchmark_prompts!r}: not found")
+    if config.eval_benchmark_prompts:
+      _check_path(config, "eval_benchmark_prompts", "any")
   rollouts = config.data.groups_per_epoch * config.data.group_size
   if rollouts % num_processes:
     raise ConfigError(f"config.data.groups_per_epoch * config.data.group_size = {rollouts} rollouts do not divide "
@@ -184,17 +183,32 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
     _require_dir(config, "reward.model_dir")
   _require_dir(config, "data.dataset_dir")
   for field in ("reward.template_file", "model.init_lora"):
-    path = _get(config, field)
-    if path and not os.path.isfile(path):
-      raise ConfigError(f"config.{field} = {path!r}: file not found")
+    if _get(config, field):
+      _check_path(config, field, "file")
+  if config.data.tfds_dir:
+    _check_path(config, "data.tfds_dir", "output")
 
 
 def _require_dir(config, field: str) -> None:
-  path = _get(config, field)
-  if not path:
+  if not _get(config, field):
     raise ConfigError(f"config.{field} is empty: set it to a folder (e.g. --config.{field}=/path)")
-  if not os.path.isdir(path):
-    raise ConfigError(f"config.{field} = {path!r}: folder not found")
+  _check_path(config, field, "folder")
+
+
+def _check_path(config, field: str, kind: str) -> None:
+  """A local path or a URL (`paths`): an input of `kind` ("folder", "file", "any") must exist, an "output" must be
+  writable there. Unsupported schemes, missing buckets or objects are one ConfigError naming the field."""
+  path = _get(config, field)
+  try:
+    if kind == "output":
+      paths.check_output(path, f"config.{field}")
+    else:
+      paths.check_input(path, f"config.{field}", kind=kind)
+  except paths.PathError as e:
+    reason = str(e)
+    for prefix in (f"config.{field} {path}: ", f"{path}: "):
+      reason = reason.removeprefix(prefix)
+    raise ConfigError(f"config.{field} = {path!r}: {reason}") from None
 
 
 def as_json(config: ml_collections.ConfigDict) -> dict:

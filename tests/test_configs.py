@@ -1,10 +1,11 @@
 """Configs: the shipped ones load and validate; bad values are named; overrides work the ml-collections way."""
 
 import importlib
+import os
 
 import pytest
 
-from editr1_jax import run_config
+from editr1_jax import paths, run_config
 
 
 def _load(name):
@@ -145,3 +146,33 @@ def test_kontext_slice_settings(slice_name, tmp_path):
 def test_unknown_slice_is_named():
   with pytest.raises(ValueError, match=r"^configs/kontext.py:v9-8: no settings for that slice; measured: \["):
     importlib.import_module("configs.kontext").get_config("v9-8")
+
+
+def test_paths_may_be_bucket_urls(gcs):
+  """Every folder / file of the config may be a gs:// URL; bad bucket input is one ConfigError naming the field,
+  from validation (before any model loads)."""
+  c = _load("tiny")
+  c.data.dataset_dir = gcs.upload(os.path.join(os.path.dirname(run_config.__file__), "data", "demo"))
+  template = gcs.url("template.txt")
+  paths.write_text(template, "{instruction}")
+  c.reward.template_file, c.data.tfds_dir = template, gcs.url("tfds")
+  c.eval_benchmark, c.eval_benchmark_dir, c.eval_judge_dir = "gedit", c.data.dataset_dir, c.data.dataset_dir
+  c.eval_benchmark_prompts = template
+  run_config.validate(c, num_devices=8)
+  for field, value, message in [
+      ("data.dataset_dir", "gs://no-such-bucket/data", "bucket 'no-such-bucket' does not exist"),
+      ("data.dataset_dir", gcs.url("nothing"), "folder not found"),
+      ("data.dataset_dir", "s3://b/data", "URL scheme s3:// is not supported"),
+      ("reward.template_file", gcs.url("missing.txt"), "file not found"),
+      ("model.init_lora", "gs://no-such-bucket/lora.safetensors", "bucket 'no-such-bucket' does not exist"),
+      ("data.tfds_dir", "s3://b/tfds", "URL scheme s3:// is not supported"),
+      ("eval_judge_dir", gcs.url("judge"), "folder not found"),
+      ("eval_benchmark_prompts", gcs.url("prompts.json"), "file or folder not found"),
+  ]:
+    bad = c.copy_and_resolve_references()
+    section, _, key = field.rpartition(".")
+    (bad[section] if section else bad)[key] = value
+    with pytest.raises(run_config.ConfigError) as e:
+      run_config.validate(bad, num_devices=8)
+    assert str(e.value).startswith(f"config.{field} = {value!r}: {message}"), str(e.value)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200

@@ -54,8 +54,24 @@ def test_bad_lines_name_file_and_line(dataset, bad, expect):
 
 def test_unreadable_image_is_named(dataset):
   (dataset / "images" / "train_004.png").write_bytes(b"not a png")
-  with pytest.raises(folder.DatasetError, match=r"train_metadata.jsonl:5: .*train_004.png: unreadable image"):
+  with pytest.raises(folder.DatasetError, match=r"train_metadata.jsonl:5: .*train_004.png: unreadable image") as e:
     folder.read_records(str(dataset), "train")
+  assert e.value.__cause__ is None and e.value.__suppress_context__  # one line, not three chained tracebacks
+
+
+def test_empty_image_is_one_short_line_before_the_build(dataset, tmp_path):
+  """A zero-byte image is named (metadata file and line, the image) by the start-up's cheap pass, the fingerprint,
+  before anything is decoded or built; and by a build. No chained traceback under it."""
+  image = dataset / "images" / "train_005.png"
+  image.write_bytes(b"")
+  expect = f"{dataset / folder.SPLITS['train']}:6: {image}: image is empty (0 bytes)"
+  for call in (lambda: builder.fingerprint(str(dataset), str(tmp_path / "tfds")),
+               lambda: builder.prepare(str(dataset), str(tmp_path / "tfds")),
+               lambda: folder.read_records(str(dataset), "train")):
+    with pytest.raises(folder.DatasetError) as e:
+      call()
+    assert str(e.value) == expect and e.value.__cause__ is None and "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "tfds" / "edit_r1")
 
 
 def test_builder_round_trip_without_tensorflow(dataset, tmp_path):

@@ -3,16 +3,17 @@
 
 The run's data copy and its checkpoints keep this, so a run never trains on a stale copy and a
 resumed run notices a changed dataset. Hashing every image at every start would cost minutes on a
-large dataset, so digests are cached by (size, mtime) in the copy's folder: a file whose size and
-modification time are unchanged is not read again.
+large dataset, so digests are cached by (size, version) in the copy's folder: a file whose size and
+version are unchanged is not read again. The version is a local file's modification time, a bucket
+object's generation (a new one at every write). The folder, its files and the cache may each be local
+or in a bucket (`paths`): a bucket's files cost one listing, and a fresh host finds the cache there.
 """
 
 import dataclasses
 import hashlib
 import json
-import os
 
-from editr1_jax.checkpoint import sha256_file
+from editr1_jax import paths
 from editr1_jax.data import folder as folder_format
 
 CACHE = "source_digests.json"
@@ -20,7 +21,7 @@ CACHE = "source_digests.json"
 
 @dataclasses.dataclass(frozen=True)
 class Fingerprint:
-  source: str  # the dataset folder, absolute
+  source: str  # the dataset folder, absolute (or a URL)
   files: dict  # path (relative to the folder when inside it) -> SHA-256
 
   @property
@@ -37,38 +38,47 @@ class Fingerprint:
 
 def read_files(source_dir: str, records: dict) -> list[str]:
   """The absolute paths a dataset build reads: the metadata files, then every image named, once."""
-  paths = [os.path.join(source_dir, name) for name in folder_format.SPLITS.values()]
+  files = [paths.join(paths.absolute(source_dir), name) for name in folder_format.SPLITS.values()]
   for split in folder_format.SPLITS:
-    paths += [r.image_path for r in records[split]]
-  return list(dict.fromkeys(paths))
+    files += [r.image_path for r in records[split]]
+  return list(dict.fromkeys(files))
 
 
-def compute(source_dir: str, paths: list[str], cache_dir: str | None = None) -> Fingerprint:
-  """The fingerprint of `paths` under `source_dir`; `cache_dir` keeps digests keyed by (size, mtime)."""
-  source_dir = os.path.abspath(source_dir)
-  cache_path = os.path.join(cache_dir, CACHE) if cache_dir else None
+def compute(source_dir: str, files: list[str], cache_dir: str | None = None) -> Fingerprint:
+  """The fingerprint of `files` under `source_dir`; `cache_dir` keeps digests keyed by (size, version)."""
+  source_dir = paths.absolute(source_dir)
+  cache_path = paths.join(cache_dir, CACHE) if cache_dir else None
   cache = {}
-  if cache_path and os.path.isfile(cache_path):
+  if cache_path and paths.isfile(cache_path):
     try:
-      with open(cache_path) as f:
-        cache = json.load(f)
+      cache = json.loads(paths.read_text(cache_path))
     except ValueError:
       cache = {}  # a damaged cache only costs re-hashing
-  files, fresh = {}, {}
-  for path in paths:
-    st = os.stat(path)
-    key = os.path.abspath(path)
+  stats = folder_format.file_stats(source_dir, [paths.absolute(f) for f in files])
+  out, fresh = {}, {}
+  for path in files:
+    key = paths.absolute(path)
+    if key not in stats:
+      raise folder_format.DatasetError(f"{key}: file not found")
+    size, version = stats[key]
     hit = cache.get(key)
-    digest = hit[2] if hit and hit[:2] == [st.st_size, st.st_mtime_ns] else sha256_file(path)
-    fresh[key] = [st.st_size, st.st_mtime_ns, digest]
-    rel = os.path.relpath(key, source_dir)
-    files[key if rel.startswith("..") else rel] = digest
-  if cache_path:
-    os.makedirs(cache_dir, exist_ok=True)
-    with open(cache_path + ".tmp", "w") as f:
-      json.dump(fresh, f)
-    os.replace(cache_path + ".tmp", cache_path)
-  return Fingerprint(source_dir, files)
+    digest = hit[2] if hit and hit[:2] == [size, version] else sha256(key)
+    fresh[key] = [size, version, digest]
+    rel = key if not paths.is_inside(key, source_dir) else paths.relpath(key, source_dir)
+    out[rel] = digest
+  if cache_path and fresh != cache:
+    paths.makedirs(cache_dir)
+    paths.write_text(cache_path, json.dumps(fresh))
+  return Fingerprint(source_dir, out)
+
+
+def sha256(path: str) -> str:
+  """The SHA-256 of a local file or a bucket object, read in blocks."""
+  h = hashlib.sha256()
+  with paths.open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      h.update(block)
+  return h.hexdigest()
 
 
 def differences(old: Fingerprint, new: Fingerprint, limit: int = 5) -> list[str]:
