@@ -13,7 +13,6 @@ rope_deltas (max + 1 - valid tokens) from the prefill's `get_rope_index`.
 
 import functools
 import json
-import os
 from typing import NamedTuple, Sequence
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from editr1_jax import paths
 from editr1_jax import sharding as shd
 from editr1_jax.models import qwen2_5_vl as qv
 from editr1_jax.reward import processor as proc
@@ -138,12 +138,12 @@ def chat_batch(chat: proc.ChatFormatter, prompts: Sequence[tuple], cfg: qv.Qwen2
 def stop_tokens(folder: str) -> tuple[tuple[int, ...], int]:
   """(EOS ids, pad id) of a model folder as transformers' `generate` reads them: `generation_config.json`, else
   config.json (its `text_config` too); the pad id defaults to the first EOS."""
-  sources = [os.path.join(folder, "generation_config.json"), os.path.join(folder, "config.json")]
+  sources = [paths.join(folder, "generation_config.json"), paths.join(folder, "config.json")]
   for path in sources:
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       continue
     try:
-      with open(path) as f:
+      with paths.open(path) as f:
         config = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not valid JSON: {e}") from e
@@ -158,7 +158,7 @@ def stop_tokens(folder: str) -> tuple[tuple[int, ...], int]:
         raise ValueError(f"{path}: field {where}eos_token_id {section['eos_token_id']!r} / pad_token_id "
                          f"{section.get('pad_token_id')!r}: token ids must be non-negative integers")
       return tuple(eos), pad
-  raise ValueError(f"{folder}: no eos_token_id in {' or '.join(os.path.basename(p) for p in sources)}")
+  raise ValueError(f"{folder}: no eos_token_id in {' or '.join(paths.basename(p) for p in sources)}")
 
 
 def _is_id(value) -> bool:

@@ -19,6 +19,8 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
+from editr1_jax import paths
+
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 EIGHT_BIT_MODES = ("1", "L", "P", "LA", "La", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 WHITE = (255, 255, 255, 255)
@@ -64,18 +66,32 @@ def to_rgb(image: Image.Image, where: str) -> Image.Image:
 
 
 def load_rgb(source: str | os.PathLike | bytes, where: str | None = None) -> Image.Image:
-  """A file (path) or its bytes -> 8-bit RGB; errors name `where` (default: the path)."""
+  """A file (a path or a gs:// URL) or its bytes -> 8-bit RGB; errors name `where` (default: the path)."""
   if isinstance(source, bytes):
     where, stream = where or "image bytes", io.BytesIO(source)
   else:
-    stream = os.fspath(source)
-    where = where or stream
-    if not os.path.isfile(stream):
+    path = os.fspath(source)
+    where = where or path
+    if not paths.isfile(path):
       raise ImageError(f"{where}: image not found")
+    stream = paths.open(path, "rb")
   try:
-    with Image.open(stream) as image:
+    with stream, Image.open(stream) as image:
       return to_rgb(image, where)
   except ImageError:
     raise
   except Exception as e:  # PIL raises many types for corrupt files
     raise ImageError(f"{where}: unreadable image: {e}") from e
+
+
+def save(image: Image.Image, path: str | os.PathLike) -> None:
+  """`image` written to a path or gs:// URL in the format of its extension, atomically (a kill never leaves half
+  a file behind)."""
+  path = os.fspath(path)
+  ext = paths.splitext(path)[1].lower()
+  fmt = Image.registered_extensions().get(ext)
+  if fmt is None:
+    raise ImageError(f"{path}: no image extension PIL can write (e.g. .png)")
+  buf = io.BytesIO()
+  image.save(buf, format=fmt)
+  paths.write_bytes(path, buf.getvalue())

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
-from editr1_jax import images
+from editr1_jax import images, paths
 
 TARGET, REFERENCE = 0, 1
 # diffusers' PREFERRED_KONTEXT_RESOLUTIONS, (width, height): the resolutions Kontext was trained on.
@@ -84,7 +84,7 @@ def load_image(source) -> Image.Image:
       raise ValueError(f"an image array must be uint8 (H, W, 3), got {source.dtype} {source.shape}")
     return Image.fromarray(source)
   path = os.fspath(source)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f"{path}: image file not found")
   return images.load_rgb(path)
 

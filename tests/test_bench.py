@@ -2,6 +2,7 @@
 prompt loaders, the judge queries, parsing of realistic judge answers, aggregation against scores computed by
 hand (unparseable items counted, never scored), the Markdown tables and `compare`."""
 
+import dataclasses
 import json
 import math
 import os
@@ -137,6 +138,48 @@ def test_imgedit_reader_refuses_other_layouts(tmp_path):
     imgedit.read(root)
   _imgedit_folder(tmp_path, {"7": {"id": "animal/1.png", "prompt": "Warm it up.", "edit_type": "alter"}})
   assert imgedit.read(root)[0].edit_type == "adjust"  # the early name of the type
+
+
+# ------------------------------------------------------------------------------------------------- in a bucket
+
+
+def _gedit_rows(release):
+  return [(i.id, i.instruction, i.intersection, i.row, release.image_bytes(i, "raw")) for i in release.items]
+
+
+def test_readers_read_a_release_in_a_bucket(bench, gcs):
+  """The mini-benchmark copied into a bucket: the same items, images and prompts as from the local folder."""
+  from editr1_jax import images, paths
+  url = gcs.upload(os.path.dirname(bench.gedit))
+  remote = gedit.read(paths.join(url, "gedit"))
+  local = gedit.read(bench.gedit)
+  assert remote.format == "parquet" and remote.files == [paths.join(url, "gedit/data/train-00000-of-00001.parquet")]
+  assert _gedit_rows(remote) == _gedit_rows(local)
+  remote_prompts = gedit.load_prompts(paths.join(url, "gedit_prompts"))
+  local_prompts = gedit.load_prompts(bench.gedit_prompts)
+  assert remote_prompts.source == paths.join(url, "gedit_prompts", "viescore", "vie_prompts.py")
+  assert dataclasses.replace(remote_prompts, source="") == dataclasses.replace(local_prompts, source="")
+  items = imgedit.read(paths.join(url, "imgedit"))  # the singleturn folder found below, as locally
+  assert [dataclasses.replace(i, image_path="") for i in items] == [
+      dataclasses.replace(i, image_path="") for i in imgedit.read(bench.imgedit)]
+  assert items[3].image_path == paths.join(url, "imgedit/Benchmark/singleturn", items[3].image_id)
+  assert images.load_rgb(items[3].image_path).tobytes() == images.load_rgb(
+      os.path.join(bench.imgedit, items[3].image_id)).tobytes()
+  assert imgedit.load_prompts(paths.join(url, "imgedit")).by_type == imgedit.load_prompts(bench.imgedit).by_type
+
+
+def test_mini_benchmark_written_into_a_bucket(gcs, tmp_path):
+  """`mini.write` into a bucket (the Arrow layout, raw prompt files) reads back as the local copy does."""
+  url = mini.write(gcs.url("mini"), per_category=1, gedit_format="arrow", gedit_prompts="raw")
+  here = mini.write(tmp_path, per_category=1, gedit_format="arrow", gedit_prompts="raw")
+  remote, local = gedit.read(url.gedit), gedit.read(here.gedit)
+  assert remote.format == "arrow" and _gedit_rows(remote) == _gedit_rows(local)
+  assert gedit.load_prompts(url.gedit_prompts).sc_rule == gedit.load_prompts(here.gedit_prompts).sc_rule
+  assert [i.instruction for i in imgedit.read(url.imgedit)] == [i.instruction for i in imgedit.read(here.imgedit)]
+  with pytest.raises(BenchError, match=r"gs://editr1-test/.*/none: GEdit-Bench folder not found"):
+    gedit.read(gcs.url("none"))
+  with pytest.raises(BenchError, match=r"gs://editr1-test/.*/none/singleturn\.json: not found"):
+    imgedit.read(gcs.url("none"))
 
 
 # ------------------------------------------------------------------------------------------- prompts and queries

@@ -1,12 +1,14 @@
 """Benchmark runs: the runner on the mini-benchmark with a scripted editor and judge (resume, torn lines,
 summaries, gallery, compare), and `launch/evaluate.py` end to end on tiny real models."""
 
+import json
 import os
+import types
 
 import numpy as np
 import pytest
 
-from editr1_jax.bench import mini, run
+from editr1_jax.bench import base, mini, run
 
 GOOD = {"SC": '{"score": [8, 6], "reasoning": "ok"}', "PQ": '{"score": [9, 7], "reasoning": "ok"}'}
 
@@ -100,3 +102,35 @@ def test_reading_another_run_never_rewrites_it(bench, tmp_path):
   open(path, "w", encoding="utf-8").write(torn)
   assert len(run.read_done(path)) == len(task.items) - 1
   assert open(path, encoding="utf-8").read() == torn
+
+
+class ConstantScorer:
+  """Our reward's interface (`MllmJudge.score`): every pair valid, reward 0.5."""
+
+  def score(self, sources, edits, instructions, requirements):
+    return types.SimpleNamespace(scores=[0.5] * len(sources), valid=[True] * len(sources))
+
+
+def test_runner_writes_into_a_bucket_and_resumes(bench, gcs):
+  """OUT in a bucket: edits, results.jsonl, reward.jsonl, summaries and the gallery are objects there; a second
+  run samples, judges and scores nothing again and reports the same."""
+  from editr1_jax import paths
+  task = run.make_task("imgedit", gcs.upload(str(bench / "imgedit")))
+  out = gcs.url("out")
+  edits = paths.join(out, run.EDITS)
+  assert run.sample_edits(task, edit_as_is, edits, batch_size=4) == len(task.items)
+  assert run.sample_edits(task, edit_as_is, edits) == 0
+  judge = ScriptedJudge()
+  results = run.judge_items(task, judge, edits, paths.join(out, run.RESULTS), batch_size=4)
+  rows = run.reward_items(task, ConstantScorer(), edits, paths.join(out, run.REWARD), batch_size=4)
+  report = run.write_summary(task, results.values(), out, out, run.reward_summary(rows.values()))
+  gallery = run.write_gallery(task, results, out, out)
+  calls = judge.calls
+  assert run.judge_items(task, judge, edits, paths.join(out, run.RESULTS)) == results and judge.calls == calls
+  assert run.reward_items(task, None, edits, paths.join(out, run.REWARD)) == rows
+  assert [r.id for r in base.read_results(paths.join(out, run.RESULTS))] == [i.id for i in task.items]
+  assert json.loads(paths.read_text(paths.join(out, "summary.json"))) == report
+  assert report["compare"]["other"] == out and report["reward"]["overall"] == 0.5
+  assert paths.read_text(paths.join(out, "summary.md")).startswith("# imgedit")
+  assert gallery and all(p.startswith(out + "/gallery/") and paths.isfile(p) for p in gallery)
+  assert len(paths.walk_files(edits)) == len(task.items)

@@ -154,3 +154,28 @@ def test_pad_left_puts_every_answer_at_the_last_position():
   np.testing.assert_array_equal(positions, [3, 3])
   with pytest.raises(proc.ProcessorError, match="shorter than the longest row"):
     proc.pad_left(rows, length=2)
+
+
+def test_judge_folder_in_a_bucket_reads_as_locally(gcs, tmp_path, monkeypatch):
+  """The demo judge's folder copied into a bucket: the same image processor config, chat formatting (tokenizer,
+  template, special tokens), stop tokens and judging prompt as the local folder, with nothing copied locally."""
+  from editr1_jax import generation, paths, tiny
+  from editr1_jax.reward import mllm
+  monkeypatch.setenv("EDITR1_CACHE", str(tmp_path / "cache"))
+  local = os.path.join(os.path.dirname(tiny.ASSETS), "demo", "judge")
+  url = gcs.upload(local)
+  cfg = proc.ImageProcessorConfig.from_folder(url)
+  assert cfg == proc.ImageProcessorConfig.from_folder(local)
+  remote, here = proc.ChatFormatter(url, cfg), proc.ChatFormatter(local, cfg)
+  assert (remote.template, remote.template_kwargs) == (here.template, here.template_kwargs)
+  assert remote.source == paths.join(url, "tokenizer.json") and remote.template_source.startswith(url)
+  text = "Replace the cat with a fox, émoji 🦊"
+  assert remote.encode(text, [(1, 4, 6), (1, 2, 2)]).tolist() == here.encode(text, [(1, 4, 6), (1, 2, 2)]).tolist()
+  assert generation.stop_tokens(url) == generation.stop_tokens(local)
+  prompt = gcs.url("judge_prompt.txt")
+  paths.copy_file(os.path.join(os.path.dirname(local), "judge_prompt.txt"), prompt)
+  assert mllm.JudgePrompt.from_file(prompt).text == mllm.JudgePrompt.from_file(
+      os.path.join(os.path.dirname(local), "judge_prompt.txt")).text
+  with pytest.raises(proc.ProcessorError, match=r"gs://editr1-test/.*/none/tokenizer\.json: tokenizer not found"):
+    proc.ChatFormatter(gcs.url("none"), cfg)
+  assert not (tmp_path / "cache").exists()

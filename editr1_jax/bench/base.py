@@ -11,7 +11,9 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+
+from editr1_jax import paths
 
 
 class BenchError(ValueError):
@@ -108,28 +110,31 @@ def as_results(results: Iterable[ItemResult | Mapping]) -> list[ItemResult]:
 
 
 def write_results(path: str | os.PathLike, results: Iterable[ItemResult | Mapping]) -> None:
-  """One JSON object a line (UTF-8, Chinese kept as is), written to a temporary file and renamed."""
-  path = os.fspath(path)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for result in as_results(results):
-      f.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  """One JSON object a line (UTF-8, Chinese kept as is), written whole atomically (a path or a gs:// URL)."""
+  paths.write_text(path, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in as_results(results)))
 
 
 def read_results(path: str | os.PathLike) -> list[ItemResult]:
   """What `write_results` wrote; an error names the file and line."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise BenchError(f"{path}: results file not found")
   results = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise BenchError(f"{path}:{lineno}: malformed JSON: {e.msg}") from e
-      results.append(as_result(obj, where=f"{path}:{lineno}"))
+  for lineno, line in enumerate(paths.read_text(path).split("\n"), start=1):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise BenchError(f"{path}:{lineno}: malformed JSON: {e.msg}") from e
+    results.append(as_result(obj, where=f"{path}:{lineno}"))
   return as_results(results)
+
+
+def file_check(folder: str) -> Callable[[str], bool]:
+  """`isfile` for many paths below `folder`: in a bucket one listing of the folder (not a request per file); on
+  this machine the file system's own answer."""
+  if not paths.is_url(folder):
+    return paths.isfile
+  present = {paths.normpath(paths.join(folder, rel)) for rel in paths.walk_files(folder)}
+  return lambda path: paths.normpath(path) in present

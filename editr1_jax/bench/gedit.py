@@ -26,14 +26,13 @@ tie_rule_SC,rule_PQ}.txt`).
 
 import ast
 import dataclasses
-import glob
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
 from PIL import Image
 
-from editr1_jax import images
+from editr1_jax import images, paths
 from editr1_jax.bench import aggregate, parsing
 from editr1_jax.bench.base import BenchError, ItemResult, JudgeQuery, as_results
 
@@ -84,11 +83,13 @@ class Item:
 
 
 def _data_files(folder: str) -> tuple[str, list[str]]:
-  if not os.path.isdir(folder):
+  if not paths.isdir(folder):
     raise BenchError(f"{folder}: GEdit-Bench folder not found")
-  parquet = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True))
-  arrow = sorted(p for p in glob.glob(os.path.join(folder, "**", "*.arrow"), recursive=True)
-                 if not os.path.basename(p).startswith("cache-"))  # `datasets` map caches
+  # every file below the folder, hidden ones left out (as a recursive glob does: e.g. the hub client's .cache/)
+  found = [rel for rel in paths.walk_files(folder) if not any(part.startswith(".") for part in rel.split("/"))]
+  parquet = [paths.join(folder, rel) for rel in found if rel.endswith(".parquet")]
+  arrow = [paths.join(folder, rel) for rel in found
+           if rel.endswith(".arrow") and not paths.basename(rel).startswith("cache-")]  # `datasets` map caches
   if parquet and arrow:
     raise BenchError(f"{folder}: holds both .parquet and .arrow files; give the folder of one copy of the release")
   if not parquet and not arrow:
@@ -97,14 +98,19 @@ def _data_files(folder: str) -> tuple[str, list[str]]:
   return ("parquet", parquet) if parquet else ("arrow", arrow)
 
 
+def _arrow_source(path: str):
+  """A local file memory-mapped; an object in a bucket read whole (an Arrow stream is read whole anyway)."""
+  import pyarrow as pa
+  return pa.BufferReader(paths.read_bytes(path)) if paths.is_url(path) else pa.memory_map(path)
+
+
 def _arrow_table(path: str):
   import pyarrow as pa
-  source = pa.memory_map(path)
   try:
-    return pa.ipc.open_stream(source).read_all()  # what `datasets` writes
+    return pa.ipc.open_stream(_arrow_source(path)).read_all()  # what `datasets` writes
   except pa.ArrowInvalid:
     try:
-      return pa.ipc.open_file(pa.memory_map(path)).read_all()
+      return pa.ipc.open_file(_arrow_source(path)).read_all()
     except pa.ArrowInvalid as e:
       raise BenchError(f"{path}: not an Arrow IPC file: {e}") from e
 
@@ -126,21 +132,22 @@ class Release:
   Every data file must hold the required columns (an error names the file and the missing columns); every row a
   known task type, a non-empty key, instruction and language (an error names the file and row). Images are read
   only when asked for (`image_bytes`, `load_image`); a Parquet row group or an Arrow file (memory-mapped) stays
-  cached, so reading the items in order reads each file once.
+  cached, so reading the items in order reads each file once. `folder` may be a gs:// URL: a Parquet file's row
+  groups are then read by byte ranges, an Arrow file whole.
   """
 
   def __init__(self, folder: str | os.PathLike):
-    import pyarrow.parquet as pq
     self.folder = os.fspath(folder)
     self.format, self.files = _data_files(self.folder)
     self.items: list[Item] = []
     self._arrow = {}
+    self._parquet = {}  # parquet file -> its open pq.ParquetFile
     self._rows = {}  # parquet file -> row-group start offsets
     self._cache = None  # (file, row group, column) -> array
     self.columns = {}
     seen = {}
     for path in self.files:
-      schema = pq.read_schema(path) if self.format == "parquet" else self._table(path).schema
+      schema = self._parquet_file(path).schema_arrow if self.format == "parquet" else self._table(path).schema
       names = set(schema.names)
       missing = [c for c in REQUIRED_COLUMNS if c not in names]
       if missing:
@@ -152,8 +159,8 @@ class Release:
       self.columns[path] = names
       wanted = [c for c in TEXT_COLUMNS + ("Intersection_exist",) if c in names]
       if self.format == "parquet":
-        table = pq.read_table(path, columns=wanted)
-        meta = pq.ParquetFile(path).metadata
+        table = self._parquet_file(path).read(columns=wanted)
+        meta = self._parquet_file(path).metadata
         starts, total = [], 0
         for g in range(meta.num_row_groups):
           starts.append(total)
@@ -164,6 +171,12 @@ class Release:
       columns = table.to_pydict()
       for row in range(table.num_rows):
         self.items.append(self._item(path, row, {c: columns[c][row] for c in wanted}, seen))
+
+  def _parquet_file(self, path: str):
+    import pyarrow.parquet as pq
+    if path not in self._parquet:
+      self._parquet[path] = pq.ParquetFile(paths.open(path, "rb") if paths.is_url(path) else path)
+    return self._parquet[path]
 
   def _table(self, path: str):
     if path not in self._arrow:
@@ -204,13 +217,11 @@ class Release:
       raise BenchError(f"{item.file}: no column {column!r} (item {item.id})")
     if self.format == "parquet":
       import bisect
-
-      import pyarrow.parquet as pq
       starts = self._rows[item.file]
       group = bisect.bisect_right(starts, item.row) - 1
       key = (item.file, group, column)
       if self._cache is None or self._cache[0] != key:
-        array = pq.ParquetFile(item.file).read_row_group(group, columns=[column]).column(column)
+        array = self._parquet_file(item.file).read_row_group(group, columns=[column]).column(column)
         self._cache = (key, array)
       value = self._cache[1][item.row - starts[group]].as_py()
     else:
@@ -261,7 +272,7 @@ class Prompts:
 def _module_strings(path: str) -> dict[str, str]:
   """Top-level `name = "string"` assignments of a Python file, read as data (the file is never executed)."""
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path, encoding="utf-8") as f:
       tree = ast.parse(f.read(), filename=path)
   except (SyntaxError, UnicodeDecodeError) as e:
     raise BenchError(f"{path}: not a readable Python file: {e}") from e
@@ -285,12 +296,12 @@ def load_prompts(folder: str | os.PathLike) -> Prompts:
   (directly, in `viescore/` or in `GEdit-Bench/viescore/`) or VIEScore's raw text files (directly, in
   `prompts_raw/` or `viescore/prompts_raw/`). An error names the missing file or variable."""
   folder = os.fspath(folder)
-  if os.path.isfile(folder) and folder.endswith(".py"):
+  if folder.endswith(".py") and paths.isfile(folder):
     modules = [folder]
   else:
-    if not os.path.isdir(folder):
+    if not paths.isdir(folder):
       raise BenchError(f"{folder}: GEdit-Bench prompt folder not found")
-    modules = [os.path.join(folder, p) for p in PROMPT_MODULE_PLACES if os.path.isfile(os.path.join(folder, p))]
+    modules = [paths.join(folder, p) for p in PROMPT_MODULE_PLACES if paths.isfile(paths.join(folder, p))]
   if modules:
     path = modules[0]
     strings = _module_strings(path)
@@ -299,14 +310,14 @@ def load_prompts(folder: str | os.PathLike) -> Prompts:
       raise BenchError(f"{path}: missing prompt variable(s) {missing}")
     return _checked({k: strings[v] for k, v in PROMPT_VARIABLES.items()}, path)
   for place in PROMPT_FOLDER_PLACES:
-    root = os.path.normpath(os.path.join(folder, place))
-    if os.path.isfile(os.path.join(root, PROMPT_FILES["sc_rule"])):
+    root = paths.normpath(paths.join(folder, place))
+    if paths.isfile(paths.join(root, PROMPT_FILES["sc_rule"])):
       texts = {}
       for name, rel in PROMPT_FILES.items():
-        path = os.path.join(root, rel)
-        if not os.path.isfile(path):
+        path = paths.join(root, rel)
+        if not paths.isfile(path):
           raise BenchError(f"{path}: prompt file not found")
-        with open(path, encoding="utf-8") as f:
+        with paths.open(path, encoding="utf-8") as f:
           texts[name] = f.read()
       return _checked(texts, root)
   raise BenchError(f"{folder}: no VIEScore prompts: expected one of {list(PROMPT_MODULE_PLACES)} or the text files "

@@ -26,8 +26,9 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
+from editr1_jax import paths
 from editr1_jax.bench import aggregate, parsing
-from editr1_jax.bench.base import BenchError, ItemResult, JudgeQuery, as_results
+from editr1_jax.bench.base import BenchError, ItemResult, JudgeQuery, as_results, file_check
 
 BENCHMARK = "ImgEdit"
 EDIT_TYPES = ("add", "adjust", "extract", "replace", "remove", "background", "style", "compose", "action")
@@ -59,7 +60,7 @@ CRITERIA = {
 class Item:
   key: str
   image_id: str  # the release's "id": the image path relative to the folder
-  image_path: str  # absolute
+  image_path: str  # the folder's path joined with image_id
   instruction: str
   edit_type: str
 
@@ -76,16 +77,16 @@ def find_folder(folder: str | os.PathLike, name: str = ITEMS_FILE) -> str:
   """The release's `singleturn` folder: `folder` itself, or its `singleturn/` or `Benchmark/singleturn/`."""
   folder = os.fspath(folder)
   for place in FOLDER_PLACES:
-    root = os.path.normpath(os.path.join(folder, place))
-    if os.path.isfile(os.path.join(root, name)):
+    root = paths.normpath(paths.join(folder, place))
+    if paths.isfile(paths.join(root, name)):
       return root
-  raise BenchError(f"{os.path.join(folder, name)}: not found (expected the ImgEdit release's Benchmark/singleturn "
+  raise BenchError(f"{paths.join(folder, name)}: not found (expected the ImgEdit release's Benchmark/singleturn "
                    f"folder: {ITEMS_FILE}, {PROMPTS_FILE} and the image folders)")
 
 
 def _load_json(path: str):
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path, encoding="utf-8") as f:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise BenchError(f"{path}: malformed JSON: {e.msg} (line {e.lineno})") from e
@@ -97,8 +98,9 @@ def read(folder: str | os.PathLike, items_file: str = ITEMS_FILE) -> list[Item]:
   """The Basic suite's items, in the file's order, validated: each entry has "id", "prompt" and a known
   "edit_type", and its image exists inside the folder (an error names the file, the key and the field)."""
   root = find_folder(folder, items_file)
-  path = os.path.join(root, items_file)
+  path = paths.join(root, items_file)
   data = _load_json(path)
+  isfile = file_check(root)
   if not isinstance(data, dict) or not data:
     raise BenchError(f"{path}: expected a non-empty JSON object of items keyed by id")
   items = []
@@ -115,10 +117,10 @@ def read(folder: str | os.PathLike, items_file: str = ITEMS_FILE) -> list[Item]:
     edit_type = ALIASES.get(entry["edit_type"], entry["edit_type"])
     if edit_type not in EDIT_TYPES:
       raise BenchError(f"{where}: edit_type {entry['edit_type']!r} is not an ImgEdit type {list(EDIT_TYPES)}")
-    image_path = os.path.normpath(os.path.join(root, entry["id"]))
-    if os.path.commonpath([root, image_path]) != root:
+    image_path = paths.normpath(paths.join(root, entry["id"]))
+    if not paths.is_inside(image_path, root):
       raise BenchError(f"{where}: image {entry['id']!r} leaves the benchmark folder")
-    if not os.path.isfile(image_path):
+    if not isfile(image_path):
       raise BenchError(f"{where}: image {image_path} not found")
     items.append(Item(str(key), entry["id"], image_path, entry["prompt"], edit_type))
   return items
@@ -138,8 +140,8 @@ def load_prompts(path: str | os.PathLike) -> Prompts:
   """`judge_prompt.json` (the file, or a folder as `find_folder` takes): an object with a prompt for each of the
   nine edit types, each holding "<edit_prompt>"; an error names the file and the missing or bad key."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    path = os.path.join(find_folder(path, PROMPTS_FILE), PROMPTS_FILE)
+  if not paths.isfile(path):
+    path = paths.join(find_folder(path, PROMPTS_FILE), PROMPTS_FILE)
   data = _load_json(path)
   if not isinstance(data, dict):
     raise BenchError(f"{path}: expected a JSON object {{edit type: prompt}}")

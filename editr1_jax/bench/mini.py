@@ -8,8 +8,8 @@
   (`gedit_prompts="module"`) or as VIEScore's raw text files `prompts_raw/...` (`gedit_prompts="raw"`);
 - `imgedit/Benchmark/singleturn/`: ImgEdit Basic items (`singleturn.json`), images in sub-folders, and a
   `judge_prompt.json` of our own words.
-The prompts only share the releases' structure (variable / file names, placeholders, answer formats and criterion
-names); none of their text. Images are small shapes drawn with PIL from `seed`.
+`folder` may be a gs:// URL. The prompts only share the releases' structure (variable / file names, placeholders,
+answer formats and criterion names); none of their text. Images are small shapes drawn with PIL from `seed`.
 
   python -m editr1_jax.bench.mini OUT_DIR
 """
@@ -22,6 +22,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from editr1_jax import images, paths
 from editr1_jax.bench import gedit, imgedit
 
 COLOURS = (("red", "红色", (214, 48, 49)), ("blue", "蓝色", (9, 132, 227)), ("green", "绿色", (0, 184, 148)),
@@ -109,17 +110,18 @@ def _write_gedit(folder: str, rows: list[dict], fmt: str) -> None:
                       ("instruction_language", pa.string()), ("input_image", image), ("input_image_raw", image),
                       ("Intersection_exist", pa.bool_())])
   table = pa.Table.from_pylist(rows, schema=schema)
+  sink = pa.BufferOutputStream()
   if fmt == "parquet":
-    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
-    pq.write_table(table, os.path.join(folder, "data", "train-00000-of-00001.parquet"), row_group_size=16)
+    pq.write_table(table, sink, row_group_size=16)
+    paths.write_bytes(paths.join(folder, "data", "train-00000-of-00001.parquet"), sink.getvalue().to_pybytes())
   elif fmt == "arrow":
-    split = os.path.join(folder, "train")
-    os.makedirs(split, exist_ok=True)
+    split = paths.join(folder, "train")
     name = "data-00000-of-00001.arrow"
-    with pa.OSFile(os.path.join(split, name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    with pa.ipc.new_stream(sink, schema) as writer:
       writer.write_table(table, max_chunksize=16)
-    with open(os.path.join(split, "state.json"), "w") as f:
-      json.dump({"_data_files": [{"filename": name}], "_split": "train"}, f, indent=1)
+    paths.write_bytes(paths.join(split, name), sink.getvalue().to_pybytes())
+    paths.write_text(paths.join(split, "state.json"),
+                     json.dumps({"_data_files": [{"filename": name}], "_split": "train"}, indent=1))
   else:
     raise ValueError(f"gedit_format {fmt!r}: expected 'parquet' or 'arrow'")
 
@@ -146,18 +148,13 @@ GEDIT_PROMPTS = {
 
 def _write_gedit_prompts(folder: str, layout: str) -> None:
   if layout == "module":
-    os.makedirs(os.path.join(folder, "viescore"), exist_ok=True)
     lines = ["# Prompts of the editr1_jax mini-benchmark, in the structure of VIEScore's vie_prompts.py.\n"]
     for name, variable in gedit.PROMPT_VARIABLES.items():
       lines.append(f"{variable} = {GEDIT_PROMPTS[name]!r}\n")
-    with open(os.path.join(folder, "viescore", "vie_prompts.py"), "w", encoding="utf-8") as f:
-      f.write("\n".join(lines))
+    paths.write_text(paths.join(folder, "viescore", "vie_prompts.py"), "\n".join(lines))
   elif layout == "raw":
     for name, rel in gedit.PROMPT_FILES.items():
-      path = os.path.join(folder, "prompts_raw", rel)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, "w", encoding="utf-8") as f:
-        f.write(GEDIT_PROMPTS[name])
+      paths.write_text(paths.join(folder, "prompts_raw", rel), GEDIT_PROMPTS[name])
   else:
     raise ValueError(f"gedit_prompts {layout!r}: expected 'module' or 'raw'")
 
@@ -176,21 +173,18 @@ def imgedit_prompt(edit_type: str) -> str:
 
 
 def _write_imgedit(root: str, rng: np.random.Generator, per_category: int) -> int:
-  os.makedirs(root, exist_ok=True)
   items, key = {}, 1
   for t, edit_type in enumerate(imgedit.EDIT_TYPES):
     sub, template = IMGEDIT_INSTRUCTIONS[edit_type]
     for j in range(per_category):
       rel = f"{sub}/{key:09d}.png"
-      os.makedirs(os.path.join(root, sub), exist_ok=True)
-      draw(rng, (64, 48)).save(os.path.join(root, rel))
+      images.save(draw(rng, (64, 48)), paths.join(root, rel))
       items[str(key)] = {"id": rel, "prompt": template.format(c=COLOURS[(t + j) % len(COLOURS)][0]),
                          "edit_type": edit_type}
       key += 1
-  with open(os.path.join(root, imgedit.ITEMS_FILE), "w", encoding="utf-8") as f:
-    json.dump(items, f, indent=4, ensure_ascii=False)
-  with open(os.path.join(root, imgedit.PROMPTS_FILE), "w", encoding="utf-8") as f:
-    json.dump({t: imgedit_prompt(t) for t in imgedit.EDIT_TYPES}, f, indent=2, ensure_ascii=False)
+  paths.write_text(paths.join(root, imgedit.ITEMS_FILE), json.dumps(items, indent=4, ensure_ascii=False))
+  paths.write_text(paths.join(root, imgedit.PROMPTS_FILE),
+                   json.dumps({t: imgedit_prompt(t) for t in imgedit.EDIT_TYPES}, indent=2, ensure_ascii=False))
   return len(items)
 
 
@@ -203,10 +197,10 @@ def write(folder: str | os.PathLike, per_category: int = 2, seed: int = 0, gedit
   folder = os.fspath(folder)
   rng = np.random.default_rng(seed)
   rows = _gedit_rows(rng, per_category)
-  gedit_dir, prompts_dir = os.path.join(folder, "gedit"), os.path.join(folder, "gedit_prompts")
+  gedit_dir, prompts_dir = paths.join(folder, "gedit"), paths.join(folder, "gedit_prompts")
   _write_gedit(gedit_dir, rows, gedit_format)
   _write_gedit_prompts(prompts_dir, gedit_prompts)
-  imgedit_dir = os.path.join(folder, "imgedit", "Benchmark", "singleturn")
+  imgedit_dir = paths.join(folder, "imgedit", "Benchmark", "singleturn")
   n_imgedit = _write_imgedit(imgedit_dir, rng, per_category)
   return MiniBenchmark(gedit_dir, prompts_dir, imgedit_dir, len(rows), n_imgedit)
 

@@ -4,20 +4,20 @@ folder of another editor's outputs), the judge's answers, per-item results, summ
 `OUT/edits/<item>.png` and `OUT/results.jsonl` are the state: an edit already on disk is not sampled again,
 an item already in results.jsonl is not judged again (a line torn by a kill is dropped and redone), so a
 killed evaluation continues where it stopped and ends with the same summary. Edits are all sampled before
-the judge is loaded: the editor and the judge are never in memory together.
+the judge is loaded: the editor and the judge are never in memory together. OUT may be a gs:// URL: an object
+cannot be appended to, so results.jsonl is rewritten whole (atomically) after each judged batch.
 """
 
 import json
 import logging
-import os
 from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from editr1_jax import images
+from editr1_jax import images, paths
 from editr1_jax.bench import aggregate, gedit, imgedit
-from editr1_jax.bench.base import BenchError, ItemResult, JudgeQuery, as_result, write_results
+from editr1_jax.bench.base import BenchError, ItemResult, JudgeQuery, as_result, file_check, write_results
 
 _LOG = logging.getLogger(__name__)
 RESULTS, EDITS, GALLERY = "results.jsonl", "edits", "gallery"
@@ -106,22 +106,20 @@ def make_task(benchmark: str, data: str, prompts: str | None = None) -> Task:
 
 # ---------------------------------------------------------------------------------------------------------- edits
 def edit_path(edits_dir: str, item) -> str:
-  return os.path.join(edits_dir, item.edited_name)
+  return paths.join(edits_dir, item.edited_name)
 
 
 def save_edit(image: Image.Image, path: str) -> None:
-  """An edit written to a temporary file and renamed: a kill never leaves half a PNG behind."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  image.save(tmp)
-  os.replace(tmp, path)
+  """An edit written atomically: a kill never leaves half a PNG behind."""
+  images.save(image, path)
 
 
 def sample_edits(task: Task, edit: Callable, edits_dir: str, *, batch_size: int = 1,
                  progress: Callable[[int], None] | None = None) -> int:
   """Writes the missing edits: `edit(sources (PIL list), instructions, indices) -> uint8 images`; items whose
   sources resize to one size go in batches of `batch_size`. Returns how many were sampled."""
-  todo = [(i, item) for i, item in enumerate(task.items) if not os.path.isfile(edit_path(edits_dir, item))]
+  isfile = file_check(edits_dir)
+  todo = [(i, item) for i, item in enumerate(task.items) if not isfile(edit_path(edits_dir, item))]
   by_size: dict = {}
   for i, item in todo:
     by_size.setdefault(task.edit_source(item).size, []).append((i, item))
@@ -143,10 +141,9 @@ def sample_edits(task: Task, edit: Callable, edits_dir: str, *, batch_size: int 
 def read_done(path: str, *, repair: bool = False) -> dict[str, ItemResult]:
   """The results already written. A last line torn by a kill is dropped (that item is judged again); with
   `repair` the file is rewritten without it (atomically) so that new lines can be appended."""
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  lines = paths.read_text(path).split("\n")
   done = {}
   for n, line in enumerate(lines, start=1):
     if not line.strip():
@@ -171,44 +168,36 @@ class Judge(Protocol):
 
 def judge_items(task: Task, judge: Judge, edits_dir: str, results_path: str, *, batch_size: int = 1,
                 progress: Callable[[int], None] | None = None) -> dict[str, ItemResult]:
-  """Judges every item not in `results_path` yet (appending a line per item as soon as it is judged)."""
+  """Judges every item not in `results_path` yet (appending the lines of a batch as soon as it is judged)."""
   done = read_done(results_path, repair=True)
   todo = [item for item in task.items if item.id not in done]
-  missing = [edit_path(edits_dir, i) for i in todo if not os.path.isfile(edit_path(edits_dir, i))]
+  isfile = file_check(edits_dir)
+  missing = [edit_path(edits_dir, i) for i in todo if not isfile(edit_path(edits_dir, i))]
   if missing:
     raise BenchError(f"{edits_dir}: {len(missing)} edit(s) missing, e.g. {missing[:3]}")
-  with open(results_path, "a", encoding="utf-8") as out:
-    for start in range(0, len(todo), batch_size):
-      part = todo[start:start + batch_size]
-      requests, owners = [], []
-      for item in part:
-        source = task.judge_source(item)
-        edited = task.judged_edit(images.load_rgb(edit_path(edits_dir, item)), source)
-        pictures = {"source": source, "edited": edited}
-        for q in task.queries(item):
-          requests.append((q.prompt, [pictures[role] for role in q.images], q.text_first))
-          owners.append((item, q.judgement))
-      answers = judge.answer(requests)
-      by_item: dict = {}
-      for (item, judgement), text in zip(owners, answers):
-        by_item.setdefault(item.id, {})[judgement] = text
-      for item in part:
-        result = task.result(item, by_item[item.id])
-        out.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
-        out.flush()
-        done[item.id] = result
-      if progress:
-        progress(len(part))
+  for start in range(0, len(todo), batch_size):
+    part = todo[start:start + batch_size]
+    requests, owners = [], []
+    for item in part:
+      source = task.judge_source(item)
+      edited = task.judged_edit(images.load_rgb(edit_path(edits_dir, item)), source)
+      pictures = {"source": source, "edited": edited}
+      for q in task.queries(item):
+        requests.append((q.prompt, [pictures[role] for role in q.images], q.text_first))
+        owners.append((item, q.judgement))
+    answers = judge.answer(requests)
+    by_item: dict = {}
+    for (item, judgement), text in zip(owners, answers):
+      by_item.setdefault(item.id, {})[judgement] = text
+    results = [task.result(item, by_item[item.id]) for item in part]
+    paths.append_text(results_path, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in results))
+    done.update((r.id, r) for r in results)
+    if progress:
+      progress(len(part))
   return done
 
 
 # -------------------------------------------------------------------------------------------------------- reports
-def _write_atomic(path: str, text: str) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
-
-
 def write_summary(task: Task, results: Iterable[ItemResult], out: str, compare_out: str | None = None,
                   reward: dict | None = None) -> dict:
   """OUT/summary.json and OUT/summary.md (with another run's results: both and the deltas; with `reward`, our
@@ -217,17 +206,17 @@ def write_summary(task: Task, results: Iterable[ItemResult], out: str, compare_o
   report = {"benchmark": task.name, "summaries": {k: s.to_dict() for k, s in summaries.items()}}
   md = [f"# {task.name}", "", aggregate.to_markdown(summaries)]
   if compare_out:
-    other = task.summaries(list(read_done(os.path.join(compare_out, RESULTS)).values()))
+    other = task.summaries(list(read_done(paths.join(compare_out, RESULTS)).values()))
     comparison = aggregate.compare(other, summaries)
-    report["compare"] = {"other": os.path.abspath(compare_out), **{k: c.to_dict() for k, c in comparison.items()}}
+    report["compare"] = {"other": paths.absolute(compare_out), **{k: c.to_dict() for k, c in comparison.items()}}
     md += ["", f"## against {compare_out}", "", aggregate.comparison_markdown(comparison, names=("other", "this"))]
   if reward is not None:
     report["reward"] = reward
     rows = [f"| {c} | {s['n']} | {s['invalid']} | {_fmt(s['mean'])} |" for c, s in reward["categories"].items()]
     md += ["", "## our reward (logit-expectation score), mean per category", "", "| category | n | invalid | reward |",
            "|---|---|---|---|", *rows, f"| overall | | | {_fmt(reward['overall'])} |"]
-  _write_atomic(os.path.join(out, "summary.json"), json.dumps(report, indent=2, ensure_ascii=False))
-  _write_atomic(os.path.join(out, "summary.md"), "\n".join(md) + "\n")
+  paths.write_text(paths.join(out, "summary.json"), json.dumps(report, indent=2, ensure_ascii=False))
+  paths.write_text(paths.join(out, "summary.md"), "\n".join(md) + "\n")
   return report
 
 
@@ -246,8 +235,9 @@ def _score_line(result: ItemResult | None) -> str:
 def write_gallery(task: Task, results: dict, out: str, compare_out: str | None = None, *, per_category: int = 8,
                   side: int = 192) -> list[str]:
   """OUT/gallery/<category>.png: rows of source | this run's edit | the other run's edit, each with its scores."""
-  other = read_done(os.path.join(compare_out, RESULTS)) if compare_out else {}
-  runs = [(out, results)] + ([(compare_out, other)] if compare_out else [])
+  other = read_done(paths.join(compare_out, RESULTS)) if compare_out else {}
+  runs = [(paths.join(out, EDITS), results)] + ([(paths.join(compare_out, EDITS), other)] if compare_out else [])
+  present = [file_check(edits) for edits, _ in runs]
   by_category: dict = {}
   for item in task.items:
     by_category.setdefault(_category(item), []).append(item)
@@ -260,16 +250,15 @@ def write_gallery(task: Task, results: dict, out: str, compare_out: str | None =
     for r, item in enumerate(items):
       y = r * (side + label)
       cells = [("source", task.judge_source(item))]
-      for run_out, run_results in runs:
-        path = edit_path(os.path.join(run_out, EDITS), item)
-        picture = images.load_rgb(path) if os.path.isfile(path) else Image.new("RGB", (side, side))
+      for (edits, run_results), isfile in zip(runs, present):
+        path = edit_path(edits, item)
+        picture = images.load_rgb(path) if isfile(path) else Image.new("RGB", (side, side))
         cells.append((_score_line(run_results.get(item.id)), picture))
       for c, (caption, picture) in enumerate(cells):
         grid.paste(picture.resize((side, side)), (c * side, y + label))
         draw.text((c * side + 2, y), caption[:40], fill=(0, 0, 0))
-    path = os.path.join(out, GALLERY, f"{category.replace('/', '_')}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    grid.save(path)
+    path = paths.join(out, GALLERY, f"{category.replace('/', '_')}.png")
+    images.save(grid, path)
     written.append(path)
   return written
 
@@ -282,28 +271,24 @@ def reward_items(task: Task, judge, edits_dir: str, path: str, *, batch_size: in
   """Our training reward (the logit-expectation score of `reward.mllm.MllmJudge`, requirement left empty) of every
   item not in `path` yet, one JSON line per item: {"id", "category", "reward", "valid"}."""
   done = {}
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line: that item is scored again
-          continue
-        done[row["id"]] = row
+  if paths.isfile(path):
+    for line in paths.read_text(path).split("\n"):
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # a torn last line (or the empty one after the last newline): scored again
+        continue
+      done[row["id"]] = row
   todo = [item for item in task.items if item.id not in done]
-  with open(path, "a", encoding="utf-8") as out:
-    for start in range(0, len(todo), batch_size):
-      part = todo[start:start + batch_size]
-      sources = [task.judge_source(item) for item in part]
-      edits = [task.judged_edit(images.load_rgb(edit_path(edits_dir, item)), s) for item, s in zip(part, sources)]
-      scored = judge.score([np.asarray(s) for s in sources], [np.asarray(e) for e in edits],
-                           [item.instruction for item in part], [""] * len(part))
-      for item, score, valid in zip(part, scored.scores, scored.valid):
-        row = {"id": item.id, "category": _category(item), "reward": float(score) if valid else None,
-               "valid": bool(valid)}
-        out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        out.flush()
-        done[item.id] = row
+  for start in range(0, len(todo), batch_size):
+    part = todo[start:start + batch_size]
+    sources = [task.judge_source(item) for item in part]
+    edits = [task.judged_edit(images.load_rgb(edit_path(edits_dir, item)), s) for item, s in zip(part, sources)]
+    scored = judge.score([np.asarray(s) for s in sources], [np.asarray(e) for e in edits],
+                         [item.instruction for item in part], [""] * len(part))
+    rows = [{"id": item.id, "category": _category(item), "reward": float(score) if valid else None,
+             "valid": bool(valid)} for item, score, valid in zip(part, scored.scores, scored.valid)]
+    paths.append_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    done.update((row["id"], row) for row in rows)
   return done
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from editr1_jax import paths
 from editr1_jax import sharding as shd
 from editr1_jax.models import qwen2_5_vl
 from editr1_jax.reward import processor as proc
@@ -45,10 +46,11 @@ class JudgePrompt:
 
   @classmethod
   def from_file(cls, path: str | None = None) -> "JudgePrompt":
-    """`path`, or the packaged `judge_prompt.txt`. Trailing whitespace of the file is dropped."""
+    """`path` (a file or a gs:// URL), or the packaged `judge_prompt.txt`. Trailing whitespace of the file is
+    dropped."""
     path = DEFAULT_PROMPT if path is None else path
     try:
-      with open(path, encoding="utf-8") as f:
+      with paths.open(path, encoding="utf-8") as f:
         text = f.read().rstrip()
     except (OSError, UnicodeDecodeError) as e:
       raise TemplateError(f"{path}: cannot read the judging prompt: {e}") from e

@@ -14,13 +14,12 @@ left so that the first answer position is the last position of every row.
 import dataclasses
 import json
 import math
-import os
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from editr1_jax import images
+from editr1_jax import images, paths
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -63,11 +62,11 @@ class ImageProcessorConfig:
 
   @classmethod
   def from_folder(cls, folder: str, name: str = "preprocessor_config.json") -> "ImageProcessorConfig":
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
+    path = paths.join(folder, name)
+    if not paths.isfile(path):
       raise ProcessorError(f"{path}: image processor config not found")
     try:
-      with open(path) as f:
+      with paths.open(path) as f:
         raw = json.load(f)
     except json.JSONDecodeError as e:
       raise ProcessorError(f"{path}: not valid JSON: {e}") from e
@@ -191,7 +190,7 @@ def preprocess_images(images: Sequence, cfg: ImageProcessorConfig) -> tuple[np.n
 # Chat
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
+    with paths.open(path) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise ProcessorError(f"{path}: not valid JSON: {e}") from e
@@ -200,13 +199,13 @@ def _read_json(path: str) -> dict:
 def read_chat_template(folder: str) -> tuple[str, str]:
   """(template, the file it came from): `chat_template.jinja`, else `tokenizer_config.json`, else
   `chat_template.json`, the places transformers saves it."""
-  jinja = os.path.join(folder, "chat_template.jinja")
-  if os.path.isfile(jinja):
-    with open(jinja, encoding="utf-8") as f:
+  jinja = paths.join(folder, "chat_template.jinja")
+  if paths.isfile(jinja):
+    with paths.open(jinja, encoding="utf-8") as f:
       return f.read(), jinja
   for name in ("tokenizer_config.json", "chat_template.json"):
-    path = os.path.join(folder, name)
-    if os.path.isfile(path):
+    path = paths.join(folder, name)
+    if paths.isfile(path):
       template = _read_json(path).get("chat_template")
       if template is None:
         continue
@@ -217,21 +216,22 @@ def read_chat_template(folder: str) -> tuple[str, str]:
 
 
 class ChatFormatter:
-  """One user turn of images then text, tokenised with image pads expanded, from a model folder."""
+  """One user turn of images then text, tokenised with image pads expanded, from a model folder (a path or a gs://
+  URL: the tokenizer is built from the text of its tokenizer.json, as `Tokenizer.from_file` does)."""
 
   def __init__(self, folder: str, image_cfg: ImageProcessorConfig):
     from tokenizers import Tokenizer
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
+    path = paths.join(folder, "tokenizer.json")
+    if not paths.isfile(path):
       raise ProcessorError(f"{path}: tokenizer not found")
     try:
-      self.tokenizer = Tokenizer.from_file(path)
+      self.tokenizer = Tokenizer.from_str(paths.read_text(path))
     except Exception as e:  # the Rust side raises a plain Exception
       raise ProcessorError(f"{path}: unreadable tokenizer: {e}") from e
     self.source = path
     self.template, self.template_source = read_chat_template(folder)
-    config_path = os.path.join(folder, "tokenizer_config.json")
-    config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    config_path = paths.join(folder, "tokenizer_config.json")
+    config = _read_json(config_path) if paths.isfile(config_path) else {}
     # apply_chat_template passes the special tokens to the template: do the same.
     self.template_kwargs = {k: _token_text(config[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
                             if config.get(k) is not None}
