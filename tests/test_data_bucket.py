@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from editr1_jax import paths
-from editr1_jax.data import builder, fingerprint, folder
+from editr1_jax.data import builder, fingerprint, folder, make_demo
 
 DEMO = os.path.join(os.path.dirname(folder.__file__), "demo")
 
@@ -118,3 +118,9 @@ def test_tfds_copy_in_a_bucket_is_built_once_then_downloaded(demo_url, gcs, cach
   monkeypatch.setenv("EDITR1_CACHE", str(tmp_path / "third_cache"))
   builder.prepare(demo_url, tfds_url)
   assert len(builds) == 2 and paths.isfile(paths.join(tfds_url, builder.SOURCE_FILE))
+
+
+def test_make_demo_writes_into_a_bucket(gcs, cache):
+  url = gcs.url("drawn")
+  make_demo.make(url, n_train=2, n_test=1)
+  assert [len(folder.read_records(url, split)) for split in ("train", "test")] == [2, 1]

@@ -1,17 +1,20 @@
 """Draw the shipped demo dataset: coloured shapes with colour-editing instructions.
 
-  python -m editr1_jax.data.make_demo [--out editr1_jax/data/demo]
+  python -m editr1_jax.data.make_demo [--out editr1_jax/data/demo]   (a gs://bucket/... URL works too)
 
 Every instruction names a target colour, so a programmatic reward (closeness of the edited image's
 colour to the named one) can stand in for the MLLM in CPU demos and learning tests.
 """
 
 import argparse
+import io
 import json
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from editr1_jax import paths
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -38,7 +41,6 @@ def draw(shape: str, fill, background, rng) -> Image.Image:
 def make(out: str, n_train: int = 32, n_test: int = 8, seed: int = 0) -> None:
   rng = np.random.default_rng(seed)
   names = list(COLOURS)
-  os.makedirs(os.path.join(out, "images"), exist_ok=True)
   for split, n in (("train", n_train), ("test", n_test)):
     lines = []
     for i in range(n):
@@ -46,7 +48,9 @@ def make(out: str, n_train: int = 32, n_test: int = 8, seed: int = 0) -> None:
       src, bg, target = rng.choice(len(names), 3, replace=False)
       im = draw(shape, COLOURS[names[src]], COLOURS[names[bg]], rng)
       rel = f"images/{split}_{i:03d}.png"
-      im.save(os.path.join(out, rel), optimize=True)
+      buf = io.BytesIO()
+      im.save(buf, format="PNG", optimize=True)
+      paths.write_bytes(paths.join(out, rel), buf.getvalue())
       if i % 2 == 0:
         prompt = f"Make the {shape} {names[target]}."
         requirement = f"Only the {shape} changes colour, to {names[target]}; its shape, size, position and the background stay the same."
@@ -56,8 +60,7 @@ def make(out: str, n_train: int = 32, n_test: int = 8, seed: int = 0) -> None:
         requirement = f"Only the background becomes {names[target]}; the {names[src]} {shape} is unchanged."
         category = "background"
       lines.append(json.dumps({"prompt": prompt, "image": rel, "requirement": requirement, "category": category}))
-    with open(os.path.join(out, f"{split}_metadata.jsonl"), "w") as f:
-      f.write("\n".join(lines) + "\n")
+    paths.write_text(paths.join(out, f"{split}_metadata.jsonl"), "\n".join(lines) + "\n")
 
 
 def main():
