@@ -9,13 +9,13 @@ the sharding rules; text position ids are all zero.
 import functools
 import json
 import logging
-import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from editr1_jax import paths
 from editr1_jax import sharding as shd
 from editr1_jax.models.clip import CLIPTextModel, load_clip_text
 from editr1_jax.models.t5 import T5EncoderModel, load_t5_encoder
@@ -26,17 +26,19 @@ MAX_T5_LENGTH = 512
 
 
 def load_tokenizers(folder: str):
-  """(CLIP tokenizer, T5 tokenizer) from a pipeline folder's tokenizer/ and tokenizer_2/.
+  """(CLIP tokenizer, T5 tokenizer) from a pipeline folder's tokenizer/ and tokenizer_2/ (in a bucket: from a local
+  copy of those folders, which transformers needs).
 
   The concrete transformers classes, not AutoTokenizer: the auto classes import torch.
   """
   from transformers.models.clip.tokenization_clip import CLIPTokenizer
   from transformers.models.t5.tokenization_t5 import T5Tokenizer
-  paths = [os.path.join(folder, sub) for sub in ("tokenizer", "tokenizer_2")]
-  for path in paths:
-    if not os.path.isdir(path):
+  folders = [paths.join(folder, sub) for sub in ("tokenizer", "tokenizer_2")]
+  for path in folders:
+    if not paths.isdir(path):
       raise FileNotFoundError(f"{path}: tokenizer folder not found")
-  return CLIPTokenizer.from_pretrained(paths[0]), T5Tokenizer.from_pretrained(paths[1])
+  return (CLIPTokenizer.from_pretrained(paths.local_copy(folders[0])),
+          T5Tokenizer.from_pretrained(paths.local_copy(folders[1])))
 
 
 def _prompt_list(prompts: str | Sequence[str], what: str) -> list[str]:

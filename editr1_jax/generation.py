@@ -143,8 +143,7 @@ def stop_tokens(folder: str) -> tuple[tuple[int, ...], int]:
     if not paths.isfile(path):
       continue
     try:
-      with paths.open(path) as f:
-        config = json.load(f)
+      config = json.loads(paths.read_text(path))
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not valid JSON: {e}") from e
     for section, where in ((config, ""), (config.get("text_config") or {}, "text_config.")):

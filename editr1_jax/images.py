@@ -74,7 +74,7 @@ def load_rgb(source: str | os.PathLike | bytes, where: str | None = None) -> Ima
     where = where or path
     if not paths.isfile(path):
       raise ImageError(f"{where}: image not found")
-    stream = paths.open(path, "rb")
+    stream = io.BytesIO(paths.read_bytes(path))  # one request in a bucket
   try:
     with stream, Image.open(stream) as image:
       return to_rgb(image, where)

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from editr1_jax import latents, nft, rollouts, train_loop
+from editr1_jax import latents, nft, paths, rollouts, train_loop
 from editr1_jax import sharding as shd
 
 GiB = 1024 ** 3
@@ -367,7 +367,7 @@ def judge_parts(config, judge: str | None = None):
   dtype = config.reward.dtype
   runtime = dict(dtype=dtype, param_dtype=dtype)
   folder = config.reward.model_dir
-  has_config = bool(folder) and os.path.isfile(os.path.join(folder, "config.json"))
+  has_config = bool(folder) and paths.isfile(paths.join(folder, "config.json"))
   try:
     if judge == "tiny" or (not judge and not has_config and config.reward.tiny):
       cfg = tiny_lib.tiny_judge_config().replace(**runtime)
@@ -375,11 +375,11 @@ def judge_parts(config, judge: str | None = None):
     elif judge in ("7b", "32b"):
       cfg = (qwen2_5_vl.qwen2_5_vl_7b if judge == "7b" else qwen2_5_vl.qwen2_5_vl_32b)(**runtime)
     elif has_config:
-      path = os.path.join(folder, "config.json")
+      path = paths.join(folder, "config.json")
       cfg = qwen2_5_vl.Qwen25VLConfig.from_hf_config(wio.read_config(folder), source=path, **runtime)
     else:
       cfg = qwen2_5_vl.qwen2_5_vl_32b(**runtime)
-    if folder and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+    if folder and paths.isfile(paths.join(folder, "preprocessor_config.json")):
       image_cfg = proc.ImageProcessorConfig.from_folder(folder)
     else:
       image_cfg = proc.ImageProcessorConfig(*DEFAULT_JUDGE_PIXELS)

@@ -17,7 +17,6 @@ resize (`images.to_rgb`), not after.
 import functools
 import hashlib
 import math
-import os
 from typing import Sequence
 
 import jax
@@ -26,7 +25,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from editr1_jax import chunks, latents
+from editr1_jax import chunks, latents, paths
 from editr1_jax import sharding as shd
 from editr1_jax.conditioning import _start
 from editr1_jax.models import qwen2_5_vl
@@ -112,13 +111,14 @@ def image_digest(images: Sequence) -> str:
 
 # --------------------------------------------------------------------------------------------------
 def load_tokenizer(folder: str):
-  """The Qwen2 tokenizer the pipeline's processor encodes with: processor/ (tokenizer/ when processor/ has none).
-  The concrete class: transformers' auto classes import torch."""
+  """The Qwen2 tokenizer the pipeline's processor encodes with: processor/ (tokenizer/ when processor/ has none); in
+  a bucket from a local copy of that folder, which transformers needs. The concrete class: transformers' auto
+  classes import torch."""
   from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
   for sub in ("processor", "tokenizer"):
-    path = os.path.join(folder, sub)
-    if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-      return Qwen2Tokenizer.from_pretrained(path)
+    path = paths.join(folder, sub)
+    if paths.isfile(paths.join(path, "tokenizer_config.json")):
+      return Qwen2Tokenizer.from_pretrained(paths.local_copy(path))
   raise FileNotFoundError(f"{folder}: no tokenizer_config.json in processor/ or tokenizer/")
 
 
@@ -168,9 +168,9 @@ class QwenImageTextEncoder:
   def from_pipeline(cls, folder: str, *, dtype: str = "float32", max_sequence_length: int | None = None, mesh=None,
                     rules=shd.DEFAULT_RULES) -> "QwenImageTextEncoder":
     """A diffusers Qwen-Image-Edit(-2509) folder: text_encoder/, processor/ (preprocessor_config.json, tokenizer)."""
-    image_cfg = proc.ImageProcessorConfig.from_folder(os.path.join(folder, "processor"))
+    image_cfg = proc.ImageProcessorConfig.from_folder(paths.join(folder, "processor"))
     tokenizer = load_tokenizer(folder)
-    model = qwen2_5_vl.load_qwen2_5_vl(os.path.join(folder, "text_encoder"), dtype=dtype, mesh=mesh, rules=rules)
+    model = qwen2_5_vl.load_qwen2_5_vl(paths.join(folder, "text_encoder"), dtype=dtype, mesh=mesh, rules=rules)
     return cls(model, tokenizer, image_cfg, max_sequence_length=max_sequence_length, mesh=mesh, rules=rules)
 
   # host -------------------------------------------------------------------------------------------

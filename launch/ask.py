@@ -8,16 +8,16 @@ preprocessor_config.json). Decoding stops at the folder's EOS ids (generation_co
 config.json); its sampling settings (temperature, top-p, repetition penalty) are not applied: the
 answer is plain greedy. With --json the output is exactly one JSON object, {"text": ..., "token_ids":
 [...]}: the generated ids, the EOS included when one was reached, and their text without special tokens.
+--model and --image take a local path or a gs:// URL.
 """
 
 import json
-import os
 import sys
 
 import numpy as np
 from absl import app, flags
 
-from editr1_jax import generation, images
+from editr1_jax import generation, images, paths
 from editr1_jax.models import qwen2_5_vl
 from editr1_jax.reward import processor
 
@@ -43,7 +43,14 @@ def _validated_images() -> list:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if FLAGS.model is None or not os.path.isdir(FLAGS.model):
+  for name, values in (("model", [FLAGS.model]), ("image", FLAGS.image or [])):
+    for value in values:
+      if value is not None:
+        try:  # an unsupported URL scheme, a bucket that is not there
+          paths.check_bucket(value, f"--{name}")
+        except paths.PathError as e:
+          sys.exit(f"error: {e}")
+  if FLAGS.model is None or not paths.isdir(FLAGS.model):
     sys.exit(f"error: --model: {FLAGS.model} is not a folder")
   pictures = _validated_images()
   if FLAGS.prompt is None or not FLAGS.prompt.strip():

@@ -7,7 +7,7 @@
 kontext; QwenImageEditPlusPipeline: qwen_image_edit, which takes 1-3 --image). --lora is a LoRA safetensors file as
 our export (or diffusers / peft) writes it. --steps and --guidance default to the family's pipeline defaults
 (Kontext: 28 steps, guidance embedding 3.5; Qwen-Image-Edit: 40 steps, true CFG 4 with the negative prompt " ").
-The output has the resized (last) input's size.
+The output has the resized (last) input's size. Every path flag takes a local path or a gs:// URL.
 """
 
 import io
@@ -45,21 +45,24 @@ def check_args(model: str, images: list[str], instruction: str, out: str, lora: 
   """
   from PIL import Image
 
-  from editr1_jax import families
+  from editr1_jax import families, paths
   from editr1_jax import images as image_io
 
-  if not os.path.isdir(model):
+  if isinstance(images, str):
+    images = [images]
+  for flag, values in (("model", [model]), ("image", images), ("lora", [lora] if lora else []), ("out", [out])):
+    for value in values:
+      paths.check_bucket(value, f"--{flag}")  # an unsupported URL scheme, a bucket that is not there
+  if not paths.isdir(model):
     raise ValueError(f"--model: {model} is not a folder")
   try:
     family = families.family_of_folder(model)
   except ValueError as e:
     raise ValueError(f"--model: {e}") from e
-  if isinstance(images, str):
-    images = [images]
   allowed = 3 if family == "qwen_image_edit" else 1
   if not 1 <= len(images) <= allowed:
     raise ValueError(f"--image: {len(images)} given; the {family} family takes 1 to {allowed}")
-  if lora is not None and not os.path.isfile(lora):
+  if lora is not None and not paths.isfile(lora):
     raise ValueError(f"--lora: {lora} not found")
   if not instruction.strip():
     raise ValueError("--instruction is empty")
@@ -70,7 +73,7 @@ def check_args(model: str, images: list[str], instruction: str, out: str, lora: 
     raise ValueError(f"--steps must be >= 1, got {steps}")
   if not (math.isfinite(guidance) and guidance >= 0):
     raise ValueError(f"--guidance must be a finite number >= 0, got {guidance}")
-  ext = os.path.splitext(out)[1].lower()
+  ext = paths.splitext(out)[1].lower()
   fmt = Image.registered_extensions().get(ext)
   if fmt is None or fmt not in Image.SAVE:
     raise ValueError(f"--out: {out} has no image extension PIL can write (e.g. .png)")
@@ -78,13 +81,14 @@ def check_args(model: str, images: list[str], instruction: str, out: str, lora: 
     Image.new("RGB", (16, 16)).save(io.BytesIO(), format=fmt)
   except (OSError, ValueError) as e:
     raise ValueError(f"--out: PIL cannot write an RGB image as {fmt}: {e}") from e
-  if os.path.isdir(out):
+  if paths.isdir(out):
     raise ValueError(f"--out: {out} is a folder")
-  parent = os.path.dirname(os.path.abspath(out))
-  while not os.path.exists(parent):  # the nearest existing folder must let us create the rest
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise ValueError(f"--out: cannot write under {parent}")
+  if not paths.is_url(out):  # a bucket has no folders to create: its existence was checked above
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):  # the nearest existing folder must let us create the rest
+      parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+      raise ValueError(f"--out: cannot write under {parent}")
   try:
     sources = [image_io.load_rgb(path) for path in images]
   except image_io.ImageError as e:
@@ -102,6 +106,7 @@ def edit(model: str, image, instruction: str, out: str, *, lora: str | None = No
   from PIL import Image
   from tqdm import tqdm
 
+  from editr1_jax import images as image_io
   from editr1_jax.metrics import to_uint8
   from editr1_jax.pipeline import Editor
 
@@ -110,8 +115,7 @@ def edit(model: str, image, instruction: str, out: str, *, lora: str | None = No
     images, _ = pipe([sources if len(sources) > 1 else sources[0]], [instruction], num_steps=steps, guidance=guidance,
                      seed=seed, solver=sampler, auto_resize=auto_resize, progress=lambda sigma: bar.update(1))
     jax.effects_barrier()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  Image.fromarray(to_uint8(images[0])).save(out)
+  image_io.save(Image.fromarray(to_uint8(images[0])), out)
   return out
 
 

@@ -9,14 +9,15 @@ looked for in --data). --edits judges edits made elsewhere (any editor: <item>.p
 out) instead of sampling. Writes OUT/edits/, OUT/results.jsonl, OUT/summary.json, OUT/summary.md and
 OUT/gallery/<category>.png; with --compare, both runs side by side. Run it again to continue a killed run.
 Sampling settings default to the family's `benchmark_sampling`, the settings the benchmark reproductions use
-(Kontext: 28 Euler steps, guidance 3.5, its resolution rule).
+(Kontext: 28 Euler steps, guidance 3.5, its resolution rule). Every path flag takes a local path or a gs:// URL
+(OUT in a bucket: results.jsonl is rewritten whole after each judged batch).
 """
 
-import os
-import shutil
 import sys
 
 from absl import app, flags, logging
+
+from editr1_jax import paths
 
 flags.DEFINE_enum("benchmark", None, ["gedit", "imgedit"], "Which benchmark protocol.")
 flags.DEFINE_string("data", None, "The benchmark's release folder.")
@@ -48,11 +49,18 @@ FLAGS = flags.FLAGS
 
 def _check_flags() -> None:
   """Every flag before anything is loaded; exits with one line naming the flag."""
+  for name in ("data", "prompts", "model", "lora", "edits", "judge", "out", "compare", "reward_model"):
+    if FLAGS[name].value is not None:
+      try:  # an unsupported URL scheme, a bucket that is not there
+        paths.check_bucket(FLAGS[name].value, f"--{name}")
+      except paths.PathError as e:
+        sys.exit(f"error: {e}")
+
   def need_dir(name, required=True):
     value = FLAGS[name].value
     if value is None and not required:
       return
-    if value is None or not os.path.isdir(value):
+    if value is None or not paths.isdir(value):
       sys.exit(f"error: --{name}: {value} is not a folder")
   need_dir("data")
   need_dir("judge")
@@ -61,11 +69,11 @@ def _check_flags() -> None:
   need_dir("reward_model", required=False)
   if FLAGS.edits is None:
     need_dir("model")
-  if FLAGS.lora is not None and not os.path.isfile(FLAGS.lora):
+  if FLAGS.lora is not None and not paths.isfile(FLAGS.lora):
     sys.exit(f"error: --lora: {FLAGS.lora} not found")
-  if FLAGS.out is None or os.path.isfile(FLAGS.out):
+  if FLAGS.out is None or paths.isfile(FLAGS.out):
     sys.exit(f"error: --out: {FLAGS.out} must be a folder")
-  if FLAGS.prompts is not None and not os.path.exists(FLAGS.prompts):
+  if FLAGS.prompts is not None and not paths.exists(FLAGS.prompts):
     sys.exit(f"error: --prompts: {FLAGS.prompts} not found")
   from editr1_jax import families
   if FLAGS.family is None:
@@ -102,16 +110,16 @@ def main(argv):
     task = run.make_task(FLAGS.benchmark, FLAGS.data, FLAGS.prompts)
   except BenchError as e:
     sys.exit(f"error: {e}")
-  edits_dir = os.path.join(FLAGS.out, run.EDITS)
-  os.makedirs(edits_dir, exist_ok=True)
+  edits_dir = paths.join(FLAGS.out, run.EDITS)
+  paths.makedirs(edits_dir)
   if FLAGS.edits is not None:  # another editor's outputs: copied in, so OUT is a complete record
+    given, copied = run.file_check(FLAGS.edits), run.file_check(edits_dir)
     for item in task.items:
       src = run.edit_path(FLAGS.edits, item)
-      if not os.path.isfile(src):
+      if not given(src):
         sys.exit(f"error: --edits: {src} not found (item {item.id})")
-      if not os.path.isfile(run.edit_path(edits_dir, item)):
-        os.makedirs(os.path.dirname(run.edit_path(edits_dir, item)), exist_ok=True)
-        shutil.copyfile(src, run.edit_path(edits_dir, item))
+      if not copied(run.edit_path(edits_dir, item)):
+        paths.copy_file(src, run.edit_path(edits_dir, item))
   else:
     from editr1_jax import metrics, streams
     from editr1_jax.pipeline import Editor
@@ -132,7 +140,7 @@ def main(argv):
   judge = QwenJudge(FLAGS.judge, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
                     mesh=mesh)
   with tqdm(total=len(task.items), desc="judging", unit="item") as bar:
-    results = run.judge_items(task, judge, edits_dir, os.path.join(FLAGS.out, run.RESULTS),
+    results = run.judge_items(task, judge, edits_dir, paths.join(FLAGS.out, run.RESULTS),
                               batch_size=FLAGS.batch_size, progress=bar.update)
   del judge
   gc.collect()
@@ -140,12 +148,11 @@ def main(argv):
   if FLAGS.reward_model is not None:
     from editr1_jax.reward.mllm import MllmJudge
     scorer = MllmJudge(FLAGS.reward_model, dtype=FLAGS.dtype, mesh=mesh, batch_size=FLAGS.batch_size)
-    rows = run.reward_items(task, scorer, edits_dir, os.path.join(FLAGS.out, run.REWARD), batch_size=FLAGS.batch_size)
+    rows = run.reward_items(task, scorer, edits_dir, paths.join(FLAGS.out, run.REWARD), batch_size=FLAGS.batch_size)
     reward = run.reward_summary(rows.values())
   run.write_summary(task, results.values(), FLAGS.out, FLAGS.compare, reward)
   run.write_gallery(task, results, FLAGS.out, FLAGS.compare)
-  with open(os.path.join(FLAGS.out, "summary.md"), encoding="utf-8") as f:
-    print(f.read())
+  print(paths.read_text(paths.join(FLAGS.out, "summary.md")))
 
 
 if __name__ == "__main__":

@@ -5,15 +5,16 @@
 
 DIR is a transformers Qwen2.5-VL folder (config.json, safetensors, tokenizer, chat template,
 preprocessor_config.json). Images are read as stored (PNG stays lossless). With --json the output
-is exactly one JSON object, {"score": ..., "probs": [...]}; an invalid (non-finite) score is an error.
+is exactly one JSON object, {"score": ..., "probs": [...]}; an invalid (non-finite) score is an error. Every path
+flag takes a local path or a gs:// URL.
 """
 
 import json
-import os
 import sys
 
 from absl import app, flags
 
+from editr1_jax import paths
 from editr1_jax.reward import mllm, processor
 
 flags.DEFINE_string("model", None, "Qwen2.5-VL folder (transformers layout).", required=True)
@@ -39,11 +40,17 @@ def _image(flag: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not os.path.isdir(FLAGS.model):
+  for name in ("model", "source", "edited", "template_file"):
+    if FLAGS[name].value is not None:
+      try:  # an unsupported URL scheme, a bucket that is not there
+        paths.check_bucket(FLAGS[name].value, f"--{name}")
+      except paths.PathError as e:
+        sys.exit(f"error: {e}")
+  if not paths.isdir(FLAGS.model):
     sys.exit(f"error: --model: {FLAGS.model} is not a folder")
   if not FLAGS.instruction.strip():
     sys.exit("error: --instruction is empty")
-  if FLAGS.template_file is not None and not os.path.isfile(FLAGS.template_file):
+  if FLAGS.template_file is not None and not paths.isfile(FLAGS.template_file):
     sys.exit(f"error: --template_file: {FLAGS.template_file} not found")
   source, edited = _image("source"), _image("edited")
   try:

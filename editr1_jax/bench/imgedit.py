@@ -86,8 +86,7 @@ def find_folder(folder: str | os.PathLike, name: str = ITEMS_FILE) -> str:
 
 def _load_json(path: str):
   try:
-    with paths.open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
     raise BenchError(f"{path}: malformed JSON: {e.msg} (line {e.lineno})") from e
   except UnicodeDecodeError as e:

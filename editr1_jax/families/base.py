@@ -7,7 +7,6 @@ first axis is "batch" are per-row, the others (position ids) are shared by every
 helpers below use that, so the NFT step can gather, tile and shard any family's condition.
 """
 
-import os
 from typing import Callable, ClassVar, Protocol, Sequence
 
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from editr1_jax import sampling
+from editr1_jax import paths, sampling
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
 from editr1_jax.layers import AdapterRows, LoraSpec
@@ -127,7 +126,7 @@ def family_of_folder(folder: str) -> str:
   found = [f for f, cls in FAMILIES.items() if name in cls.pipeline_classes]
   if not found:
     known = sorted(c for cls in FAMILIES.values() for c in cls.pipeline_classes)
-    raise ValueError(f"{os.path.join(folder, 'model_index.json')}: _class_name {name!r} is not a pipeline of a "
+    raise ValueError(f"{paths.join(folder, 'model_index.json')}: _class_name {name!r} is not a pipeline of a "
                      f"registered family ({known})")
   return found[0]
 
@@ -139,10 +138,10 @@ def build(config, mesh=None, rules=None) -> Family:
 
 def scheduler_shift(folder: str) -> sampling.ShiftConfig:
   """The sigma schedule a pipeline folder's scheduler/scheduler_config.json describes."""
-  path = os.path.join(folder, "scheduler", "scheduler_config.json")
-  if not os.path.isfile(path):
+  path = paths.join(folder, "scheduler", "scheduler_config.json")
+  if not paths.isfile(path):
     raise FileNotFoundError(f"{path}: scheduler config not found")
-  return sampling.ShiftConfig.from_diffusers_config(wio.read_config(os.path.dirname(path), "scheduler_config.json"),
+  return sampling.ShiftConfig.from_diffusers_config(wio.read_config(paths.dirname(path), "scheduler_config.json"),
                                                     source=path)
 
 

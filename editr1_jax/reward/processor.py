@@ -66,8 +66,7 @@ class ImageProcessorConfig:
     if not paths.isfile(path):
       raise ProcessorError(f"{path}: image processor config not found")
     try:
-      with paths.open(path) as f:
-        raw = json.load(f)
+      raw = json.loads(paths.read_text(path))
     except json.JSONDecodeError as e:
       raise ProcessorError(f"{path}: not valid JSON: {e}") from e
     return cls.from_dict(raw, source=path)
@@ -190,8 +189,7 @@ def preprocess_images(images: Sequence, cfg: ImageProcessorConfig) -> tuple[np.n
 # Chat
 def _read_json(path: str) -> dict:
   try:
-    with paths.open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
     raise ProcessorError(f"{path}: not valid JSON: {e}") from e
 
