@@ -10,6 +10,7 @@
 - `base`: `JudgeQuery`, `ItemResult` (+ JSONL `write_results` / `read_results`), `BenchError`.
 - `mini` (imported on its own: `from editr1_jax.bench import mini`, `python -m editr1_jax.bench.mini DIR`): a tiny
   benchmark drawn in code, in both release layouts, with prompt files of our own words.
+Every folder or file read or written here may be a gs:// URL (`editr1_jax.paths`).
 """
 
 from editr1_jax.bench import aggregate, gedit, imgedit, parsing
