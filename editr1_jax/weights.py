@@ -2,12 +2,17 @@
 
 A model declares one table of `WeightRule`s that turns each of its parameter paths into the
 reference (PyTorch) tensor name and layout. Loading walks the abstract model, reads each tensor
-lazily from a memory map, lays it out, casts it and places it into its target sharding; nothing
-is zero-filled or cast across kinds: every missing, unexpected, mis-shaped or non-float tensor is
-reported together.
+lazily (a memory map for a local file; ranged reads for a file in a bucket, `RangedTensor`), lays it
+out, casts it and places it into its target sharding; nothing is zero-filled or cast across kinds:
+every missing, unexpected, mis-shaped or non-float tensor is reported together.
+
+In a bucket, each process reads only the bytes of the shards it places on its own devices
+(`jax.make_array_from_callback` asks for those only), never whole files; `SafetensorsReader.bytes_read`
+counts them.
 """
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -23,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
+from editr1_jax import paths
 from editr1_jax import sharding as shd
 from editr1_jax.layers import STACKED, layer_paths
 
@@ -59,8 +65,7 @@ class _Entry:
 def _read_json(path: str) -> dict:
   """A JSON object from `path`; anything else is one CheckpointError naming the file."""
   try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
+    value = json.loads(paths.read_text(path))
   except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
     raise CheckpointError(f"{path}: not valid JSON: {e}") from e
   if not isinstance(value, dict):
@@ -100,20 +105,19 @@ def _entry(path: str, name: str, info, base: int, data_size: int) -> _Entry:
 
 def _read_header(path: str) -> tuple[dict[str, _Entry], dict[str, str]]:
   """({tensor name: entry}, metadata) of one file; sizes are checked against the file before anything is
-  allocated, so a damaged or foreign file is one CheckpointError, never a bad read."""
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    raw = f.read(8)
-    if len(raw) != 8:
-      raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-    (n,) = struct.unpack("<Q", raw)
-    if n > size - 8:
-      raise CheckpointError(f"{path}: header length {n} exceeds the file's {size} bytes: truncated or not a "
-                            "safetensors file")
-    try:
-      header = json.loads(f.read(n))
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-      raise CheckpointError(f"{path}: unreadable safetensors header: {e}") from e
+  allocated, so a damaged or foreign file is one CheckpointError, never a bad read. Reads the header only."""
+  size = paths.getsize(path)
+  raw = paths.read_range(path, 0, min(8, size))
+  if len(raw) != 8:
+    raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+  (n,) = struct.unpack("<Q", raw)
+  if n > size - 8:
+    raise CheckpointError(f"{path}: header length {n} exceeds the file's {size} bytes: truncated or not a "
+                          "safetensors file")
+  try:
+    header = json.loads(paths.read_range(path, 8, 8 + n))
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+    raise CheckpointError(f"{path}: unreadable safetensors header: {e}") from e
   if not isinstance(header, dict):
     raise CheckpointError(f"{path}: safetensors header is not a JSON object")
   metadata = header.pop("__metadata__", None) or {}
@@ -127,15 +131,114 @@ def _read_header(path: str) -> tuple[dict[str, _Entry], dict[str, str]]:
   return entries, metadata
 
 
+MERGE_GAP = 1 << 20  # ranges of one tensor closer than this are read in one request: fewer requests over fewer bytes
+
+
+class RangedTensor:
+  """A tensor of a safetensors file in a bucket, read when indexed: only the bytes of the slice asked for.
+
+  In the file's row-major order a slice is one run of contiguous bytes per combination of its leading indices;
+  runs closer than `MERGE_GAP` are fetched in one ranged request, all requests concurrently. Supports what the
+  layouts (`LAYOUTS`) and `load_state` do with a tensor: `.T`, `.transpose`, a leading `[None]`, slicing with
+  unit-step slices or integers, `np.asarray`. Slices already read are kept (devices that hold the same shard
+  read it once).
+  """
+
+  def __init__(self, entry: _Entry, counter: list, perm: tuple[int, ...] | None = None, lead: int = 0,
+               cache: dict | None = None):
+    self._entry, self._counter, self._lead = entry, counter, lead
+    self._perm = tuple(range(len(entry.shape))) if perm is None else perm
+    self._cache = {} if cache is None else cache
+
+  @property
+  def dtype(self) -> np.dtype:
+    return self._entry.dtype
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (1,) * self._lead + tuple(self._entry.shape[p] for p in self._perm)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def T(self) -> "RangedTensor":  # pylint: disable=invalid-name
+    return self.transpose(*reversed(range(self.ndim)))
+
+  def transpose(self, *axes) -> "RangedTensor":
+    if self._lead:
+      raise NotImplementedError("transpose after adding axes")
+    return RangedTensor(self._entry, self._counter, tuple(self._perm[a] for a in axes), 0, self._cache)
+
+  def __array__(self, dtype=None, copy=None):
+    out = self[(slice(None),) * self.ndim]
+    return out if dtype is None else out.astype(dtype)
+
+  def __getitem__(self, idx) -> np.ndarray:
+    if idx is None:
+      return RangedTensor(self._entry, self._counter, self._perm, self._lead + 1, self._cache)
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    idx = idx + (slice(None),) * (self.ndim - len(idx))
+    spans, squeeze = [], []
+    for axis, (i, n) in enumerate(zip(idx, self.shape)):
+      if isinstance(i, (int, np.integer)):
+        i = int(i) + n if i < 0 else int(i)
+        squeeze.append(axis)
+        i = slice(i, i + 1)
+      start, stop, step = i.indices(n)
+      if step != 1:
+        raise NotImplementedError(f"{self._entry.file}: strided reads")
+      spans.append((start, max(start, stop)))
+    stored = [None] * len(self._perm)
+    for ours, theirs in enumerate(self._perm):
+      stored[theirs] = spans[self._lead + ours]
+    block = self._read(tuple(stored)).transpose(self._perm)
+    block = block.reshape(tuple(b - a for a, b in spans[:self._lead]) + block.shape)
+    return block.squeeze(tuple(squeeze)) if squeeze else block
+
+  def _read(self, spans: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """The block `spans` (per stored axis) of the stored tensor."""
+    if spans in self._cache:
+      return self._cache[spans]
+    e, item = self._entry, self._entry.dtype.itemsize
+    lengths = tuple(b - a for a, b in spans)
+    if 0 in lengths:
+      return np.empty(lengths, e.dtype)
+    shape = e.shape or (1,)  # a 0-d tensor is one element
+    spans = spans or ((0, 1),)
+    # the last axis not read whole: below it every run is contiguous
+    j = max((k for k, (span, n) in enumerate(zip(spans, shape)) if span != (0, n)), default=0)
+    strides = [int(np.prod(shape[k + 1:], dtype=np.int64)) * item for k in range(len(shape))]
+    run = (spans[j][1] - spans[j][0]) * strides[j]
+    starts = [e.start + sum(i * s for i, s in zip(lead, strides)) + spans[j][0] * strides[j]
+              for lead in itertools.product(*(range(a, b) for a, b in spans[:j]))]
+    groups = []  # (first byte, last byte, [run starts]) of each request
+    for s0 in starts:
+      if groups and s0 - groups[-1][1] < MERGE_GAP:
+        groups[-1][1] = s0 + run
+        groups[-1][2].append(s0)
+      else:
+        groups.append([s0, s0 + run, [s0]])
+    data = paths.read_ranges(e.file, [g[0] for g in groups], [g[1] for g in groups])
+    self._counter[0] += sum(len(d) for d in data)
+    runs = [d[s0 - g0:s0 - g0 + run] for (g0, _, members), d in zip(groups, data) for s0 in members]
+    out = np.frombuffer(b"".join(runs), e.dtype).reshape(lengths)
+    self._cache[spans] = out
+    return out
+
+
 class SafetensorsReader:
-  """Lazy name -> numpy view over one or more safetensors files."""
+  """Lazy name -> array over one or more safetensors files: a read-only memory map of a local file, a
+  `RangedTensor` of a file in a bucket (`bytes_read` counts what was fetched)."""
 
   def __init__(self, files: Iterable[str]):
     self._entries: dict[str, _Entry] = {}
     self._maps: dict[str, np.memmap] = {}
+    self._counter = [0]
     self.metadata: dict[str, str] = {}  # the files' `__metadata__`, merged
     for path in files:
-      if not os.path.isfile(path):
+      if not paths.isfile(path):
         raise CheckpointError(f"{path}: safetensors file not found")
       entries, metadata = _read_header(path)
       self.metadata.update(metadata)
@@ -144,23 +247,29 @@ class SafetensorsReader:
           raise CheckpointError(f"{path}: tensor {name!r} also stored in {self._entries[name].file}")
         self._entries[name] = entry
 
+  @property
+  def bytes_read(self) -> int:
+    """Tensor bytes fetched from a bucket so far (headers excluded; local files are memory-mapped, not counted)."""
+    return self._counter[0]
+
   @classmethod
   def from_folder(cls, folder: str) -> "SafetensorsReader":
     """A diffusers/transformers weight folder: an index json naming shards, or every *.safetensors."""
-    if not os.path.isdir(folder):
+    if not paths.isdir(folder):
       raise CheckpointError(f"{folder}: checkpoint folder not found")
-    indexes = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors.index.json"))
+    names = paths.listdir(folder)
+    indexes = [f for f in names if f.endswith(".safetensors.index.json")]
     if len(indexes) > 1:
       raise CheckpointError(f"{folder}: several safetensors index files: {indexes}")
     if indexes:
-      index = os.path.join(folder, indexes[0])
+      index = paths.join(folder, indexes[0])
       weight_map = _read_json(index).get("weight_map")
       if not (isinstance(weight_map, dict) and weight_map
               and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
         raise CheckpointError(f"{index}: 'weight_map' must be a non-empty mapping of tensor names to shard file "
                               f"names, got {weight_map!r:.200}")
-      files = sorted({os.path.join(folder, v) for v in weight_map.values()})
-      absent = [f for f in files if not os.path.isfile(f)]
+      files = sorted({paths.join(folder, v) for v in weight_map.values()})
+      absent = [f for f in files if not paths.isfile(f)]
       if absent:
         raise CheckpointError(f"{index}: weight_map names shard files that do not exist: {absent}")
       reader = cls(files)
@@ -170,7 +279,7 @@ class SafetensorsReader:
             f"{index}: index and shards disagree; listed but not stored: "
             f"{sorted(listed - stored)[:20]}, stored but not listed: {sorted(stored - listed)[:20]}")
       return reader
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    files = [paths.join(folder, f) for f in names if f.endswith(".safetensors")]
     if not files:
       raise CheckpointError(f"{folder}: no *.safetensors files and no index json")
     return cls(files)
@@ -184,9 +293,11 @@ class SafetensorsReader:
   def __contains__(self, name: str) -> bool:
     return name in self._entries
 
-  def read(self, name: str) -> np.ndarray:
-    """A read-only view backed by the memory map: only what is sliced gets read."""
+  def read(self, name: str) -> "np.ndarray | RangedTensor":
+    """A lazy array: only what is sliced gets read."""
     e = self._entries[name]
+    if paths.is_url(e.file):
+      return RangedTensor(e, self._counter)
     if e.file not in self._maps:
       self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
     buf = self._maps[e.file][e.start:e.end]
@@ -209,12 +320,20 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: Map
     arrays.append(a)
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+
+  def write(f):
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for a in arrays:
       f.write(a.tobytes())
+
+  if paths.is_url(path):  # an object appears whole when its upload ends
+    with paths.open(path, "wb") as f:
+      write(f)
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    write(f)
   os.replace(tmp, path)
 
 
@@ -400,8 +519,8 @@ def load_state(abstract_state, reader: SafetensorsReader, table: Iterable[Weight
 def model_folder(folder: str, component: str) -> str:
   """A diffusers pipeline folder's `component/` (transformer, vae, text_encoder, ...) when it has a
   config.json, else `folder` itself (the model folder given directly)."""
-  sub = os.path.join(folder, component)
-  return sub if os.path.isfile(os.path.join(sub, "config.json")) else folder
+  sub = paths.join(folder, component)
+  return sub if paths.isfile(paths.join(sub, "config.json")) else folder
 
 
 def _describe(hint) -> str:
@@ -482,7 +601,7 @@ def config_section(config: Mapping, key: str, source: str) -> dict:
 
 
 def read_config(folder: str, name: str = "config.json") -> dict:
-  path = os.path.join(folder, name)
-  if not os.path.isfile(path):
+  path = paths.join(folder, name)
+  if not paths.isfile(path):
     raise CheckpointError(f"{path}: config file not found")
   return _read_json(path)

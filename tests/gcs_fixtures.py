@@ -46,14 +46,18 @@ class Bucket:
     return url
 
 
-def _emulator_script() -> str:
-  return os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+# The emulator's HTTP server answers one connection at a time with a listen backlog of 5: concurrent ranged reads
+# from several processes overflow it and stall in TCP retransmits. A deep backlog queues them instead.
+LAUNCH = ("import sys, http.server\n"
+          "http.server.HTTPServer.request_queue_size = 1024\n"
+          "from gcp_storage_emulator.__main__ import main\n"
+          "main(sys.argv[1:])\n")
 
 
 @pytest.fixture(scope="session")
 def gcs():
   port = free_port()
-  proc = subprocess.Popen([_emulator_script(), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
+  proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory",
                            "--default-bucket=editr1-test"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   saved = {k: os.environ.get(k) for k in EMULATOR_ENV}
   os.environ.update({k: v.format(port=port) for k, v in EMULATOR_ENV.items()})
