@@ -1,6 +1,7 @@
 """The command lines with gs:// URLs (the storage emulator of gcs_fixtures): bad bucket input is one short line
 naming the flag, before any model loads; the tokenizers a pipeline folder in a bucket gives equal the local ones."""
 
+import io
 import os
 import shutil
 import subprocess
@@ -88,4 +89,63 @@ def test_pipeline_tokenizers_from_a_bucket_equal_the_local_ones(gcs, tmp_path, m
   assert [remote(t)["input_ids"] for t in texts] == [here(t)["input_ids"] for t in texts]
   copied = sorted(paths.walk_files(tmp_path / "cache"))
   assert len(copied) == 8 and not any(f.endswith(".safetensors") for f in copied)  # 2 + 2 + 4 small files
+
+
+# ------------------------------------------------------------------------------------- end to end in the bucket
+DEMO = os.path.join(os.path.dirname(tiny.ASSETS), "demo")
+
+
+@pytest.fixture(scope="module")
+def demo(gcs, tmp_path_factory):
+  """The demo's judge and editor folders, two images and the judging prompt: here and in the bucket."""
+  local = tmp_path_factory.mktemp("demo_inputs")
+  Image.new("RGB", (32, 24), (200, 30, 30)).save(local / "source.png")
+  Image.new("RGB", (32, 24), (30, 30, 200)).save(local / "edited.png")
+  shutil.copy(os.path.join(DEMO, "judge_prompt.txt"), local / "judge_prompt.txt")
+  here = {"judge": os.path.join(DEMO, "judge"), "editor": os.path.join(DEMO, "editor"), "inputs": str(local)}
+  return here, {name: gcs.upload(folder) for name, folder in here.items()}
+
+
+def _cli_json(script, flags, where):
+  out = launch(script, {k: v.format(**where) for k, v in flags.items()}, ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_score_and_ask_read_everything_from_the_bucket(demo):
+  """launch/score.py and launch/ask.py on a judge folder, images and a prompt file in the bucket print exactly what
+  they print on the local copies."""
+  here, there = demo
+  score = {"--model": "{judge}", "--source": "{inputs}/source.png", "--edited": "{inputs}/edited.png",
+           "--template_file": "{inputs}/judge_prompt.txt", "--instruction": "make it blue", "--json": "true"}
+  assert _cli_json("score.py", score, there) == _cli_json("score.py", score, here)
+  ask = {"--model": "{judge}", "--image": "{inputs}/source.png", "--prompt": "what colour is it?",
+         "--max_new_tokens": "3", "--json": "true"}
+  assert _cli_json("ask.py", ask, there) == _cli_json("ask.py", ask, here)
+
+
+def test_edit_and_evaluate_write_into_the_bucket(demo, gcs, tmp_path):
+  """launch/edit.py writes its edit to a gs:// --out; launch/evaluate.py judges --edits in the bucket against a
+  release in the bucket and writes OUT there (nothing local)."""
+  from editr1_jax.bench import mini, run
+  here, there = demo
+  out = gcs.url("edited.png")
+  _cli_json("edit.py", {"--model": there["editor"], "--image": there["inputs"] + "/source.png",
+                        "--instruction": "make it blue", "--out": out, "--steps": "1", "--dtype": "float32",
+                        "--auto_resize": "false"}, {})
+  with Image.open(io.BytesIO(paths.read_bytes(out))) as image:
+    assert image.format == "PNG" and image.size == (32, 16)
+  bench = mini.write(tmp_path / "mini", per_category=1)
+  task = run.make_task("imgedit", bench.imgedit)
+  edits = gcs.url("edits")
+  run.sample_edits(task, lambda sources, *_: [s for s in sources], edits)
+  result = gcs.url("eval")
+  printed = _cli_json("evaluate.py", {"--benchmark": "imgedit", "--data": gcs.upload(bench.imgedit),
+                                      "--edits": edits, "--judge": there["judge"], "--out": result,
+                                      "--max_new_tokens": "2", "--batch_size": "9", "--dtype": "float32"}, {})
+  assert printed.startswith("# imgedit")
+  assert printed.strip() == paths.read_text(paths.join(result, "summary.md")).strip()
+  assert len(paths.read_text(paths.join(result, run.RESULTS)).splitlines()) == len(task.items)
+  assert len(paths.walk_files(paths.join(result, run.EDITS))) == len(task.items)
+  assert paths.listdir(paths.join(result, run.GALLERY))
 
