@@ -72,6 +72,20 @@ def test_bad_values_name_the_field(field, value, message):
     run_config.validate(c, num_devices=8)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny_qwen_image_edit"])
+def test_unmatched_lora_target_is_one_short_line(name):
+  """A target that matches no layer is named with the nearest layer names and the kinds of layer there are, not
+  the list of every adaptable layer (over a thousand characters)."""
+  c = _load(name)
+  c.lora.targets = ("to_q", "to_kk")
+  with pytest.raises(run_config.ConfigError) as e:
+    run_config.validate(c, num_devices=8)
+  message = str(e.value)
+  assert message.startswith("config.lora.targets: target 'to_kk' matches no layer of the ") and "'to_k'" in message
+  assert "transformer_blocks.<0-" in message and "attn.add_k_proj" not in message
+  assert "\n" not in message and len(message) < 320
+
+
 def test_rollouts_must_divide_over_processes():
   c = _load("tiny")
   c.data.groups_per_epoch, c.data.group_size = 3, 3

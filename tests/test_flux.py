@@ -208,8 +208,8 @@ def test_lora_target_matching_no_layer_is_an_error():
   with pytest.raises(ValueError) as e:
     flux.check_lora_targets(("to_q", "to_kk"), "config.lora.targets")
   assert str(e.value).startswith("config.lora.targets: target 'to_kk' matches no layer of the FLUX transformer; "
-                                 "layers that take an adapter: [")
-  assert "'transformer_blocks.<i>.attn.to_k'" in str(e.value) and "'to_q'" not in str(e.value)
+                                 "closest: 'to_k', 'to_q', 'to_v'; adaptable layers: ")
+  assert "transformer_blocks.<0-18>.* (14 kinds)" in str(e.value) and "attn.to_k," not in str(e.value)
   flux.check_lora_targets(flux.DEFAULT_LORA_TARGETS + ("transformer_blocks.18.ff.net.2", "proj_mlp"), "x")
   # the model checks its own layers: the tiny preset has 2 double blocks
   spec = LoraSpec(rank=2, alpha=2.0, targets=("to_q", "transformer_blocks.2.attn.to_q", "x"))

@@ -6,6 +6,7 @@ dtype. Module and parameter names follow diffusers so the weight table below sta
 """
 
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -446,10 +447,35 @@ def check_lora_targets(targets: Sequence[str], where: str, *, layers: Sequence[s
   layers = _kontext_adapter_layers() if layers is None else layers
   unmatched = [t for t in targets if not any(target_matches(t, name) for name in layers)]
   if unmatched:
-    kinds = sorted({re.sub(r"^(\w+)\.\d+\.", r"\1.<i>.", name) for name in layers})
     said = ", ".join(repr(t) for t in unmatched)
     said = f"targets {said} match" if len(unmatched) > 1 else f"target {said} matches"
-    raise ValueError(f"{where}: {said} no layer of the {model} transformer; layers that take an adapter: {kinds}")
+    unindexed = {re.sub(r"^\w+\.\d+\.", "", n) for n in layers}  # a block's layer, as peft keys name it
+    suffixes = {".".join(parts[i:]) for parts in (n.split(".") for n in unindexed) for i in range(len(parts))}
+    close = sorted({c for t in unmatched for c in difflib.get_close_matches(t, suffixes, n=3)})
+    hint = f"; closest: {', '.join(map(repr, close))}" if close else ""
+    raise ValueError(f"{where}: {said} no layer of the {model} transformer{hint}; adaptable layers: "
+                     f"{', '.join(layer_kinds(layers))}")
+
+
+def layer_kinds(layers: Sequence[str], limit: int = 10) -> list[str]:
+  """The kinds of layer in `layers`, a few words each: a stack of blocks as its index range and its number of kinds
+  of layer (`transformer_blocks.<0-18>.* (14 kinds)`), a module with several layers as one entry. A full list of
+  a model's layers is over a thousand characters: an error names the kinds instead."""
+  groups: dict[str, tuple[set, set]] = {}
+  for name in layers:
+    m = re.match(r"(\w+)\.(\d+)\.", name)
+    top = m.group(1) if m else name.split(".")[0]
+    indices, kinds = groups.setdefault(top, (set(), set()))
+    if m:
+      indices.add(int(m.group(2)))
+    kinds.add(name[m.end():] if m else name)
+  out = []
+  for top, (indices, kinds) in sorted(groups.items()):
+    if indices:
+      out.append(f"{top}.<{min(indices)}-{max(indices)}>.* ({len(kinds)} kinds)")
+    else:
+      out.append(next(iter(kinds)) if len(kinds) == 1 else f"{top}.* ({len(kinds)} kinds)")
+  return out[:limit] + ([f"{len(out) - limit} more"] if len(out) > limit else [])
 
 
 split_params = split_adapters  # (graphdef, adapter state, base state) of a FLUX transformer
