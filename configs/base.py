@@ -16,6 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_epochs = 100
   c.checkpoint_every = 5  # epochs; a checkpoint is also written after the last epoch and before each evaluation
   c.keep_checkpoints = 3
+  # jax's persistent compilation cache: a restarted run on the same topology loads its compiled steps instead of
+  # compiling them again. "" = <workdir>/compile_cache ($JAX_COMPILATION_CACHE_DIR when set); a folder or a gs://
+  # URL; "none" = off.
+  c.compile_cache_dir = ""
   # Training-time evaluation, as the public Kontext run does it: the whole test split every 10 epochs and once
   # before the first update, with the EMA weights, 15 Euler steps at guidance 2.5 (rollout.eval_*). These are not
   # the benchmark-sampling settings (28 steps, guidance 3.5: launch/edit.py's defaults).

@@ -2,8 +2,9 @@
 
 A checkpoint holds one pytree of arrays (`state`: adapters or full params, old params, EMA,
 optimizer state, ...) and one JSON object (`meta`: epoch, step, counters, the config, the data's
-fingerprint). Orbax writes into a temporary folder and renames it when complete, so a process
-killed during a save leaves the previous checkpoint as the latest usable one.
+fingerprint). Orbax writes into a temporary folder and renames it when complete (in a bucket, where a
+rename is not atomic, it marks a finished checkpoint with a commit file instead), so a process killed
+during a save leaves the previous checkpoint as the latest usable one. The folder may be a gs:// URL.
 
 A file damaged later (truncated, overwritten, deleted) would surface as hundreds of lines of
 tensorstore errors deep inside a restore. So after each save a manifest (size and SHA-256 of every
@@ -14,10 +15,11 @@ anything is read: the error names the checkpoint and the damaged file.
 import hashlib
 import json
 import logging
-import os
 
 import jax
 import orbax.checkpoint as ocp
+
+from editr1_jax import paths
 
 MANIFEST = "editr1_manifest.json"
 DAMAGED_SUFFIX = ".damaged"
@@ -31,25 +33,22 @@ class CheckpointDamaged(RuntimeError):
 def sha256_file(path: str) -> str:
   """The SHA-256 of a file, read in blocks (checkpoint manifests, data fingerprints)."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 24), b""):
       h.update(block)
   return h.hexdigest()
 
 
 def _files(folder: str) -> list[str]:
-  out = []
-  for root, _, names in os.walk(folder):
-    out += [os.path.relpath(os.path.join(root, n), folder) for n in names]
-  return sorted(f for f in out if f != MANIFEST)
+  return [f for f in paths.walk_files(folder) if f != MANIFEST]
 
 
 class Checkpointer:
   """`create=False` (readers such as the export) never creates the folder: a missing one is an error."""
 
   def __init__(self, directory: str, max_to_keep: int | None = 3, *, create: bool = True):
-    self.directory = os.path.abspath(directory)
-    if not create and not os.path.isdir(self.directory):
+    self.directory = paths.absolute(directory)
+    if not create and not paths.isdir(self.directory):
       raise FileNotFoundError(f"{self.directory}: no checkpoint folder")
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
@@ -60,7 +59,7 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def path(self, epoch: int) -> str:
-    return os.path.join(self.directory, str(epoch))
+    return paths.join(self.directory, str(epoch))
 
   def save(self, epoch: int, state, meta: dict) -> None:
     self._manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -68,30 +67,26 @@ class Checkpointer:
     self._manager.wait_until_finished()
     if jax.process_index() == 0:  # after the save is final on every process (orbax's barrier)
       folder = self.path(epoch)
-      manifest = {f: [os.path.getsize(os.path.join(folder, f)), sha256_file(os.path.join(folder, f))]
+      manifest = {f: [paths.getsize(paths.join(folder, f)), sha256_file(paths.join(folder, f))]
                   for f in _files(folder)}
-      tmp = os.path.join(folder, MANIFEST + ".tmp")
-      with open(tmp, "w") as f:
-        json.dump(manifest, f)
-      os.replace(tmp, os.path.join(folder, MANIFEST))
+      paths.write_text(paths.join(folder, MANIFEST), json.dumps(manifest))  # atomic
 
   def verify(self, epoch: int) -> None:
     """Raises CheckpointDamaged naming the checkpoint and the first damaged item. A checkpoint without a
     manifest (killed between the save and its manifest) is verified by reading its metadata only."""
     folder = self.path(epoch)
-    manifest_path = os.path.join(folder, MANIFEST)
-    if os.path.isfile(manifest_path):
+    manifest_path = paths.join(folder, MANIFEST)
+    if paths.isfile(manifest_path):
       try:
-        with open(manifest_path) as f:
-          manifest = json.load(f)
+        manifest = json.loads(paths.read_text(manifest_path))
       except (OSError, ValueError) as e:
         raise CheckpointDamaged(f"checkpoint {folder}: {MANIFEST} is unreadable ({e})") from e
       for name, (size, digest) in manifest.items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
+        path = paths.join(folder, name)
+        if not paths.isfile(path):
           raise CheckpointDamaged(f"checkpoint {folder}: {name} is missing")
-        if os.path.getsize(path) != size:
-          raise CheckpointDamaged(f"checkpoint {folder}: {name} has {os.path.getsize(path)} bytes, {size} were saved")
+        if paths.getsize(path) != size:
+          raise CheckpointDamaged(f"checkpoint {folder}: {name} has {paths.getsize(path)} bytes, {size} were saved")
         if sha256_file(path) != digest:
           raise CheckpointDamaged(f"checkpoint {folder}: {name} is corrupted (its SHA-256 differs from the saved one)")
     try:
@@ -118,9 +113,9 @@ class Checkpointer:
     """Renames a damaged checkpoint so it is never taken again, and never deletes it; returns the new path."""
     target = self.path(epoch) + DAMAGED_SUFFIX
     n = 1
-    while os.path.exists(target):
+    while paths.exists(target):
       target, n = f"{self.path(epoch)}{DAMAGED_SUFFIX}.{n}", n + 1
-    os.rename(self.path(epoch), target)
+    paths.rename(self.path(epoch), target)
     return target
 
   def restore(self, epoch: int, abstract_state):

@@ -8,6 +8,7 @@ from typing import Callable, Hashable, Sequence
 import jax
 import numpy as np
 
+from editr1_jax import preemption
 from editr1_jax import sharding as shd
 
 
@@ -22,8 +23,11 @@ def padded_chunks(n: int, chunk: int):
 
 def map_chunks(fn, n: int, chunk: int):
   """fn(row indices) over fixed-size chunks of rows 0..n-1 -> its per-row outputs (a pytree) for the n rows,
-  concatenated as host arrays."""
-  outs = [jax.tree.map(lambda x: shd.to_host(x)[:real], fn(idx)) for idx, real in padded_chunks(n, chunk)]
+  concatenated as host arrays. A stop (SIGTERM) is checked before each call."""
+  outs = []
+  for idx, real in padded_chunks(n, chunk):
+    preemption.check("before a device chunk")
+    outs.append(jax.tree.map(lambda x: shd.to_host(x)[:real], fn(idx)))
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 

@@ -2,12 +2,10 @@
 scored by the run's reward, with the same noise at every evaluation (docs/METHOD.md section 12 says
 which settings the public run uses); optionally a benchmark's protocol on a held-out set as well."""
 
-import os
-
 import numpy as np
 from PIL import Image
 
-from editr1_jax import metrics, rollouts, streams
+from editr1_jax import metrics, paths, rollouts, streams
 from editr1_jax.data import builder as data_builder
 
 
@@ -65,13 +63,14 @@ class BenchmarkEval:
                                 config.eval_benchmark_prompts or None)
     except run.BenchError as e:
       raise ValueError(f"config.eval_benchmark_dir: {e}") from e
-    self.folder = os.path.join(workdir, "eval", config.eval_benchmark)
+    self.folder = paths.join(workdir, "eval", config.eval_benchmark)
 
   def __call__(self, family, sampler, states, epoch: int, *, chunk: int, desc: str | None = None) -> dict:
     config, run = self.config, self.run
-    out = os.path.join(self.folder, f"{epoch:05d}")
-    edits_dir = os.path.join(out, run.EDITS)
-    missing = [i for i, item in enumerate(self.task.items) if not os.path.isfile(run.edit_path(edits_dir, item))]
+    out = paths.join(self.folder, f"{epoch:05d}")
+    edits_dir = paths.join(out, run.EDITS)
+    have = run.file_check(edits_dir)
+    missing = [i for i, item in enumerate(self.task.items) if not have(run.edit_path(edits_dir, item))]
     if missing:
       keys = streams.row_keys(config.seed, "eval", 1, len(self.task.items))[np.asarray(missing)]
       records = [{"id": i, "image": self.task.edit_source(self.task.items[i]),
@@ -85,7 +84,7 @@ class BenchmarkEval:
     from editr1_jax.bench.judge import QwenJudge
     judge = QwenJudge(config.eval_judge_dir, max_new_tokens=config.eval_judge_max_new_tokens,
                       batch_size=config.reward.batch_size, dtype=config.reward.dtype, mesh=self.mesh, rules=self.rules)
-    results = run.judge_items(self.task, judge, edits_dir, os.path.join(out, run.RESULTS),
+    results = run.judge_items(self.task, judge, edits_dir, paths.join(out, run.RESULTS),
                               batch_size=config.reward.batch_size)
     del judge
     report = run.write_summary(self.task, results.values(), out)

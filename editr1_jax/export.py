@@ -1,13 +1,13 @@
-"""Export to PyTorch: diffusers LoRA files and merged diffusers transformer folders (no torch needed)."""
+"""Export to PyTorch: diffusers LoRA files and merged diffusers transformer folders (no torch needed), to a local
+folder or a gs:// URL."""
 
 import json
-import os
 
 import jax
 import numpy as np
 from flax import nnx
 
-from editr1_jax import run_config
+from editr1_jax import paths, run_config
 from editr1_jax import weights as wio
 from editr1_jax.checkpoint import CheckpointDamaged, Checkpointer
 from editr1_jax.layers import LoraSpec
@@ -33,9 +33,9 @@ def lora_tensors(adapters, spec: LoraSpec,
 
 def save_lora(adapters, spec: LoraSpec, out_dir: str, table=flux.FLUX_LORA_WEIGHTS) -> str:
   """`table`: the family's adapter weight table (its `lora_weight_table`)."""
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   tensors, metadata = lora_tensors(adapters, spec, table)
-  path = os.path.join(out_dir, LORA_FILE)
+  path = paths.join(out_dir, LORA_FILE)
   wio.save_safetensors(tensors, path, metadata=metadata)
   return path
 
@@ -60,7 +60,7 @@ def merge_adapters(adapters, base, spec: LoraSpec):
 def save_transformer(base, cfg, out_dir: str, table=flux.FLUX_WEIGHTS) -> str:
   """A diffusers transformer folder (`cfg.to_diffusers_config()` as config.json, `table` the family's
   `weight_table`): config.json + safetensors shards + index json."""
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   tensors = wio.to_reference(base, table)
   shards, current, size = [], {}, 0
   for name in sorted(tensors):
@@ -71,19 +71,18 @@ def save_transformer(base, cfg, out_dir: str, table=flux.FLUX_WEIGHTS) -> str:
     size += tensors[name].nbytes
   shards.append(current)
   if len(shards) == 1:
-    wio.save_safetensors(shards[0], os.path.join(out_dir, "diffusion_pytorch_model.safetensors"),
+    wio.save_safetensors(shards[0], paths.join(out_dir, "diffusion_pytorch_model.safetensors"),
                          metadata={"format": "pt"})
   else:
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
       file = f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors"
-      wio.save_safetensors(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
+      wio.save_safetensors(shard, paths.join(out_dir, file), metadata={"format": "pt"})
       weight_map.update({n: file for n in shard})
     total = sum(a.nbytes for a in tensors.values())
-    with open(os.path.join(out_dir, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(cfg.to_diffusers_config(), f, indent=2)
+    paths.write_text(paths.join(out_dir, "diffusion_pytorch_model.safetensors.index.json"),
+                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  paths.write_text(paths.join(out_dir, "config.json"), json.dumps(cfg.to_diffusers_config(), indent=2))
   return out_dir
 
 
@@ -92,7 +91,7 @@ def export_run(workdir: str, out: str, *, weights: str = "ema", merged: bool = F
   """A training run's checkpoint -> `save_lora` (and `save_transformer` of the merged weights) under `out`;
   a full fine-tune run -> `save_transformer` of its weights."""
   from editr1_jax import families, train_loop  # the run's own builders, so the export sees the trained model
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+  ckpt = Checkpointer(paths.join(workdir, "checkpoints"), create=False)
   epochs = ckpt.all_epochs()
   epoch = (epochs[-1] if epochs else None) if epoch is None else epoch  # the newest, never an older one silently
   try:
@@ -114,9 +113,9 @@ def export_run(workdir: str, out: str, *, weights: str = "ema", merged: bool = F
   state, _ = ckpt.restore(epoch, {"train": target})
   trained = state["train"].ema_params if weights == "ema" else state["train"].params
   if spec is None:  # full fine-tune: the trained weights are the transformer
-    return [save_transformer(trained, transformer.cfg, os.path.join(out, "transformer"), family.weight_table)]
+    return [save_transformer(trained, transformer.cfg, paths.join(out, "transformer"), family.weight_table)]
   written = [save_lora(trained, spec, out, family.lora_weight_table)]
   if merged:
     written.append(save_transformer(merge_adapters(trained, frozen, spec), transformer.cfg,
-                                    os.path.join(out, "transformer"), family.weight_table))
+                                    paths.join(out, "transformer"), family.weight_table))
   return written

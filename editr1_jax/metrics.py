@@ -1,9 +1,11 @@
 """Run metrics: TensorBoard scalars and image grids, and one console line per epoch (process 0 only)."""
 
-import os
+import io
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from editr1_jax import paths
 
 
 class MetricsWriter:
@@ -14,8 +16,8 @@ class MetricsWriter:
     self._writer = None
     if enabled:
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
-      os.makedirs(logdir, exist_ok=True)
-      self._writer = SummaryWriter(logdir)
+      paths.makedirs(logdir)
+      self._writer = SummaryWriter(logdir)  # writes gs:// event files itself
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
@@ -30,8 +32,9 @@ class MetricsWriter:
     self._writer.add_image(tag, grid, step, dataformats="HWC")
     self._writer.flush()
     if self.image_dir:
-      os.makedirs(self.image_dir, exist_ok=True)
-      Image.fromarray(grid).save(os.path.join(self.image_dir, f"{tag}_{step:05d}.png"))
+      buffer = io.BytesIO()
+      Image.fromarray(grid).save(buffer, format="PNG")
+      paths.write_bytes(paths.join(self.image_dir, f"{tag}_{step:05d}.png"), buffer.getvalue())
 
   def close(self) -> None:
     if self._writer is not None:

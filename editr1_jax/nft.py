@@ -306,6 +306,7 @@ class NFTTrainer:
     self.accumulate = self._jit(self._accumulate, **step_io, donate=True)
     self.apply = self._jit(self._apply, inputs=("state",), outputs=("state", "metrics"), donate=True)
     self.update_old = self._jit(self._update_old, inputs=("state",), outputs=("state", "metrics"), donate=True)
+    self.drop_gradients = self._jit(self._drop_gradients, inputs=("state",), outputs="state", donate=True)
     self.train_step = self._jit(self._train_step, **step_io, donate=True)
 
   def _jit(self, fn, *, inputs, outputs, donate=False):
@@ -398,6 +399,12 @@ class NFTTrainer:
   def _update_old(self, state: TrainState):
     eta = old_policy_decay(state.step, self.cfg.decay_schedule)
     return state.replace(old_params=blend(state.old_params, state.params, eta)), dict(old_decay=eta)
+
+  def _drop_gradients(self, state: TrainState):
+    """The state as the last optimizer step left it (gradient sum and term count zero): an epoch stopped before its
+    step leaves the state of the epoch before."""
+    return state.replace(grad_sum=jax.tree.map(jnp.zeros_like, state.grad_sum),
+                         term_count=jnp.zeros_like(state.term_count))
 
   def _train_step(self, state: TrainState, frozen, batch: TrainBatch, key: jax.Array):
     state, metrics = self._accumulate(state, frozen, batch, key)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from editr1_jax import chunks, metrics, sampling
+from editr1_jax import chunks, metrics, preemption, sampling
 from editr1_jax import sharding as shd
 from editr1_jax.families.base import host_rows
 
@@ -77,6 +77,7 @@ def generate(sampler: Sampler, states, cond, keys: np.ndarray, *, grid: tuple[in
   x0_parts, images = [], []
   parts = list(chunks.padded_chunks(len(keys), chunk))
   for idx, real in tqdm(parts, desc=desc, disable=desc is None, leave=False):
+    preemption.check("before a rollout chunk")
     rows = shd.put_tree(host_rows(cond, axes, idx), axes, family.mesh, family.rules)
     row_keys = jax.random.wrap_key_data(shd.put_rows(keys[idx], family.mesh, family.rules))
     row_noise = None if noise is None else shd.put_rows(np.asarray(noise, np.float32)[idx], family.mesh, family.rules)

@@ -99,7 +99,7 @@ RESUME_SAFE = ("num_epochs", "checkpoint_every", "keep_checkpoints", "eval_every
                "eval_before_training", "log_images_every", "max_nonfinite_updates", "max_invalid_reward_epochs",
                "resume_accept", "rollout.eval_steps", "rollout.eval_guidance", "rollout.eval_sampler",
                "reward.batch_size", "data.tfds_dir", "data.prompt_cache_entries", "data.dataset_dir",
-               "data.accept_changed_data", "mesh.shape", "mesh.rules", "reward.offload")
+               "data.accept_changed_data", "mesh.shape", "mesh.rules", "reward.offload", "compile_cache_dir")
 
 
 class ConfigError(ValueError):
@@ -185,8 +185,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
   for field in ("reward.template_file", "model.init_lora"):
     if _get(config, field):
       _check_path(config, field, "file")
-  if config.data.tfds_dir:
-    _check_path(config, "data.tfds_dir", "output")
+  for field in ("data.tfds_dir", "compile_cache_dir"):
+    if _get(config, field) and _get(config, field) != "none":
+      _check_path(config, field, "output")
 
 
 def _require_dir(config, field: str) -> None:

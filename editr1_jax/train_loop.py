@@ -8,8 +8,8 @@ exactly lives in the checkpoint: train state (adapters, old policy, EMA, optimiz
 set, epoch and counters.
 """
 
+import io
 import logging
-import os
 import time
 
 import jax
@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from editr1_jax import advantages as adv
-from editr1_jax import evaluation, families, metrics, nft, rollouts, run_config, streams
+from editr1_jax import evaluation, families, metrics, nft, paths, pod, preemption, rollouts, run_config, streams
 from editr1_jax import reward as rewards
 from editr1_jax import sharding as shd
 from editr1_jax.checkpoint import CheckpointDamaged, Checkpointer
@@ -85,6 +85,7 @@ def train_epoch(trainer: nft.NFTTrainer, state: nft.TrainState, frozen, result: 
   axes = trainer.policy.cond_axes
   launched = []
   for m in tqdm(range(len(indices)), desc=desc, disable=desc is None, leave=False):
+    preemption.check("before an NFT micro-batch")
     batch = nft.gather_batch(result.x0, result.cond, axes, result.sigmas, indices[m], advs[m], mask[m])
     state, step_metrics = trainer.accumulate(state, frozen, trainer.place(batch, "batch"), key)
     launched.append(step_metrics)
@@ -117,20 +118,27 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     run_config.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+    try:
+      paths.check_output(workdir, "--workdir")
+    except paths.PathError as e:
+      raise run_config.ConfigError(str(e)) from None
+    workdir = paths.absolute(workdir)
     self.config, self.workdir = config, workdir
+    pod.enable_compile_cache(pod.compile_cache_dir(config, workdir))
     self.is_main = jax.process_index() == 0
     self.rules = mesh_rules(config)
     self.mesh = shd.make_mesh(tuple(config.mesh.shape))
 
     # Everything that can refuse the run is checked before a model is loaded: the checkpoint to resume from
     # (damaged ones set aside), the config it was saved with, the data it was trained on.
-    self.checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    self.checkpoints = Checkpointer(paths.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     resume = self._resume_point()
-    tfds_dir = config.data.tfds_dir or os.path.join(workdir, "tfds")
+    tfds_dir = config.data.tfds_dir or paths.join(workdir, "tfds")
     if jax.process_count() > 1:  # each process writes its own copy: no race, no shared filesystem assumed
-      tfds_dir = os.path.join(tfds_dir, f"process_{jax.process_index()}")
+      tfds_dir = paths.join(tfds_dir, f"process_{jax.process_index()}")
     self.data_fingerprint = data_builder.fingerprint(config.data.dataset_dir, tfds_dir,
                                                      allow_outside=config.data.allow_outside_paths)
+    pod.check_same_program(run_config.as_json(config), self.data_fingerprint.digest)
     if resume is not None:
       self._check_data(resume[1])
     built = data_builder.prepare(config.data.dataset_dir, tfds_dir, self.data_fingerprint,
@@ -153,9 +161,11 @@ class Trainer:
     self.rollout_sampler = rollouts.Sampler(self.family, lambda states: self.policy.model(*states),
                                             noise_level=config.rollout.sde_noise)
 
-    self.writer = metrics.MetricsWriter(os.path.join(workdir, "tensorboard"), enabled=self.is_main,
-                                        image_dir=os.path.join(workdir, "images"))
+    self.writer = metrics.MetricsWriter(paths.join(workdir, "tensorboard"), enabled=self.is_main,
+                                        image_dir=paths.join(workdir, "images"))
     self.epoch = 0
+    self.saved_epoch: int | None = None  # the epoch of the newest checkpoint of this run
+    self._epoch_start = None  # (epoch, sampler state, streaks) while an epoch runs: what a stop inside it restores
     self.nonfinite_streak = 0
     self.invalid_streak = 0
     if resume is not None:
@@ -258,17 +268,19 @@ class Trainer:
     if images["targets"] is not None:
       columns["target"] = images["targets"]
     self.writer.image(self.epoch, "eval", metrics.columns_grid(columns))
-    first = os.path.join(self.workdir, "images", "eval_edits_00000.npy")
+    first = paths.join(self.workdir, "images", "eval_edits_00000.npy")
     if self.epoch == 0:
-      os.makedirs(os.path.dirname(first), exist_ok=True)
-      np.save(first, images["edits"])
-    elif os.path.isfile(first):
-      before = np.load(first)
+      buffer = io.BytesIO()
+      np.save(buffer, images["edits"])
+      paths.write_bytes(first, buffer.getvalue())
+    elif paths.isfile(first):
+      before = np.load(io.BytesIO(paths.read_bytes(first)))
       if before.shape == images["edits"].shape:
         columns = {"source": images["sources"], "epoch 0": before, f"epoch {self.epoch}": images["edits"],
                    **({"target": images["targets"]} if images["targets"] is not None else {})}
-        path = os.path.join(self.workdir, "images", "before_after.png")
-        Image.fromarray(metrics.columns_grid(columns)).save(path)
+        buffer = io.BytesIO()
+        Image.fromarray(metrics.columns_grid(columns)).save(buffer, format="PNG")
+        paths.write_bytes(paths.join(self.workdir, "images", "before_after.png"), buffer.getvalue())
 
   # ------------------------------------------------------------------------------------------------
   def _sync(self, name: str) -> None:
@@ -327,6 +339,7 @@ class Trainer:
     self.sampler.restore({"banned": np.asarray(meta["banned"], np.int64)})
     self.epoch, self.nonfinite_streak = int(meta["epoch"]), int(meta["nonfinite_streak"])
     self.invalid_streak = int(meta.get("invalid_streak", 0))
+    self.saved_epoch = self.epoch
     if self.is_main:
       print(f"resumed from {self.checkpoints.path(epoch)} at epoch {self.epoch}", flush=True)
 
@@ -335,27 +348,49 @@ class Trainer:
             "invalid_streak": self.invalid_streak, "banned": [int(i) for i in self.sampler.state()["banned"]],
             "config": run_config.as_json(self.config), "data": self.data_fingerprint.to_json()}
     self.checkpoints.save(self.epoch, {"train": self.state}, meta)
+    self.saved_epoch = self.epoch
 
   def _log(self, m: dict) -> None:
     self.writer.scalars(self.epoch, m)
     if self.is_main:
       tqdm.write(metrics.summary_line(self.epoch, self.config.num_epochs, m))
 
-  def run(self, stop_after: int | None = None) -> None:
+  def run(self, stop_after: int | None = None) -> bool:
     """Epochs until config.num_epochs (or `stop_after` more), with evaluation, logging and checkpoints. The state
-    is saved before every evaluation, so a failing evaluation never costs training work."""
+    is saved before every evaluation, so a failing evaluation never costs training work.
+
+    SIGTERM (a preemption notice) stops the run at the next check (`editr1_jax.preemption`): an epoch stopped
+    before its optimizer step is dropped whole (its host state is put back and its partial gradient sum cleared,
+    so the state is exactly the previous epoch's), the newest finished epoch is saved if it is not yet, and run
+    returns False. A save in progress when the signal comes is finished first. The restarted run redoes only the
+    dropped epoch, and ends as the uninterrupted run would, bit for bit."""
+    with preemption.watch():
+      try:
+        self._run_epochs(stop_after)
+      except preemption.Preempted as stop:
+        self._stop(stop)
+        return False
+    return True
+
+  def _run_epochs(self, stop_after: int | None) -> None:
     config = self.config
     target = config.num_epochs if stop_after is None else min(config.num_epochs, self.epoch + stop_after)
     if self.epoch == 0 and config.eval_every and config.eval_before_training:
       self._log(self.evaluate())
     while self.epoch < target:
+      preemption.check("between epochs")
+      self._epoch_start = (self.epoch, self.sampler.state(), self.nonfinite_streak, self.invalid_streak)
       m = self.run_epoch()
+      self._epoch_start = None
       evaluating = config.eval_every and self.epoch % config.eval_every == 0
       if evaluating or self.epoch % config.checkpoint_every == 0 or self.epoch == config.num_epochs:
         self.save()
       if evaluating:
         try:
           m.update(self.evaluate())
+        except preemption.Preempted:
+          self._log(m)
+          raise
         except Exception:
           self._log(m)
           _LOG.error("evaluation after epoch %d failed; its checkpoint is saved in %s", self.epoch,
@@ -363,3 +398,20 @@ class Trainer:
           raise
       self._log(m)
     self.writer.close()
+
+  def _stop(self, stop: preemption.Preempted) -> None:
+    """After a stop request: the state of the newest finished epoch, saved."""
+    if self._epoch_start is not None:  # stopped inside an epoch, before its optimizer step
+      epoch, banned, self.nonfinite_streak, self.invalid_streak = self._epoch_start
+      if epoch != self.epoch:
+        raise RuntimeError(f"stopped after epoch {epoch}'s optimizer step: no check may come after it")
+      self.sampler.restore(banned)
+      self.state = self.nft.drop_gradients(self.state)
+      self._epoch_start = None
+    if self.epoch > 0 and self.saved_epoch != self.epoch:
+      self.save()
+    self.writer.close()
+    if self.is_main:
+      where = self.checkpoints.path(self.epoch) if self.epoch > 0 else "nothing to save: no epoch finished"
+      print(f"{stop}: stopped with {self.epoch} epoch(s) finished ({where}); run the same command to resume",
+            flush=True)

@@ -1,10 +1,9 @@
 """Export a run's adapter to PyTorch: `python launch/export.py --workdir=DIR --out=OUT [--weights ema|current] [--merged]`.
 
-Writes OUT/pytorch_lora_weights.safetensors (diffusers LoRA layout: `FluxKontextPipeline.load_lora_weights(OUT)`)
+WORKDIR and OUT may be gs:// URLs. Writes OUT/pytorch_lora_weights.safetensors (diffusers LoRA layout: `FluxKontextPipeline.load_lora_weights(OUT)`)
 and, with --merged, OUT/transformer/ (a diffusers FluxTransformer2DModel folder with the adapter folded in).
 """
 
-import os
 import sys
 
 
@@ -20,11 +19,15 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def check_args(workdir: str, out: str, epoch: int | None) -> None:
   """Every argument checked before anything is imported or created; raises ValueError naming the flag."""
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(checkpoints):
+  from editr1_jax import paths  # pylint: disable=import-outside-toplevel
+  try:
+    paths.check_bucket(workdir, "--workdir")
+    paths.check_output(out, "--out")
+  except paths.PathError as e:
+    raise ValueError(str(e)) from None
+  checkpoints = paths.join(workdir, "checkpoints")
+  if not paths.isdir(checkpoints):
     raise ValueError(f"--workdir: {checkpoints} does not exist")
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ValueError(f"--out: {out} is an existing file, not a folder")
   if epoch is not None and epoch < 0:
     raise ValueError(f"--epoch must be >= 0, got {epoch}")
 

@@ -3,9 +3,13 @@
 Resumes from the workdir's latest checkpoint automatically. On TPU pods and multi-host GPU clusters,
 run the same command on every host: `jax.distributed.initialize()` is called when the environment
 says there are several processes (or with --coordinator/--num_processes/--process_id given).
+The workdir and every folder of the config may be gs:// URLs. SIGTERM (a preemption notice) stops
+the run at the next safe point with every finished epoch saved, and the program exits with status 0;
+the same command resumes it.
 """
 
 import os
+import sys
 
 
 from absl import app, flags, logging
@@ -45,11 +49,16 @@ def main(argv):
   import jax
   import tensorflow_datasets as tfds
 
-  from editr1_jax.train_loop import Trainer
+  from editr1_jax import paths, pod, run_config
+  from editr1_jax.data.folder import DatasetError
+  from editr1_jax.train_loop import ResumeError, Trainer
   tfds.disable_progress_bar()
   if jax.process_index() == 0:
     print(f"devices: {jax.device_count()} {jax.devices()[0].platform}, processes: {jax.process_count()}", flush=True)
-  trainer = Trainer(_CONFIG.value, _WORKDIR.value)
+  try:
+    trainer = Trainer(_CONFIG.value, _WORKDIR.value)
+  except (run_config.ConfigError, DatasetError, paths.PathError, ResumeError, pod.PodMismatch) as e:
+    sys.exit(f"error: {e}")
   trainer.run(stop_after=_STOP_AFTER.value)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from editr1_jax import images as imageio
+from editr1_jax import paths
 from editr1_jax.data.make_demo import COLOURS as DEMO_COLOURS
 
 SIZE = 64
@@ -365,10 +366,11 @@ def edit_correct(source, edit, target) -> bool:
 # The dataset folder
 def target_path(image_path: str) -> str:
   """Where an item's target lies: `<folder>/targets/<name>` for the image `<folder>/images/<name>`."""
-  folder, name = os.path.split(os.path.normpath(image_path))
-  if os.path.basename(folder) != "images":
+  normalised = paths.normpath(image_path)
+  folder, name = paths.dirname(normalised), paths.basename(normalised)
+  if paths.basename(folder) != "images":
     raise ValueError(f"{image_path}: a world image lies in an images/ folder; its target in targets/ next to it")
-  return os.path.join(os.path.dirname(folder), "targets", name)
+  return paths.join(paths.dirname(folder), "targets", name)
 
 
 def targets_for(records: Sequence, folder: str | None = None) -> list[np.ndarray]:
@@ -377,8 +379,8 @@ def targets_for(records: Sequence, folder: str | None = None) -> list[np.ndarray
   out = []
   for r in records:
     path = r["image"] if isinstance(r, Mapping) else r.image_path
-    if folder is not None and not os.path.isabs(path):
-      path = os.path.join(folder, path)
+    if folder is not None and not (os.path.isabs(path) or paths.is_url(path)):
+      path = paths.join(folder, path)
     out.append(np.asarray(imageio.load_rgb(target_path(path))))
   return out
 

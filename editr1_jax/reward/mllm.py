@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from editr1_jax import paths
+from editr1_jax import paths, preemption
 from editr1_jax import sharding as shd
 from editr1_jax.models import qwen2_5_vl
 from editr1_jax.reward import processor as proc
@@ -184,6 +184,7 @@ class MllmJudge:
              for start in range(0, len(members), self.batch_size)]
     state = jax.device_put(self._state, self._on_device) if self.offload else self._state
     for rows in tqdm(calls, desc=progress, disable=progress is None, leave=False):
+      preemption.check("before a judge call")
       s, p, v = self._score_rows(state, [pairs[i] for i in rows])
       scores[rows], probs[rows], valid[rows] = s, p, v
     del state  # offloaded: the device copy goes with it, the host copy stays
