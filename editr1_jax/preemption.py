@@ -24,7 +24,8 @@ _LOG = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
-  """A stop was asked (SIGTERM) and this check is where every process stops."""
+  """A stop was asked (SIGTERM) and this check is where every process stops. A loop over donated states sets
+  `state` to the live one before passing it on."""
 
 
 class _State:

@@ -85,7 +85,11 @@ def train_epoch(trainer: nft.NFTTrainer, state: nft.TrainState, frozen, result: 
   axes = trainer.policy.cond_axes
   launched = []
   for m in tqdm(range(len(indices)), desc=desc, disable=desc is None, leave=False):
-    preemption.check("before an NFT micro-batch")
+    try:
+      preemption.check("before an NFT micro-batch")
+    except preemption.Preempted as stop:
+      stop.state = state  # the one live state: the caller's was donated to the first micro-batch
+      raise
     batch = nft.gather_batch(result.x0, result.cond, axes, result.sigmas, indices[m], advs[m], mask[m])
     state, step_metrics = trainer.accumulate(state, frozen, trainer.place(batch, "batch"), key)
     launched.append(step_metrics)
@@ -203,11 +207,15 @@ class Trainer:
     t0 = time.perf_counter()
     key_data = np.asarray(jax.random.key_data(streams.key(config.seed, "train", epoch)))  # host: same on every process
     key = jax.random.wrap_key_data(jax.device_put(key_data, self.nft.shardings["key"]))
-    self.state, launched, applied, old = train_epoch(
-        self.nft, self.state, self.frozen, result, advantages,
-        micro_batch=config.nft.micro_batch * shd.batch_width(self.mesh),
-        key=key, rng=streams.numpy_rng(config.seed, "micro_batches", epoch),
-        desc=f"epoch {epoch} train" if self.is_main else None)
+    try:
+      self.state, launched, applied, old = train_epoch(
+          self.nft, self.state, self.frozen, result, advantages,
+          micro_batch=config.nft.micro_batch * shd.batch_width(self.mesh),
+          key=key, rng=streams.numpy_rng(config.seed, "micro_batches", epoch),
+          desc=f"epoch {epoch} train" if self.is_main else None)
+    except preemption.Preempted as stop:
+      self.state = getattr(stop, "state", self.state)
+      raise
     train_metrics = epoch_train_metrics(launched, applied, old, config.optim.learning_rate)
     timing["train_s"] = time.perf_counter() - t0
     if train_metrics["train/finite"]:
