@@ -2,6 +2,7 @@
 device each, against one process holding both devices. Same mesh (2, 1, 1), same run."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,3 +55,53 @@ def test_two_processes_train_like_one(tmp_path):
   # moves a weight by lr * g / (|g| + 1e-8) ~ lr * sign(g), which that rounding leaves alone: ulps at most (measured 0)
   for name in single:
     np.testing.assert_allclose(pair[name], single[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def _pair(workdir, extra=(), per_process=((), ()), port=None):
+  port = port or _free_port()
+  return [_train(workdir, 1, [f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}", *extra,
+                              *per_process[i]]) for i in range(2)]
+
+
+def test_sigterm_to_one_host_stops_both_at_the_same_point(tmp_path):
+  """SIGTERM reaches process 1 only (as on a pod where one host is preempted first): jax's preemption sync point
+  stops both at the same check, each exits 0 with the finished epoch saved, and the pair resumed with the same
+  command ends as an uninterrupted run."""
+  extra = ["--config.num_epochs=3", "--config.eval_every=0", "--config.checkpoint_every=5"]
+  pair = _pair(tmp_path / "pair", extra)
+  sent, lines = False, []
+  for line in pair[0].stdout:
+    lines.append(line)
+    if not sent and "epoch 1/3 |" in line:
+      pair[1].send_signal(signal.SIGTERM)
+      sent = True
+  outs = [p.communicate(timeout=600) for p in pair]
+  out0 = "".join(lines) + outs[0][0]
+  for p, (_, err) in zip(pair, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert sent and "stopped with 1 epoch(s) finished" in out0, out0[-2000:]
+  assert os.listdir(tmp_path / "pair" / "checkpoints") == ["1"]
+  resumed = _pair(tmp_path / "pair", extra)
+  outs = [p.communicate(timeout=600) for p in resumed]
+  for p, (_, err) in zip(resumed, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "at epoch 1" in outs[0][0] and "epoch 3/3 |" in outs[0][0] and "epoch 1/3 |" not in outs[0][0]
+  single = _train(tmp_path / "single", 2, extra)
+  out, err = single.communicate(timeout=600)
+  assert single.returncode == 0, err[-3000:]
+  pair, single = _exported(tmp_path / "pair", tmp_path / "out_pair"), _exported(tmp_path / "single", tmp_path / "out")
+  assert pair.keys() == single.keys() and pair
+  for name in single:  # the same bound as test_two_processes_train_like_one (measured 0)
+    np.testing.assert_allclose(pair[name], single[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_processes_that_differ_refuse_together(tmp_path):
+  """One host given another config value: both processes refuse at start, naming the process and the field."""
+  pair = _pair(tmp_path / "pair", per_process=((), ("--config.optim.learning_rate=0.002",)))
+  outs = [p.communicate(timeout=300) for p in pair]
+  for p, (out, err) in zip(pair, outs):
+    assert p.returncode != 0, out[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the processes of this run differ from process 0"), err[-2000:]
+    assert "process 1: config.optim.learning_rate = 0.002 (process 0: 0.001)" in last, last
+  assert not os.path.exists(tmp_path / "pair" / "checkpoints" / "1")
