@@ -12,7 +12,6 @@ file of the checkpoint) is written beside it, and a checkpoint is verified again
 anything is read: the error names the checkpoint and the damaged file.
 """
 
-import hashlib
 import json
 import logging
 
@@ -28,15 +27,6 @@ _LOG = logging.getLogger(__name__)
 
 class CheckpointDamaged(RuntimeError):
   """A checkpoint's files do not match its manifest, or its metadata does not parse."""
-
-
-def sha256_file(path: str) -> str:
-  """The SHA-256 of a file, read in blocks (checkpoint manifests, data fingerprints)."""
-  h = hashlib.sha256()
-  with paths.open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _files(folder: str) -> list[str]:
@@ -67,7 +57,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
     if jax.process_index() == 0:  # after the save is final on every process (orbax's barrier)
       folder = self.path(epoch)
-      manifest = {f: [paths.getsize(paths.join(folder, f)), sha256_file(paths.join(folder, f))]
+      manifest = {f: [paths.getsize(paths.join(folder, f)), paths.sha256(paths.join(folder, f))]
                   for f in _files(folder)}
       paths.write_text(paths.join(folder, MANIFEST), json.dumps(manifest))  # atomic
 
@@ -87,7 +77,7 @@ class Checkpointer:
           raise CheckpointDamaged(f"checkpoint {folder}: {name} is missing")
         if paths.getsize(path) != size:
           raise CheckpointDamaged(f"checkpoint {folder}: {name} has {paths.getsize(path)} bytes, {size} were saved")
-        if sha256_file(path) != digest:
+        if paths.sha256(path) != digest:
           raise CheckpointDamaged(f"checkpoint {folder}: {name} is corrupted (its SHA-256 differs from the saved one)")
     try:
       self.restore_meta(epoch)

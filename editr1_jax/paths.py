@@ -20,11 +20,14 @@ emulator) it talks to the emulator anonymously.
 
 import builtins
 import functools
+import hashlib
+import logging
 import os
 import posixpath
 from typing import Iterable
 
 SUPPORTED_SCHEMES = ("gs",)
+logging.getLogger("fsspec.caching").setLevel(logging.WARNING)  # a line per file opened in a bucket otherwise
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 
 
@@ -200,6 +203,15 @@ def read_bytes(path) -> bytes:
     return _fs(path).cat_file(path)
   with builtins.open(path, "rb") as f:
     return f.read()
+
+
+def sha256(path) -> str:
+  """The SHA-256 of a file, read in blocks (checkpoint manifests, data fingerprints)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      h.update(block)
+  return h.hexdigest()
 
 
 def read_text(path, encoding: str = "utf-8") -> str:

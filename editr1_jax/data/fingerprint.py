@@ -62,7 +62,7 @@ def compute(source_dir: str, files: list[str], cache_dir: str | None = None) -> 
       raise folder_format.DatasetError(f"{key}: file not found")
     size, version = stats[key]
     hit = cache.get(key)
-    digest = hit[2] if hit and hit[:2] == [size, version] else sha256(key)
+    digest = hit[2] if hit and hit[:2] == [size, version] else paths.sha256(key)
     fresh[key] = [size, version, digest]
     rel = key if not paths.is_inside(key, source_dir) else paths.relpath(key, source_dir)
     out[rel] = digest
@@ -70,15 +70,6 @@ def compute(source_dir: str, files: list[str], cache_dir: str | None = None) -> 
     paths.makedirs(cache_dir)
     paths.write_text(cache_path, json.dumps(fresh))
   return Fingerprint(source_dir, out)
-
-
-def sha256(path: str) -> str:
-  """The SHA-256 of a local file or a bucket object, read in blocks."""
-  h = hashlib.sha256()
-  with paths.open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def differences(old: Fingerprint, new: Fingerprint, limit: int = 5) -> list[str]:
