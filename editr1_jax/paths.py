@@ -21,6 +21,7 @@ emulator) it talks to the emulator anonymously.
 import builtins
 import functools
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -334,18 +335,29 @@ def local_copy(folder, *, skip_suffixes: tuple[str, ...] = (".safetensors",)) ->
     return folder
   fs = _fs(folder)
   target = os.path.join(cache_root(), scheme(folder), _strip(folder))
-  root = _strip(folder)
+  record = os.path.join(target, ".editr1_versions.json")  # {relative path: object version} of what is here
+  try:
+    with builtins.open(record, encoding="utf-8") as f:
+      held = json.load(f)
+  except (OSError, ValueError):
+    held = {}
+  root, versions = _strip(folder), {}
   for info in fs.find(folder, detail=True).values():
     rel = posixpath.relpath(info["name"], root)
     if rel.endswith(skip_suffixes):
       continue
     local = os.path.join(target, rel)
-    if os.path.isfile(local) and os.path.getsize(local) == int(info["size"]):
+    versions[rel] = f"{info['size']}:{info.get('generation') or info.get('md5Hash') or info.get('mtime')}"
+    if held.get(rel) == versions[rel] and os.path.isfile(local):
       continue
     os.makedirs(os.path.dirname(local), exist_ok=True)
     tmp = f"{local}.tmp{os.getpid()}"
     fs.get_file(info["name"], tmp)
     os.replace(tmp, local)
+  for rel in set(held) - set(versions):  # deleted in the bucket since the last copy
+    if os.path.isfile(os.path.join(target, rel)):
+      os.remove(os.path.join(target, rel))
+  write_text(record, json.dumps(versions, sort_keys=True))
   return target
 
 
