@@ -22,12 +22,14 @@ def check_args(workdir: str, out: str, epoch: int | None) -> None:
   from editr1_jax import paths  # pylint: disable=import-outside-toplevel
   try:
     paths.check_bucket(workdir, "--workdir")
-    paths.check_output(out, "--out")
+    paths.check_bucket(out, "--out")
   except paths.PathError as e:
     raise ValueError(str(e)) from None
   checkpoints = paths.join(workdir, "checkpoints")
   if not paths.isdir(checkpoints):
     raise ValueError(f"--workdir: {checkpoints} does not exist")
+  if paths.isfile(out):
+    raise ValueError(f"--out: {out} is an existing file, not a folder")
   if epoch is not None and epoch < 0:
     raise ValueError(f"--epoch must be >= 0, got {epoch}")
 
