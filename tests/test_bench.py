@@ -468,4 +468,12 @@ def test_end_to_end_on_the_mini_benchmark(bench):
   answers = ["Brief reasoning: fine.\n" + "\n".join(
       f"{c}: {1 + (k + j) % 5}" for j, c in enumerate(imgedit.CRITERIA[i.edit_type])) for k, i in enumerate(items)]
   summary = imgedit.summarize([imgedit.judge_item(i, a) for i, a in zip(items, answers)])
-  assert summary.missing == () and summary.n_unparseable == 0 and 1.0 <= summary.overall["score"] <= 5.0
+  assert summary.missing == () and summary.n_unparseable == 0
+  # The scripted answers fix the overall. Items k = 0..17, two per type in EDIT_TYPES order; item k's score is
+  # the mean of 1 + (k + j) % 5 over its three criteria j = 0, 1, 2, which depends on k % 5 only:
+  #   k % 5 = 0: (1 + 2 + 3) / 3 = 2;  1: (2 + 3 + 4) / 3 = 3;  2: (3 + 4 + 5) / 3 = 4;
+  #   3: (4 + 5 + 1) / 3 = 10/3;       4: (5 + 1 + 2) / 3 = 8/3   (one period of 5 sums to 15).
+  # Every type has two items, so the mean of the nine type means is the mean of the 18 items:
+  #   k = 0..14 sum to 3 * 15 = 45, k = 15, 16, 17 (k % 5 = 0, 1, 2) to 2 + 3 + 4 = 9: (45 + 9) / 18 = 3.
+  # A mean of means of thirds of small integers: off by a few ulps at most, hence the 1e-9.
+  assert len(items) == 18 and summary.overall["score"] == pytest.approx(3.0, rel=0, abs=1e-9)

@@ -18,6 +18,13 @@ def _state(mesh):
           "banned": np.array([4, 9], np.int64)}
 
 
+def _zeros_like(state):
+  """The state's layout (shapes, dtypes, shardings, numpy leaves as numpy) filled with zeros: a restore that
+  handed its template back would give zeros, not the saved values."""
+  return jax.tree.map(lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding) if isinstance(x, jax.Array)
+                      else np.zeros_like(x), state)
+
+
 def test_round_trip_keeps_values_dtypes_and_sharding(tmp_path):
   mesh = shd.make_mesh((2, 2, 2))
   state = _state(mesh)
@@ -25,10 +32,13 @@ def test_round_trip_keeps_values_dtypes_and_sharding(tmp_path):
   ckpt.save(2, state, {"epoch": 2, "step": 7})
   ckpt.save(4, jax.tree.map(lambda x: x + 1, state), {"epoch": 4, "step": 9})
   assert ckpt.all_epochs() == [2, 4]
-  restored, meta = ckpt.restore(2, state)
+  template = _zeros_like(state)
+  restored, meta = ckpt.restore(2, template)
   assert meta == {"epoch": 2, "step": 7}
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
-    assert a.dtype == b.dtype
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b, t in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(template)):
+    assert a.dtype == b.dtype and type(a) is type(b)  # numpy leaves stay numpy
+    assert np.asarray(b).any() and not np.asarray(t).any()  # the saved values and the template differ
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert restored["params"]["w"].sharding.spec == PartitionSpec("fsdp", "tensor")
 
@@ -41,8 +51,10 @@ def test_incomplete_save_is_not_the_latest(tmp_path):
   os.makedirs(tmp_path / "ckpt" / "2.orbax-checkpoint-tmp-12345" / "state")
   reopened = Checkpointer(str(tmp_path / "ckpt"))
   assert reopened.all_epochs() == [1]
-  restored, meta = reopened.restore(1, _state(mesh))
+  restored, meta = reopened.restore(1, _zeros_like(_state(mesh)))
   assert meta == {"epoch": 1}
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(_state(mesh))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _saved(tmp_path):

@@ -109,6 +109,27 @@ def test_colour_on_uint8_equals_colour_scores_on_the_float_images():
   np.testing.assert_allclose(result.scores, colour_scores(u8 / 127.5 - 1, [r["prompt"] for r in records]), rtol=1e-6)
 
 
+def test_colour_scores_worked_out_by_hand():
+  """Solid images, whose mean is their one colour: score = 1 - |rgb - named rgb| / (sqrt(3) * 255)."""
+  # red is (220, 40, 40) in make_demo.COLOURS, black (20, 20, 20).
+  # - solid (220, 40, 40), "red": distance 0 -> 1.
+  # - solid (0, 0, 0), "red": distance sqrt(220^2 + 40^2 + 40^2) = sqrt(51600); / (sqrt(3) * 255) =
+  #   sqrt(51600 / 195075) = sqrt(688 / 2601) = sqrt(688) / 51 = 4 sqrt(43) / 51 -> 1 - 4 sqrt(43) / 51 = 0.48569...
+  # - solid (255, 255, 255), "black": distance 235 sqrt(3) -> 1 - 235 / 255 = 4 / 51.
+  # - solid (0, 0, 0), "black": distance 20 sqrt(3) -> 1 - 20 / 255 = 47 / 51.
+  rgbs = [(220, 40, 40), (0, 0, 0), (255, 255, 255), (0, 0, 0)]
+  prompts = ["Make the square red.", "Make the square red.", "Turn the circle black", "Turn the circle black"]
+  expected = [1.0, 1.0 - 4.0 * np.sqrt(43.0) / 51.0, 4.0 / 51.0, 47.0 / 51.0]
+  u8 = [np.broadcast_to(np.asarray(rgb, np.uint8), (8, 12, 3)).copy() for rgb in rgbs]
+  result = ColourReward().score(u8, u8, [{"prompt": p} for p in prompts])
+  assert result.valid.all() and result.probs is None
+  # float32 scores: a few ulps of rounding (read-back x / 127.5 - 1, mean, float32 cast), far below any change
+  # of the formula
+  np.testing.assert_allclose(result.scores, expected, rtol=0, atol=1e-6)
+  floats = np.stack(u8) / 127.5 - 1.0
+  np.testing.assert_allclose(colour_scores(floats, prompts), expected, rtol=0, atol=1e-12)
+
+
 def test_colour_errors():
   sources, edits, records = pairs()
   reward = ColourReward()

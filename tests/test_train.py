@@ -36,6 +36,17 @@ def _leaves(state):
                                                   state.step))]
 
 
+def lora_b_leaves(params) -> list:
+  """The LoRA B leaves, picked by path (not by position in the flattened tree); an error if there is none, so a
+  check over them cannot pass vacuously."""
+  def named(path, name):
+    return any(getattr(k, "key", getattr(k, "name", None)) == name for k in path)
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  found = [x for path, x in leaves if named(path, "lora_b")]
+  assert found, f"no lora_b leaf among {len(leaves)}: {[jax.tree_util.keystr(p) for p, _ in leaves[:4]]} ..."
+  return found
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight"))
@@ -51,8 +62,7 @@ def test_run_writes_checkpoints_logs_and_learns_nothing_silently(straight):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
   assert sorted(os.listdir(os.path.join(workdir, "images"))) == [f"rollouts_{e:05d}.png" for e in (1, 2, 3, 4)]
   # the adapter moved away from its zero-initialised B, and old / EMA follow it
-  params = jax.tree.leaves(trainer.state.params)
-  assert any(np.abs(np.asarray(p)).max() > 0 for p in params[1::2])
+  assert any(np.abs(np.asarray(p)).max() > 0 for p in lora_b_leaves(trainer.state.params))
 
 
 def test_resume_is_bit_identical(straight, tmp_path):
@@ -259,13 +269,19 @@ def test_a_judge_without_valid_scores_stops_the_run_after_saving(tmp_path):
 def test_evaluation_with_a_benchmark_protocol(tmp_path, qwen_reference):
   """config.eval_benchmark: the EMA policy's edits of a held-out ImgEdit set judged by generation; the benchmark's
   overall (here NaN: the tiny judge's answers are unparseable, and counted) is an eval metric."""
-  from editr1_jax.bench import mini
+  from editr1_jax.bench import imgedit, mini
   mini.write(str(tmp_path / "mini"), per_category=1)
   trainer = train_loop.Trainer(tiny_config(**{"eval_benchmark": "imgedit", "eval_benchmark_dir": str(tmp_path / "mini" / "imgedit"),
                                               "eval_judge_dir": qwen_reference[1], "eval_judge_max_new_tokens": 4,
                                               "reward.batch_size": 3}), str(tmp_path / "run"))
   scores = trainer.evaluate()
-  assert scores["eval/imgedit/all/unparseable"] + (0 if np.isnan(scores["eval/imgedit/all/score"]) else 1) >= 1
+  # 4 new tokens cannot hold the three "<criterion>: <1..5>" lines: every one of the 9 items (one per edit type)
+  # is unparseable, so no item is scored and the overall is NaN
+  assert scores["eval/imgedit/all/unparseable"] == 9 and np.isnan(scores["eval/imgedit/all/score"])
   assert {"eval/reward_mean", "eval/imgedit/all/score"} <= set(scores)
   done = tmp_path / "run" / "eval" / "imgedit" / "00000"
   assert (done / "summary.json").is_file() and len((done / "results.jsonl").read_text().splitlines()) == 9
+  summary = json.loads((done / "summary.json").read_text())["summaries"]["all"]
+  assert summary["n"] == summary["n_unparseable"] == 9
+  assert {c: (v["n"], v["n_unparseable"]) for c, v in summary["categories"].items()} == {
+      c: (1, 1) for c in imgedit.EDIT_TYPES}
