@@ -46,6 +46,7 @@ ARGS = [
     "--config.data.dataset_dir=gs://my-bucket/data/edit_r1",
     "--config.reward.template_file=gs://my-bucket/prompts/judge $HOME's \"v2\"; *.txt",
     "--config.rollout.num_steps=8",
+    "--config.a=$(touch pwned)",  # never run by the remote shell
 ]
 
 
