@@ -335,7 +335,7 @@ def local_copy(folder, *, skip_suffixes: tuple[str, ...] = (".safetensors",)) ->
     return folder
   fs = _fs(folder)
   target = os.path.join(cache_root(), scheme(folder), _strip(folder))
-  record = os.path.join(target, ".editr1_versions.json")  # {relative path: object version} of what is here
+  record = target + ".versions.json"  # {relative path: object version} of what the copy holds, kept beside it
   try:
     with builtins.open(record, encoding="utf-8") as f:
       held = json.load(f)
