@@ -1,8 +1,11 @@
 """The paper's FLUX.1-Kontext-dev run (docs/METHOD.md section 7).
 
-  python launch/train.py --config=configs/kontext.py --workdir=gs://... \
-    --config.model.pipeline_dir=/ckpt/FLUX.1-Kontext-dev --config.reward.model_dir=/ckpt/Qwen2.5-VL-32B-Instruct \
-    --config.data.dataset_dir=/data/edit_r1
+  python launch/train.py --config=configs/kontext.py --workdir=gs://my-bucket/runs/kontext \
+    --config.model.pipeline_dir=gs://my-bucket/models/FLUX.1-Kontext-dev \
+    --config.reward.model_dir=gs://my-bucket/models/Qwen2.5-VL-32B-Instruct \
+    --config.data.dataset_dir=gs://my-bucket/data/edit_r1
+
+Every path may be a local folder or a gs:// URL; on a TPU pod slice, `launch/tpu_pod.sh` runs it on every host.
 
 `--config=configs/kontext.py:v5e-16` adds the settings that fit the run on that TPU slice (SLICES).
 """
