@@ -174,6 +174,35 @@ def listdir(path) -> list[str]:
   return sorted(os.listdir(path))
 
 
+def _version(info: dict) -> tuple[int, str]:
+  return int(info["size"]), str(info.get("generation") or info.get("updated") or info.get("mtime"))
+
+
+def stat(path) -> tuple[int, str] | None:
+  """(size, version) of a file, None when there is none; the version changes whenever the file is rewritten (a
+  local file's mtime in ns, a bucket object's generation)."""
+  path = os.fspath(path)
+  if is_url(path):
+    try:
+      info = _fs(path).info(path)
+    except FileNotFoundError:
+      return None
+    return _version(info) if info.get("type") == "file" else None
+  if not os.path.isfile(path):
+    return None
+  st = os.stat(path)
+  return st.st_size, str(st.st_mtime_ns)
+
+
+def stat_tree(folder) -> dict[str, tuple[int, str]]:
+  """{path: `stat(path)`} of every file below `folder` (paths as `join(folder, relative)` gives them, normalised);
+  in a bucket one listing, not a request per file."""
+  folder = os.fspath(folder)
+  if is_url(folder):
+    return {f"{scheme(folder)}://{name}": _version(info) for name, info in _fs(folder).find(folder, detail=True).items()}
+  return {normpath(join(folder, rel)): stat(join(folder, rel)) for rel in walk_files(folder)}
+
+
 def walk_files(folder) -> list[str]:
   """Every file below `folder`, as paths relative to it, sorted."""
   folder = os.fspath(folder)
@@ -341,18 +370,18 @@ def local_copy(folder, *, skip_suffixes: tuple[str, ...] = (".safetensors",)) ->
       held = json.load(f)
   except (OSError, ValueError):
     held = {}
-  root, versions = _strip(folder), {}
-  for info in fs.find(folder, detail=True).values():
-    rel = posixpath.relpath(info["name"], root)
+  versions = {}
+  for path, (size, version) in stat_tree(folder).items():
+    rel = relpath(path, folder)
     if rel.endswith(skip_suffixes):
       continue
     local = os.path.join(target, rel)
-    versions[rel] = f"{info['size']}:{info.get('generation') or info.get('md5Hash') or info.get('mtime')}"
+    versions[rel] = f"{size}:{version}"
     if held.get(rel) == versions[rel] and os.path.isfile(local):
       continue
     os.makedirs(os.path.dirname(local), exist_ok=True)
     tmp = f"{local}.tmp{os.getpid()}"
-    fs.get_file(info["name"], tmp)
+    fs.get_file(path, tmp)
     os.replace(tmp, local)
   for rel in set(held) - set(versions):  # deleted in the bucket since the last copy
     if os.path.isfile(os.path.join(target, rel)):

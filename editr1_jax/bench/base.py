@@ -136,5 +136,5 @@ def file_check(folder: str) -> Callable[[str], bool]:
   this machine the file system's own answer."""
   if not paths.is_url(folder):
     return paths.isfile
-  present = {paths.normpath(paths.join(folder, rel)) for rel in paths.walk_files(folder)}
+  present = set(paths.stat_tree(folder))
   return lambda path: paths.normpath(path) in present

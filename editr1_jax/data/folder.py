@@ -102,35 +102,13 @@ def file_stats(folder: str, files: list[str]) -> dict:
   """{file: (size, version)} of those `files` that exist; the version changes whenever a file is rewritten (a
   local file's mtime in ns, a bucket object's generation). Files under a bucket `folder` cost one listing of it,
   not a request each."""
-  listing = {}
-  if paths.is_url(folder):
-    fs = paths._fs(folder)  # pylint: disable=protected-access
-    listing = {f"{paths.scheme(folder)}://{name}": _version(info)
-               for name, info in fs.find(folder, detail=True).items()}
+  listing = paths.stat_tree(folder) if paths.is_url(folder) else {}
   out = {}
   for f in dict.fromkeys(files):
-    st = listing.get(f) or _stat(f)
+    st = listing.get(f) or paths.stat(f)
     if st is not None:
       out[f] = st
   return out
-
-
-def _version(info: dict) -> tuple[int, str]:
-  return int(info["size"]), str(info.get("generation") or info.get("updated") or info.get("mtime"))
-
-
-def _stat(path: str):
-  """(size, version) of one file, None when there is none."""
-  if paths.is_url(path):
-    try:
-      info = paths._fs(path).info(path)  # pylint: disable=protected-access
-    except FileNotFoundError:
-      return None
-    return _version(info) if info.get("type") == "file" else None
-  if not os.path.isfile(path):
-    return None
-  st = os.stat(path)
-  return st.st_size, st.st_mtime_ns
 
 
 def _encodable(text: str) -> bool:
