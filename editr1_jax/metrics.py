@@ -1,10 +1,9 @@
 """Run metrics: TensorBoard scalars and image grids, and one console line per epoch (process 0 only)."""
 
-import io
-
 import numpy as np
 from PIL import Image, ImageDraw
 
+from editr1_jax import images as imageio
 from editr1_jax import paths
 
 
@@ -32,9 +31,7 @@ class MetricsWriter:
     self._writer.add_image(tag, grid, step, dataformats="HWC")
     self._writer.flush()
     if self.image_dir:
-      buffer = io.BytesIO()
-      Image.fromarray(grid).save(buffer, format="PNG")
-      paths.write_bytes(paths.join(self.image_dir, f"{tag}_{step:05d}.png"), buffer.getvalue())
+      imageio.save(Image.fromarray(grid), paths.join(self.image_dir, f"{tag}_{step:05d}.png"))
 
   def close(self) -> None:
     if self._writer is not None:

@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from editr1_jax import advantages as adv
+from editr1_jax import images as imageio
 from editr1_jax import evaluation, families, metrics, nft, paths, pod, preemption, rollouts, run_config, streams
 from editr1_jax import reward as rewards
 from editr1_jax import sharding as shd
@@ -286,9 +287,8 @@ class Trainer:
       if before.shape == images["edits"].shape:
         columns = {"source": images["sources"], "epoch 0": before, f"epoch {self.epoch}": images["edits"],
                    **({"target": images["targets"]} if images["targets"] is not None else {})}
-        buffer = io.BytesIO()
-        Image.fromarray(metrics.columns_grid(columns)).save(buffer, format="PNG")
-        paths.write_bytes(paths.join(self.workdir, "images", "before_after.png"), buffer.getvalue())
+        imageio.save(Image.fromarray(metrics.columns_grid(columns)),
+                     paths.join(self.workdir, "images", "before_after.png"))
 
   # ------------------------------------------------------------------------------------------------
   def _sync(self, name: str) -> None:
