@@ -163,6 +163,8 @@ def test_train_cli_runs_the_demo(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   assert "epoch 2/2 | reward" in run.stdout
   assert "epoch 0/2 | eval reward" in run.stdout  # the starting weights are evaluated, as the public run does
+  grid = Image.open(tmp_path / "images" / "before_after.png")  # source | epoch 0 | epoch 2 of the same items
+  assert grid.format == "PNG" and min(grid.size) > 0
   out = subprocess.run([sys.executable, "launch/export.py", f"--workdir={tmp_path}", f"--out={tmp_path}/export"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
