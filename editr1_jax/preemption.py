@@ -13,14 +13,11 @@ process catches the signal itself.
 """
 
 import contextlib
-import logging
 import signal
 import threading
 from typing import Iterator
 
 import jax
-
-_LOG = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
