@@ -120,12 +120,12 @@ def test_in_a_bucket_round_trip_manifest_and_damage(gcs):
   """Checkpoints in a bucket: the same round trip and manifest; a corrupted object is named, and the damaged
   checkpoint is set aside (its objects copied, then deleted) so the newest intact one is taken.
 
-  Replicated arrays only: the emulator ignores `ifGenerationMatch` preconditions, which tensorstore's OCDBT store
-  needs when several shards of one array are written at once (measured: "Malformed StorageGeneration" from the
-  emulator, the same save fine on local disk); Cloud Storage itself honours them."""
+  One replicated array: the emulator ignores `ifGenerationMatch` preconditions, which tensorstore's OCDBT store
+  needs when several arrays or shards write its manifest at once (measured: "Malformed StorageGeneration" in about
+  half the runs with four arrays, every run with a sharded one; the same saves fine on local disk); Cloud Storage
+  honours them."""
   from editr1_jax import paths  # pylint: disable=import-outside-toplevel
-  state = {"params": {"w": jnp.arange(32.0).reshape(8, 4), "b": jnp.ones(3, jnp.bfloat16)},
-           "rng": jax.random.key_data(jax.random.key(3)), "banned": np.array([4, 9], np.int64)}
+  state = {"params": {"w": jnp.arange(32.0).reshape(8, 4)}}
   url = gcs.url("ckpt")
   ckpt = Checkpointer(url)
   ckpt.save(1, state, {"epoch": 1})
