@@ -48,14 +48,16 @@ def float32_bound(reduction_length: int, depth: int = 1, *, condition: float = 1
 EPS_BF16 = 2.0 ** -9  # bfloat16 unit roundoff (8 significant bits), 2.0e-3
 
 
-def bfloat16_bound(depth: int, *, safety: float = 8.0) -> float:
+def bfloat16_bound(depth: int, *, safety: float = 3.0) -> float:
   """The max_rel_err allowed between a bfloat16 run and the float32 one: every stored activation rounds to 8
-  bits, and a value passing `depth` normalised layers collects sqrt(depth) such errors. Safety 8 (twice the
-  float32 model's): these errors are not small next to the values, so nonlinearities (softmax, gelu, silu)
-  widen their tails, and CPUs differ in how they compute bf16 dots (native bf16 units or float32 upcast).
-  A real bug in the bf16 path (a wrong cast, a missing scale) errs by 1e-1..1: the bound stays below 0.15."""
+  bits, and a value passing `depth` normalised layers collects sqrt(depth) such errors: sqrt(depth) * EPS_BF16.
+  Measured on the 2-core CI-like machine, err / (sqrt(depth) * EPS_BF16) is 0.6 (Qwen-Image, FLUX 0.6), 0.96
+  (Qwen2.5-VL, CLIP), 1.05 (Qwen-Image VAE encoder), 1.15 (FLUX VAE decoder); safety 3 leaves 2.6x..5x room for
+  CPUs that compute bf16 dots otherwise (native bf16 units or a float32 upcast). A real bug in the bf16 path (a
+  norm's statistics in bf16, a wrong cast, a missing scale) errs by 1e-1..1: the bound stays below 0.06.
+  Where the reference itself errs more in bf16 (T5, the Qwen-Image VAE decoder), tests bound by its error."""
   bound = safety * depth ** 0.5 * EPS_BF16
-  assert bound <= 0.15, f"bfloat16_bound {bound:.2f}: this loose, it would hide real bugs"
+  assert bound <= 0.06, f"bfloat16_bound {bound:.2f}: this loose, it would hide real bugs"
   return bound
 
 

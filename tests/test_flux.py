@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from flux_fixtures import EXACT, FLUX_BOUND, LORA, REAL, TINY, make_inputs, torch_forward
-from helpers import max_rel_err
+from helpers import bfloat16_bound, max_rel_err
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
@@ -143,7 +143,9 @@ def test_bf16_forward_close_to_float32(reference, ours):
   out = np.asarray(model(**inputs).astype(jnp.float32))
   assert model(**inputs).dtype == jnp.bfloat16
   assert np.isfinite(out).all()
-  assert max_rel_err(out, np.asarray(ours(**inputs))) <= 3e-2
+  # measured 8.2e-3; ~47 normalised layers deep (embedders 4, 2 double blocks of 12, 2 single of 8, norm_out 3; see
+  # bfloat16_bound)
+  assert max_rel_err(out, np.asarray(ours(**inputs))) <= bfloat16_bound(47)
 
 
 def test_sharded_forward_equals_single_device(reference, ours):

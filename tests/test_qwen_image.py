@@ -201,4 +201,4 @@ def test_bf16_forward_close_to_float32(qwen_image_reference, qwen_image_ours):
   assert out.dtype == jnp.bfloat16
   ours = np.asarray(out.astype(jnp.float32))
   assert np.isfinite(ours).all()
-  assert max_rel_err(ours, np.asarray(qwen_image_ours(**inputs))) <= bfloat16_bound(32)
+  assert max_rel_err(ours, np.asarray(qwen_image_ours(**inputs))) <= bfloat16_bound(32)  # measured 6.8e-3 (3.3e-2)

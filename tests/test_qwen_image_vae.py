@@ -1,6 +1,7 @@
 """Qwen-Image VAE (diffusers' AutoencoderKLQwenImage on one frame): parity through our loader, full size without
 memory, loader and config errors, the pipeline's latent normalisation, dtypes, sharding."""
 
+import copy
 import json
 import math
 import os
@@ -70,6 +71,16 @@ def torch_encode(reference, images):
     return from_torch(reference.encode(to_torch(images)).latent_dist.mode())
 
 
+def _torch_decoder(reference, latents, dtype):
+  """The reference decoder before the clamp: the first chunk of a clip, as `decode` runs it."""
+  with torch.no_grad():
+    reference.clear_cache()
+    out = reference.decoder(reference.post_quant_conv(to_torch(latents).to(dtype)), feat_cache=reference._feat_map,
+                            feat_idx=[0])
+    reference.clear_cache()
+  return from_torch(out.float())
+
+
 def test_encode_parity(reference, ours):
   ref = torch_encode(reference[0], IMAGES)
   got = np.asarray(ours.encode(IMAGES))
@@ -83,11 +94,7 @@ def test_decode_parity(reference, ours):
   reference = reference[0]
   with torch.no_grad():
     ref = from_torch(reference.decode(to_torch(LATENTS)).sample)
-    # the decoder before the clamp: the first chunk of a clip, as `decode` runs it
-    reference.clear_cache()
-    raw_ref = from_torch(reference.decoder(reference.post_quant_conv(to_torch(LATENTS)), feat_cache=reference._feat_map,
-                                           feat_idx=[0]))
-    reference.clear_cache()
+  raw_ref = _torch_decoder(reference, LATENTS, torch.float32)
   got = np.asarray(ours.decode(LATENTS))
   raw = np.asarray(ours.decoder(ours.post_quant_conv(LATENTS)))
   assert got.shape == ref.shape == raw.shape == (2, 40, 56, 3)
@@ -226,13 +233,23 @@ def test_bf16_close_to_float32(reference, ours):
   assert model.decode(LATENTS).dtype == jnp.bfloat16
   # Before the clamp: clamped outputs would be measured against max |ref| = 1 instead of the raw peak (~2 here),
   # doubling the ratio. Depths as ENCODE_BOUND / DECODE_BOUND count them.
-  for name, depth, run in (("encode", 53, lambda m: m.encode(IMAGES)),
-                           ("decoder", 69, lambda m: m.decoder(m.post_quant_conv(LATENTS)))):
-    out = run(model)
-    assert out.dtype == jnp.bfloat16
-    err = max_rel_err(np.asarray(out.astype(jnp.float32)), np.asarray(run(ours)))
-    print(f"bfloat16 {name} vs float32: max rel err {err:.2e} (bound {bfloat16_bound(depth):.1e})")
-    assert err <= bfloat16_bound(depth), name
+  encoded = model.encode(IMAGES)
+  assert encoded.dtype == jnp.bfloat16
+  err = max_rel_err(np.asarray(encoded.astype(jnp.float32)), np.asarray(ours.encode(IMAGES)))
+  print(f"bfloat16 encode vs float32: max rel err {err:.2e} (bound {bfloat16_bound(53):.1e})")
+  assert err <= bfloat16_bound(53)  # measured 1.5e-2 (bound 4.3e-2)
+  # The decoder's 69 layers with values growing to ~2 through the upsamplers err more in bf16 than the generic bound
+  # allows, diffusers' own decoder too: measured here ours 5.3e-2, diffusers' bf16 decoder 6.6e-2 (vs its float32).
+  # Ours must stay within 1.5x of the reference's own bf16 error (both computed on this CPU, so a CPU with other
+  # bf16 dots moves both).
+  raw = model.decoder(model.post_quant_conv(LATENTS))
+  assert raw.dtype == jnp.bfloat16
+  exact = np.asarray(ours.decoder(ours.post_quant_conv(LATENTS)))
+  err = max_rel_err(np.asarray(raw.astype(jnp.float32)), exact)
+  theirs = max_rel_err(_torch_decoder(copy.deepcopy(reference[0]).to(torch.bfloat16), LATENTS, torch.bfloat16),
+                       _torch_decoder(reference[0], LATENTS, torch.float32))
+  print(f"bfloat16 decoder vs float32: max rel err {err:.2e} (diffusers' bf16 decoder {theirs:.2e})")
+  assert err <= 1.5 * theirs
 
 
 def test_sharded_jit_equals_single_device(reference, ours):
