@@ -287,3 +287,44 @@ def test_evaluation_with_a_benchmark_protocol(tmp_path, qwen_reference):
   assert summary["n"] == summary["n_unparseable"] == 9
   assert {c: (v["n"], v["n_unparseable"]) for c, v in summary["categories"].items()} == {
       c: (1, 1) for c in imgedit.EDIT_TYPES}
+
+
+def _scripted_answer(prompt: str) -> str:
+  """A judge answer that always parses: every ImgEdit criterion name, the i-th (sorted) scored
+  1 + (len(prompt) + i) % 5, so the scores depend on the item's query."""
+  from editr1_jax.bench import imgedit
+  names = sorted({c for criteria in imgedit.CRITERIA.values() for c in criteria})
+  return "\n".join(f"{name}: {1 + (len(prompt) + i) % 5}" for i, name in enumerate(names))
+
+
+def test_evaluation_with_a_judge_whose_answers_parse(tmp_path, qwen_reference, monkeypatch):
+  """The benchmark in training with a scripted judge (the tiny judge's generation replaced by answers that parse):
+  each item's score, each edit type's and the overall come out as the protocol computes them from those answers."""
+  import math
+
+  from editr1_jax.bench import imgedit, mini
+  from editr1_jax.bench.judge import QwenJudge
+  mini.write(str(tmp_path / "mini"), per_category=1)
+  folder = str(tmp_path / "mini" / "imgedit")
+  monkeypatch.setattr(QwenJudge, "answer", lambda self, requests: [_scripted_answer(r[0]) for r in requests])
+  trainer = train_loop.Trainer(tiny_config(**{"eval_benchmark": "imgedit", "eval_benchmark_dir": folder,
+                                              "eval_judge_dir": qwen_reference[1], "reward.batch_size": 3}),
+                               str(tmp_path / "run"))
+  scores = trainer.evaluate()
+  prompts, names = imgedit.load_prompts(folder), sorted({c for cs in imgedit.CRITERIA.values() for c in cs})
+  expected = {}
+  for item in imgedit.read(folder):
+    prompt = prompts.prompt(item.edit_type, item.instruction)
+    values = [1 + (len(prompt) + names.index(c)) % 5 for c in imgedit.CRITERIA[item.edit_type]]
+    expected[item.id] = (item.edit_type, values)
+  done = tmp_path / "run" / "eval" / "imgedit" / "00000"
+  results = {r["id"]: r for r in map(json.loads, (done / "results.jsonl").read_text().splitlines())}
+  assert {k: (r["category"], r["subscores"]["score"]) for k, r in results.items()} == expected
+  assert scores["eval/imgedit/all/unparseable"] == 0
+  by_type = {t: np.mean(v) for t, v in expected.values()}  # one item per type
+  assert len(set(by_type.values())) > 1  # the types differ, so a mixed-up mapping would show
+  overall = math.fsum(by_type.values()) / len(by_type)
+  assert scores["eval/imgedit/all/score"] == pytest.approx(overall, rel=1e-12)
+  summary = json.loads((done / "summary.json").read_text())["summaries"]["all"]
+  assert {c: v["means"]["score"] for c, v in summary["categories"].items()} == pytest.approx(by_type, rel=1e-12)
+  assert summary["overall"]["score"] == pytest.approx(overall, rel=1e-12) and summary["n_unparseable"] == 0
