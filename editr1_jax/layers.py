@@ -154,30 +154,6 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return (x32 - mean) * jax.lax.rsqrt(var + eps)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-              implementation: str = "xla", bias: jax.Array | None = None, scale: float | None = None) -> jax.Array:
-  """Softmax attention on (B, L, H, D) tensors; logits and softmax in float32.
-
-  `mask` is boolean, broadcastable to (B, H, Lq, Lk), True where attention is allowed.
-  `bias` (broadcastable to (B, H, Lq, Lk)) is added to the scaled logits (T5's relative positions);
-  `scale` defaults to head_dim ** -0.5 (T5 uses 1.0).
-  `implementation="cudnn"` hands the work to jax.nn.dot_product_attention's fused kernel.
-  """
-  if implementation == "cudnn":
-    bias = None if bias is None else bias.astype(q.dtype)  # the fused kernel wants one dtype
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
-  if implementation != "xla":
-    raise ValueError(f"attention implementation must be 'xla' or 'cudnn', got {implementation!r}")
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
 def remat_policy(name: str, saved_names: Sequence[str] = ()):
   """'none' -> None (no remat); 'full' -> recompute everything; 'names' -> keep the named activations."""
   if name == "none":
@@ -215,17 +191,22 @@ class StackedBlocks(nnx.Module):
         var.set_metadata(logical_axes=(LAYERS,) + tuple(axes))
     setattr(self, STACKED, nnx.merge(graphdefs[0], stacked))
 
+  @property
+  def depth(self) -> int:
+    return jax.tree.leaves(nnx.state(getattr(self, STACKED)))[0].shape[0]
+
   def scan(self, step: Callable, carry, policy=None):
-    """`carry` through every block in order, `step(block, carry) -> carry`; `policy` (a `remat_policy`) puts each
-    block under jax.checkpoint."""
+    """`carry` through every block in order, `step(block, carry, index) -> carry` (index: the block's, traced);
+    `policy` (a `remat_policy`) puts each block under jax.checkpoint."""
     graphdef, state = nnx.split(getattr(self, STACKED))
 
     def body(carry, layer):
-      return step(nnx.merge(graphdef, layer), carry), None
+      state, index = layer
+      return step(nnx.merge(graphdef, state), carry, index), None
 
     if policy is not None:  # the scan already keeps the blocks apart: no CSE barrier needed
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    return jax.lax.scan(body, carry, state)[0]
+    return jax.lax.scan(body, carry, (state, jnp.arange(self.depth)))[0]
 
 
 def first_unlike(blocks: Sequence[nnx.Module]) -> int | None:

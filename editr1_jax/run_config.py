@@ -10,7 +10,7 @@ import math
 
 import ml_collections
 
-from editr1_jax import advantages, evaluation, families, nft, paths, sampling
+from editr1_jax import advantages, attention, evaluation, families, nft, paths, sampling
 from editr1_jax import reward as rewards
 from editr1_jax.models import flux
 
@@ -19,7 +19,7 @@ CHOICES = {
     "eval_accuracy": ("",) + tuple(evaluation.ACCURACIES),
     "model.preset": ("", "tiny"),
     "model.remat": flux.REMAT_POLICIES,
-    "model.attention_impl": ("xla", "cudnn"),
+    "model.attention_impl": attention.IMPLEMENTATIONS,
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.adapter_dtype": DTYPES,

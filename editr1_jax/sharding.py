@@ -121,6 +121,18 @@ def use_mesh(mesh: Mesh | None, rules=DEFAULT_RULES) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+  """The mesh of the enclosing `use_mesh` block (None outside one)."""
+  active = _ACTIVE.get()
+  return None if active is None else active[0]
+
+
+def active_rules():
+  """The sharding rules of the enclosing `use_mesh` block (the defaults outside one)."""
+  active = _ACTIVE.get()
+  return DEFAULT_RULES if active is None else active[1]
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside `use_mesh`."""
   active = _ACTIVE.get()

@@ -89,7 +89,7 @@ class Kontext:
   @classmethod
   def from_folder(cls, folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                   lora: LoraSpec | None = None, lora_weights: str | None = None, remat: str = "none",
-                  attention_impl: str = "xla", scan_blocks: bool = True, max_sequence_length: int = MAX_T5_LENGTH,
+                  attention_impl: str = "auto", scan_blocks: bool = True, max_sequence_length: int = MAX_T5_LENGTH,
                   mesh=None, rules=shd.DEFAULT_RULES, seed: int = 0, **kw) -> "Kontext":
     """A diffusers pipeline folder (transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/)."""
     transformer = flux.load_flux_transformer(folder, dtype=dtype, param_dtype=param_dtype, lora=lora,
@@ -103,7 +103,7 @@ class Kontext:
   @classmethod
   def tiny(cls, seed: int = 0, *, lora: LoraSpec | None = None, max_sequence_length: int = 16, mesh=None,
            rules=shd.DEFAULT_RULES, dtype: str = "float32", param_dtype: str | None = None, remat: str = "none",
-           attention_impl: str = "xla", scan_blocks: bool = True, **kw) -> "Kontext":
+           attention_impl: str = "auto", scan_blocks: bool = True, **kw) -> "Kontext":
     """Small random models drawn from `seed`, sized to the shipped tiny tokenizers (the CPU demo, tests);
     FLUX's default schedule."""
     from editr1_jax import tiny

@@ -139,7 +139,7 @@ class QwenImageEdit:
   @classmethod
   def from_folder(cls, folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                   lora: LoraSpec | None = None, lora_weights: str | None = None, remat: str = "none",
-                  attention_impl: str = "xla", scan_blocks: bool = True,
+                  attention_impl: str = "auto", scan_blocks: bool = True,
                   max_sequence_length: int = qic.MAX_SEQUENCE_LENGTH, mesh=None, rules=shd.DEFAULT_RULES,
                   seed: int = 0, **kw) -> "QwenImageEdit":
     """A diffusers Qwen-Image-Edit(-2509) folder (transformer/, vae/, text_encoder/, processor/, tokenizer/,
@@ -157,7 +157,7 @@ class QwenImageEdit:
   @classmethod
   def tiny(cls, seed: int = 0, *, lora: LoraSpec | None = None, max_sequence_length: int = 64, mesh=None,
            rules=shd.DEFAULT_RULES, dtype: str = "float32", param_dtype: str | None = None, remat: str = "none",
-           attention_impl: str = "xla", scan_blocks: bool = True, **kw) -> "QwenImageEdit":
+           attention_impl: str = "auto", scan_blocks: bool = True, **kw) -> "QwenImageEdit":
     """Small random models drawn from `seed`, sized to the shipped tiny Qwen tokenizer; Qwen-Image's schedule."""
     from editr1_jax import tiny
     transformer = tiny.tiny_qwen_image_transformer(seed, lora, mesh=mesh, rules=rules, dtype=dtype,

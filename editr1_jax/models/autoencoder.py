@@ -15,7 +15,8 @@ from flax import nnx
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
-from editr1_jax.layers import Dense, attention
+from editr1_jax.attention import attention, check_implementation
+from editr1_jax.layers import Dense
 
 # Main activations: (batch, height, width, channels).
 _ACT = ("batch", None, None, "act_embed")
@@ -48,9 +49,10 @@ class AutoencoderConfig:
   # runtime, not architecture
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
-  attention_impl: str = "xla"  # "xla" | "cudnn"
+  attention_impl: str = "auto"  # one of attention.IMPLEMENTATIONS (editr1_jax/attention.py)
 
   def __post_init__(self):
+    check_implementation(self.attention_impl)
     bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
     if bad:
       raise ValueError(f"block_out_channels {self.block_out_channels}: {bad} not divisible by norm_num_groups "
@@ -205,7 +207,7 @@ class MidAttention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     seq = self.group_norm(x).reshape(b, h * w, 1, c)
-    out = attention(self.to_q(seq), self.to_k(seq), self.to_v(seq), implementation=self.impl)
+    out = attention(self.to_q(seq), self.to_k(seq), self.to_v(seq), implementation=self.impl, where="VAE mid-block attention")
     return x + self.to_out(out).reshape(b, h, w, c)
 
 
@@ -330,7 +332,7 @@ class Autoencoder(nnx.Module):
 
 # --------------------------------------------------------------------------------------------------
 def load_autoencoder(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                     attention_impl: str = "xla", mesh=None, rules=shd.DEFAULT_RULES) -> Autoencoder:
+                     attention_impl: str = "auto", mesh=None, rules=shd.DEFAULT_RULES) -> Autoencoder:
   """Read a diffusers AutoencoderKL folder, tensor by tensor, into its target sharding."""
   folder = wio.model_folder(folder, "vae")
   cfg = AutoencoderConfig.from_diffusers_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),

@@ -10,12 +10,12 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
-from editr1_jax.layers import Dense, Embed, LayerNorm, attention
+from editr1_jax.attention import attention, check_implementation
+from editr1_jax.layers import Dense, Embed, LayerNorm, StackedBlocks
 
 # transformers' configs before PR #24773 say eos_token_id 2 (FLUX's text_encoder does); the model then
 # pools at the highest token id, which is the end-of-text token in CLIP's vocabulary.
@@ -35,8 +35,10 @@ class CLIPTextConfig:
   # runtime, not architecture
   dtype: str = "float32"
   param_dtype: str = "float32"
+  attention_impl: str = "auto"  # one of attention.IMPLEMENTATIONS (editr1_jax/attention.py)
 
   def __post_init__(self):
+    check_implementation(self.attention_impl)
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                        f"{self.num_attention_heads}")
@@ -137,12 +139,13 @@ class SelfAttention(nnx.Module):
     self.v_proj = f.dense(dim, dim, ("embed", "heads"))
     self.out_proj = f.dense(dim, dim, ("heads", "embed"))
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     def heads(h):
       h = h.reshape(h.shape[:-1] + (self.cfg.num_attention_heads, self.cfg.head_dim))
       return shd.constrain(h, ("batch", "seq", "heads", "kv"))
 
-    out = attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask=mask)
+    out = attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), causal=True,
+                    implementation=self.cfg.attention_impl, where="CLIP attention")
     return self.out_proj(out.reshape(out.shape[:2] + (-1,)))
 
 
@@ -164,8 +167,8 @@ class EncoderLayer(nnx.Module):
     self.layer_norm2 = f.norm()
     self.mlp = MLP(f)
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    x = x + self.self_attn(self.layer_norm1(x), mask)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x))
     x = x + self.mlp(self.layer_norm2(x))
     return shd.constrain(x, ("batch", "seq", "act_embed"))
 
@@ -173,7 +176,7 @@ class EncoderLayer(nnx.Module):
 class Encoder(nnx.Module):
 
   def __init__(self, f: _Factory):
-    self.layers = nnx.List([EncoderLayer(f) for _ in range(f.cfg.num_hidden_layers)])
+    self.layers = StackedBlocks([EncoderLayer(f) for _ in range(f.cfg.num_hidden_layers)], "encoder.layers")
 
 
 class CLIPTextModel(nnx.Module):
@@ -189,10 +192,7 @@ class CLIPTextModel(nnx.Module):
     """(B, L) token ids -> (last_hidden_state (B, L, D), pooled (B, D))."""
     input_ids = shd.constrain(input_ids, ("batch", "seq"))
     x = shd.constrain(self.embeddings(input_ids), ("batch", "seq", "act_embed"))
-    n = input_ids.shape[-1]
-    causal = jnp.asarray(np.tril(np.ones((n, n), bool)))[None, None]
-    for layer in self.encoder.layers:
-      x = layer(x, causal)
+    x = self.encoder.layers.scan(lambda layer, x, _: layer(x), x)
     x = self.final_layer_norm(x)
     pos = pooled_positions(input_ids, self.cfg.eos_token_id)
     pooled = jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]
@@ -200,11 +200,12 @@ class CLIPTextModel(nnx.Module):
 
 
 def load_clip_text(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                   mesh=None, rules=shd.DEFAULT_RULES) -> CLIPTextModel:
+                   mesh=None, rules=shd.DEFAULT_RULES, attention_impl: str = "auto") -> CLIPTextModel:
   """Read a transformers CLIPTextModel folder (or a pipeline's text_encoder/) into its target sharding."""
   folder = wio.model_folder(folder, "text_encoder")
   cfg = CLIPTextConfig.from_transformers_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),
-                                                dtype=dtype, param_dtype=param_dtype or dtype)
+                                                dtype=dtype, param_dtype=param_dtype or dtype,
+                                                attention_impl=attention_impl)
   abstract = nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   state = wio.load_state(abstract_state, wio.SafetensorsReader.from_folder(folder), CLIP_WEIGHTS, source=folder,

@@ -19,9 +19,10 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from editr1_jax import attention as attn_lib
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
-from editr1_jax.layers import AdapterRows, Dense, LoraSpec, RMSNorm, StackedBlocks, attention, first_unlike, \
+from editr1_jax.layers import AdapterRows, Dense, LoraSpec, RMSNorm, StackedBlocks, first_unlike, \
   gelu_tanh, layer_norm, layer_paths, lora_init, remat_policy, split_adapters, target_matches
 
 # peft target keys of docs/METHOD.md section 7; matched as dotted suffixes of diffusers module names.
@@ -50,7 +51,7 @@ class FluxConfig(wio.DiffusersConfig):
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
-  attention_impl: str = "xla"  # "xla" | "cudnn"
+  attention_impl: str = "auto"  # one of attention.IMPLEMENTATIONS (editr1_jax/attention.py)
   scan_blocks: bool = True  # each kind of block stacked and run by one lax.scan where its blocks are alike
   lora: LoraSpec | None = None
 
@@ -60,6 +61,7 @@ class FluxConfig(wio.DiffusersConfig):
                        f"{self.attention_head_dim}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    attn_lib.check_implementation(self.attention_impl)
     if self.patch_size != 1:
       raise ValueError("only patch_size 1 (latents are packed 2x2 outside the model) is supported")
 
@@ -261,15 +263,15 @@ class Attention(nnx.Module):
     v = _heads(self.cfg, proj_v(x, adapters))
     return checkpoint_name(q, "flux_qkv"), checkpoint_name(k, "flux_qkv"), checkpoint_name(v, "flux_qkv")
 
-  def __call__(self, x, rope, context=None, adapters=None, mask=None):
-    """`mask`: boolean keys to attend to, broadcastable to (B, H, Lq, Lk) over [text | image] (None: all)."""
+  def __call__(self, x, rope, context=None, adapters=None, kv_valid=None):
+    """`kv_valid`: (B, Lk) keys to attend to over [text | image] (None: all)."""
     q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, adapters)
     if context is not None:
       cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
                              self.norm_added_k, adapters)
       q, k, v = (jnp.concatenate(p, axis=1) for p in ((cq, q), (ck, k), (cv, v)))
     q, k = apply_rope(q, rope), apply_rope(k, rope)
-    out = attention(q, k, v, mask=mask, implementation=self.cfg.attention_impl)
+    out = attn_lib.attention(q, k, v, kv_valid=kv_valid, implementation=self.cfg.attention_impl, where="joint attention")
     out = checkpoint_name(out.reshape(out.shape[:2] + (-1,)), "flux_attention")
     if context is None:
       return out
@@ -293,14 +295,14 @@ class DoubleStreamBlock(nnx.Module):
                          rope, self.dtype, adapters)
 
 
-def double_stream(attn: Attention, image, text, x, context, temb, rope, dtype, adapters=None, mask=None):
+def double_stream(attn: Attention, image, text, x, context, temb, rope, dtype, adapters=None, kv_valid=None):
   """One double-stream (MMDiT) block: `image` and `text` are each stream's (6-way modulation, feed-forward);
   joint attention, then gated residuals. Shared by FLUX and Qwen-Image, whose blocks differ only in names."""
   (mod, ff), (c_mod, c_ff) = image, text
   shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mod(temb, adapters)
   c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod(temb, adapters)
   out, c_out = attn(_modulate(x, shift, scale, dtype), rope, _modulate(context, c_shift, c_scale, dtype), adapters,
-                    mask)
+                    kv_valid)
   x = x + gate[:, None] * out
   x = x + gate_mlp[:, None] * ff(_modulate(x, shift_mlp, scale_mlp, dtype), adapters)
   context = context + c_gate[:, None] * c_out
@@ -360,7 +362,7 @@ def run_blocks(blocks, remat: str, x, context, *args) -> tuple[jax.Array, jax.Ar
   """(context, x) after every block (a `block_list`), each called as block(x, context, *args) -> (context, x)."""
   policy = block_policy(remat)
   if isinstance(blocks, StackedBlocks):
-    x, context = blocks.scan(lambda block, carry: block(*carry, *args)[::-1], (x, context), policy)
+    x, context = blocks.scan(lambda block, carry, _: block(*carry, *args)[::-1], (x, context), policy)
     return context, x
   for block in blocks:
     run = block if policy is None else _rematted(block, policy)
@@ -498,7 +500,7 @@ def init_adapters(abstract_adapters, key: jax.Array, *, mesh=None, rules=shd.DEF
 
 def load_flux_transformer(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                           lora: LoraSpec | None = None, lora_weights: str | None = None, remat: str = "none",
-                          attention_impl: str = "xla", scan_blocks: bool = True, mesh=None, rules=shd.DEFAULT_RULES,
+                          attention_impl: str = "auto", scan_blocks: bool = True, mesh=None, rules=shd.DEFAULT_RULES,
                           seed: int = 0) -> FluxTransformer:
   """Read a diffusers FluxTransformer2DModel folder, tensor by tensor, into its target sharding.
 

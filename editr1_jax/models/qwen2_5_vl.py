@@ -25,10 +25,10 @@ from flax import nnx
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
-from editr1_jax.layers import Dense, Embed, RMSNorm, attention, remat_policy
+from editr1_jax.attention import attention, check_implementation
+from editr1_jax.layers import Dense, Embed, RMSNorm, StackedBlocks, remat_policy
 
 REMAT_POLICIES = ("none", "full")
-ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ class Qwen25VLConfig:
   # runtime, not architecture
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
-  attention_impl: str = "xla"  # one of ATTENTION_IMPLS
+  attention_impl: str = "auto"  # one of attention.IMPLEMENTATIONS (editr1_jax/attention.py)
   remat: str = "none"  # one of REMAT_POLICIES
 
   def __post_init__(self):
@@ -116,8 +116,7 @@ class Qwen25VLConfig:
                        f"{self.hidden_size}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+    check_implementation(self.attention_impl)
 
   @property
   def head_dim(self) -> int:
@@ -461,7 +460,8 @@ def grouped_attention(q, k, v, groups: Groups, implementation: str) -> jax.Array
   """Block-diagonal attention of packed (N, H, D) tokens: gather into groups, attend, scatter back."""
   n, heads, dim = q.shape
   gather = lambda x: shd.constrain(x[groups.index], ("batch", "seq", "heads", "kv"))
-  out = attention(gather(q), gather(k), gather(v), mask=groups.valid[:, None, None, :], implementation=implementation)
+  out = attention(gather(q), gather(k), gather(v), kv_valid=groups.valid, implementation=implementation,
+                  where="vision attention")
   return out.reshape(-1, heads, dim)[groups.inverse]
 
 
@@ -558,12 +558,6 @@ class PatchMerger(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(h), approximate=False))
 
 
-def _blocks_runner(cfg: Qwen25VLConfig):
-  """Calls a block, under jax.checkpoint when the config asks for remat."""
-  call = lambda block, *args: block(*args)
-  return call if cfg.remat == "none" else nnx.remat(call, policy=remat_policy(cfg.remat))
-
-
 class VisionTransformer(nnx.Module):
   """transformers' `Qwen2_5_VisionTransformerPretrainedModel`: (N, patch_dim) pixels -> (N / 4, out) features."""
 
@@ -571,7 +565,7 @@ class VisionTransformer(nnx.Module):
     v = f.cfg.vision
     self.cfg = f.cfg
     self.patch_embed = PatchEmbed(f)
-    self.blocks = nnx.List([VisionBlock(f) for _ in range(v.depth)])
+    self.blocks = StackedBlocks([VisionBlock(f) for _ in range(v.depth)], "visual.blocks")
     self.merger = PatchMerger(f)
 
   def __call__(self, pixel_values, layout: VisionLayout):
@@ -580,9 +574,12 @@ class VisionTransformer(nnx.Module):
     x = x.reshape(-1, v.merge_unit, x.shape[-1])[layout.window_index].reshape(x.shape)  # window order
     x = shd.constrain(x, _PATCHES)
     rope = vision_rope(layout.rope_positions, v)
-    run = _blocks_runner(self.cfg)
-    for i, block in enumerate(self.blocks):
-      x = run(block, x, rope, layout.frames if i in v.fullatt_block_indexes else layout.windows)
+    full = jnp.asarray([i in v.fullatt_block_indexes for i in range(v.depth)])
+
+    def step(block, x, i):  # one scanned body: a block attends within frames or within windows
+      return jax.lax.cond(full[i], lambda x: block(x, rope, layout.frames), lambda x: block(x, rope, layout.windows), x)
+
+    x = self.blocks.scan(step, x, remat_policy(self.cfg.remat))
     return shd.constrain(self.merger(x)[layout.reverse_index], _PATCHES)
 
 
@@ -603,9 +600,11 @@ class KVCache:
 
   @classmethod
   def empty(cls, batch: int, size: int, cfg: Qwen25VLConfig) -> "KVCache":
+    """Length 0 as a host constant: the prefill's causal offset is then known when tracing (the splash kernel
+    needs it static); inside a scan it becomes traced, one token at a time."""
     shape = (batch, cfg.num_hidden_layers, size, cfg.num_key_value_heads, cfg.head_dim)
     zeros = shd.constrain(jnp.zeros(shape, cfg.dtype), _CACHE)
-    return cls(zeros, zeros, jnp.zeros((), jnp.int32))
+    return cls(zeros, zeros, np.zeros((), np.int32))
 
   def write(self, layer, k: jax.Array, v: jax.Array) -> "KVCache":
     """The (B, n, kv_heads, head_dim) keys and values of `layer` at positions [length, length + n)."""
@@ -626,7 +625,7 @@ class DecoderAttention(nnx.Module):
     self.v_proj = f.dense(c.hidden_size, c.num_key_value_heads * c.head_dim, ("embed", "heads"))
     self.o_proj = f.dense(c.num_attention_heads * c.head_dim, c.hidden_size, ("heads", "embed"), use_bias=False)
 
-  def __call__(self, x, rope, mask, cache: KVCache | None, layer: int):
+  def __call__(self, x, rope, kv_valid, start, cache: KVCache | None, layer):
     c = self.cfg
     heads = lambda y: shd.constrain(y.reshape(y.shape[:2] + (-1, c.head_dim)), ("batch", "seq", "heads", "kv"))
     q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
@@ -636,7 +635,8 @@ class DecoderAttention(nnx.Module):
       k, v = cache.keys[:, layer], cache.values[:, layer]
     groups = c.num_attention_heads // c.num_key_value_heads
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    out = attention(q, k, v, mask=mask, implementation=c.attention_impl)
+    out = attention(q, k, v, kv_valid=kv_valid, causal=True, q_offset=start, implementation=c.attention_impl,
+                    where="decoder attention")
     return self.o_proj(out.reshape(out.shape[:2] + (-1,))), cache
 
 
@@ -649,8 +649,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = f.rms(c.hidden_size, c.rms_norm_eps)
     self.mlp = SwiGLU(f, c.hidden_size, c.intermediate_size, use_bias=False)
 
-  def __call__(self, x, rope, mask, cache: KVCache | None, layer: int):
-    attended, cache = self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
+  def __call__(self, x, rope, kv_valid, start, cache: KVCache | None, layer):
+    attended, cache = self.self_attn(self.input_layernorm(x), rope, kv_valid, start, cache, layer)
     x = x + attended
     x = x + self.mlp(self.post_attention_layernorm(x), ("batch", "seq"))
     return shd.constrain(x, _HIDDEN), cache
@@ -664,21 +664,19 @@ class TextModel(nnx.Module):
     self.cfg = c
     self.embed_tokens = Embed(c.vocab_size, c.hidden_size, axes=("vocab", "embed"), rngs=f.rngs,
                               param_dtype=f.param_dtype, dtype=f.dtype)
-    self.layers = nnx.List([DecoderLayer(f) for _ in range(c.num_hidden_layers)])
+    self.layers = StackedBlocks([DecoderLayer(f) for _ in range(c.num_hidden_layers)], "language_model.layers")
     self.norm = f.rms(c.hidden_size, c.rms_norm_eps)
 
   def __call__(self, x, attention_mask, position_ids, cache: KVCache | None = None):
     """(hidden after the final norm, cache). Without a cache, x (B, L) attends to itself and `attention_mask`
     (B, L) marks its valid tokens; with one, x holds the tokens at cache positions [length, length + n),
     written into it, and `attention_mask` (B, T) marks the valid positions of the whole cache."""
-    start = 0 if cache is None else cache.length
-    causal = jnp.arange(attention_mask.shape[1])[None, :] <= start + jnp.arange(x.shape[1])[:, None]
-    mask = causal[None, None] & attention_mask.astype(bool)[:, None, None, :]
+    start = 0 if cache is None else cache.length  # taken before the scan, which would trace it
+    kv_valid = attention_mask.astype(bool)
     rope = mrope(position_ids, self.cfg)
-    run = _blocks_runner(self.cfg)
     x = shd.constrain(x, _HIDDEN)
-    for i, layer in enumerate(self.layers):
-      x, cache = run(layer, x, rope, mask, cache, i)
+    step = lambda layer, carry, i: layer(carry[0], rope, kv_valid, start, carry[1], i)
+    x, cache = self.layers.scan(step, (x, cache), remat_policy(self.cfg.remat))
     if cache is not None:
       cache = cache.replace(length=cache.length + x.shape[1])
     return self.norm(x), cache
@@ -748,7 +746,7 @@ class Qwen25VL(nnx.Module):
 
 # --------------------------------------------------------------------------------------------------
 def load_qwen2_5_vl(folder: str, *, dtype: str = "float32", param_dtype: str | None = None, mesh=None,
-                    rules=shd.DEFAULT_RULES, attention_impl: str = "xla", remat: str = "none") -> Qwen25VL:
+                    rules=shd.DEFAULT_RULES, attention_impl: str = "auto", remat: str = "none") -> Qwen25VL:
   """Read a transformers Qwen2.5-VL folder (config.json + safetensors, sharded or not; hub or transformers-5
   tensor names), tensor by tensor, into its target sharding."""
   cfg = Qwen25VLConfig.from_hf_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),

@@ -53,11 +53,12 @@ class QwenImageConfig(wio.DiffusersConfig):
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
-  attention_impl: str = "xla"  # "xla" | "cudnn"
+  attention_impl: str = "auto"  # one of attention.IMPLEMENTATIONS (editr1_jax/attention.py)
   scan_blocks: bool = True  # the blocks stacked and run by one lax.scan where they are alike (flux.block_list)
   lora: LoraSpec | None = None
 
   def __post_init__(self):
+    flux.attn_lib.check_implementation(self.attention_impl)
     for name in _UNPORTED:
       if getattr(self, name):
         raise ValueError(f"{name}: true is not supported by this port of QwenImageTransformer2DModel")
@@ -196,9 +197,9 @@ class QwenImageTransformerBlock(nnx.Module):
     self.img_mlp = flux.FeedForward(f, f"{name}.img_mlp")
     self.txt_mlp = flux.FeedForward(f, f"{name}.txt_mlp")
 
-  def __call__(self, x, context, temb, rope, adapters=None, mask=None):
+  def __call__(self, x, context, temb, rope, adapters=None, kv_valid=None):
     return flux.double_stream(self.attn, (self.img_mod, self.img_mlp), (self.txt_mod, self.txt_mlp), x, context,
-                              temb, rope, self.dtype, adapters, mask)
+                              temb, rope, self.dtype, adapters, kv_valid)
 
 
 class QwenImageTransformer(nnx.Module):
@@ -251,8 +252,7 @@ class QwenImageTransformer(nnx.Module):
       img_pos, txt_pos = (jnp.broadcast_to(p, (batch,) + p.shape[-2:]) for p in (img_pos, txt_pos))
     rope = flux.rope_tables(jnp.concatenate([txt_pos, img_pos], axis=-2), cfg.axes_dims_rope, cfg.rope_theta)
     if mask is not None:  # keys: the text tokens the mask keeps, every image token
-      keep = jnp.concatenate([jnp.asarray(mask) != 0, jnp.ones((batch, n_img), bool)], axis=1)
-      mask = keep[:, None, None, :]
+      mask = jnp.concatenate([jnp.asarray(mask) != 0, jnp.ones((batch, n_img), bool)], axis=1)
 
     context, x = flux.run_blocks(self.transformer_blocks, cfg.remat, x, context, temb, rope, adapters, mask)
     scale, shift = self.norm_out(temb, adapters)
@@ -291,7 +291,7 @@ def load_lora_weights(abstract_adapters, path: str, scale: float, *, mesh=None, 
 
 def load_qwen_image_transformer(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
                                 lora: LoraSpec | None = None, lora_weights: str | None = None, remat: str = "none",
-                                attention_impl: str = "xla", scan_blocks: bool = True, mesh=None,
+                                attention_impl: str = "auto", scan_blocks: bool = True, mesh=None,
                                 rules=shd.DEFAULT_RULES, seed: int = 0) -> QwenImageTransformer:
   """Read a diffusers QwenImageTransformer2DModel folder (or a pipeline folder holding `transformer/`), tensor by
   tensor, into its target sharding. With `lora`, fresh adapters are attached (or read from `lora_weights`, a

@@ -23,7 +23,7 @@ from flax import nnx
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
-from editr1_jax.layers import attention
+from editr1_jax.attention import attention, check_implementation
 from editr1_jax.models.autoencoder import Conv
 
 # Main activations: (batch, height, width, channels).
@@ -67,9 +67,10 @@ class QwenImageVAEConfig:
   # runtime, not architecture
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
-  attention_impl: str = "xla"  # "xla" | "cudnn"
+  attention_impl: str = "auto"  # one of attention.IMPLEMENTATIONS (editr1_jax/attention.py)
 
   def __post_init__(self):
+    check_implementation(self.attention_impl)
     sizes = dict(base_dim=self.base_dim, z_dim=self.z_dim, num_res_blocks=self.num_res_blocks,
                  input_channels=self.input_channels, dim_mult=min(self.dim_mult, default=0))
     bad = [k for k, v in sizes.items() if v < 1]
@@ -222,7 +223,7 @@ class AttentionBlock(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     q, k, v = jnp.split(self.to_qkv(self.norm(x)).reshape(b, h * w, 1, 3 * c), 3, axis=-1)
-    return x + self.proj(attention(q, k, v, implementation=self.impl).reshape(b, h, w, c))
+    return x + self.proj(attention(q, k, v, implementation=self.impl, where="VAE mid-block attention").reshape(b, h, w, c))
 
 
 class MidBlock(nnx.Module):
@@ -357,7 +358,7 @@ class QwenImageVAE(nnx.Module):
 
 # --------------------------------------------------------------------------------------------------
 def load_qwen_image_vae(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                        attention_impl: str = "xla", mesh=None, rules=shd.DEFAULT_RULES) -> QwenImageVAE:
+                        attention_impl: str = "auto", mesh=None, rules=shd.DEFAULT_RULES) -> QwenImageVAE:
   """Read a diffusers AutoencoderKLQwenImage folder (or a pipeline folder's `vae/`), tensor by tensor, into its
   target sharding."""
   folder = wio.model_folder(folder, "vae")

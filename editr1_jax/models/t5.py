@@ -16,7 +16,8 @@ from flax import nnx
 
 from editr1_jax import sharding as shd
 from editr1_jax import weights as wio
-from editr1_jax.layers import Dense, Embed, RMSNorm, attention, gelu_tanh
+from editr1_jax.attention import attention, check_implementation
+from editr1_jax.layers import Dense, Embed, RMSNorm, StackedBlocks, gelu_tanh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +34,12 @@ class T5Config:
   # runtime, not architecture
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # one of attention.IMPLEMENTATIONS; no kernel but XLA's and cuDNN's takes T5's relative-position bias, so "auto"
+  # and "splash" run XLA on TPU (said once in the log)
+  attention_impl: str = "auto"
 
   def __post_init__(self):
+    check_implementation(self.attention_impl)
     if "float16" in (self.dtype, self.param_dtype):
       # transformers then keeps `wo` in float32 (`_keep_in_fp32_modules`) since T5 overflows float16.
       raise ValueError("T5 in float16 is not supported: use float32 or bfloat16")
@@ -66,8 +71,11 @@ def tiny(**runtime) -> T5Config:
                   relative_attention_num_buckets=8, relative_attention_max_distance=20, **runtime)
 
 
-# Our parameter path (regex) -> transformers tensor name, layout.
+# Our parameter path (regex) -> transformers tensor name, layout. The relative position table, shared by every
+# block, is held by the stack (so the blocks are alike and scanned); transformers keeps it in block 0.
 T5_WEIGHTS = (
+    wio.WeightRule(r"encoder\.relative_attention_bias\.embedding",
+                   r"encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
     wio.WeightRule(r"(.*)\.embedding", r"\1.weight"),
     wio.WeightRule(r"(.*)\.kernel", r"\1.weight", "linear"),
     wio.WeightRule(r"(.*)\.scale", r"\1.weight"),
@@ -113,42 +121,34 @@ class _Factory:
 
 
 class T5Attention(nnx.Module):
-  """Self-attention without logit scaling; block 0 also holds the relative position bias table."""
+  """Self-attention without logit scaling, the stack's relative position bias added to the logits."""
 
-  def __init__(self, f: _Factory, *, has_relative_attention_bias: bool):
+  def __init__(self, f: _Factory):
     cfg = f.cfg
     self.cfg = cfg
     self.q = f.dense(cfg.d_model, cfg.inner_dim, ("embed", "heads"))
     self.k = f.dense(cfg.d_model, cfg.inner_dim, ("embed", "heads"))
     self.v = f.dense(cfg.d_model, cfg.inner_dim, ("embed", "heads"))
     self.o = f.dense(cfg.inner_dim, cfg.d_model, ("heads", "embed"))
-    self.relative_attention_bias = (
-        Embed(cfg.relative_attention_num_buckets, cfg.num_heads, axes=(None, "heads"), rngs=f.rngs,
-              param_dtype=f.param_dtype, dtype=jnp.float32) if has_relative_attention_bias else None)
 
-  def position_bias(self, length: int) -> jax.Array:
-    """(1, heads, length, length) float32 bias shared by every block."""
-    buckets = relative_position_buckets(length, self.cfg.relative_attention_num_buckets,
-                                        self.cfg.relative_attention_max_distance)
-    return self.relative_attention_bias(jnp.asarray(buckets)).transpose(2, 0, 1)[None]
-
-  def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, bias: jax.Array, kv_valid: jax.Array | None) -> jax.Array:
     def heads(h):
       h = h.reshape(h.shape[:-1] + (self.cfg.num_heads, self.cfg.d_kv))
       return shd.constrain(h, ("batch", "seq", "heads", "kv"))
 
-    out = attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), mask=mask, bias=bias, scale=1.0)
+    out = attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), kv_valid=kv_valid, bias=bias, scale=1.0,
+                    implementation=self.cfg.attention_impl, where="T5 attention")
     return self.o(out.reshape(out.shape[:2] + (-1,)))
 
 
 class T5LayerSelfAttention(nnx.Module):
 
-  def __init__(self, f: _Factory, *, has_relative_attention_bias: bool):
-    self.SelfAttention = T5Attention(f, has_relative_attention_bias=has_relative_attention_bias)
+  def __init__(self, f: _Factory):
+    self.SelfAttention = T5Attention(f)
     self.layer_norm = f.norm()
 
-  def __call__(self, x, bias, mask):
-    return x + self.SelfAttention(self.layer_norm(x), bias, mask)
+  def __call__(self, x, bias, kv_valid):
+    return x + self.SelfAttention(self.layer_norm(x), bias, kv_valid)
 
 
 class T5DenseGatedActDense(nnx.Module):
@@ -177,20 +177,28 @@ class T5LayerFF(nnx.Module):
 
 class T5Block(nnx.Module):
 
-  def __init__(self, f: _Factory, *, has_relative_attention_bias: bool):
-    self.layer = nnx.List([T5LayerSelfAttention(f, has_relative_attention_bias=has_relative_attention_bias),
-                           T5LayerFF(f)])
+  def __init__(self, f: _Factory):
+    self.layer = nnx.List([T5LayerSelfAttention(f), T5LayerFF(f)])
 
-  def __call__(self, x, bias, mask):
-    x = self.layer[1](self.layer[0](x, bias, mask))
+  def __call__(self, x, bias, kv_valid):
+    x = self.layer[1](self.layer[0](x, bias, kv_valid))
     return shd.constrain(x, ("batch", "seq", "act_embed"))
 
 
 class T5Stack(nnx.Module):
 
   def __init__(self, f: _Factory):
-    self.block = nnx.List([T5Block(f, has_relative_attention_bias=i == 0) for i in range(f.cfg.num_layers)])
+    self.cfg = f.cfg
+    self.relative_attention_bias = Embed(f.cfg.relative_attention_num_buckets, f.cfg.num_heads, axes=(None, "heads"),
+                                         rngs=f.rngs, param_dtype=f.param_dtype, dtype=jnp.float32)
+    self.block = StackedBlocks([T5Block(f) for _ in range(f.cfg.num_layers)], "encoder.block")
     self.final_layer_norm = f.norm()
+
+  def position_bias(self, length: int) -> jax.Array:
+    """(1, heads, length, length) float32 bias shared by every block."""
+    buckets = relative_position_buckets(length, self.cfg.relative_attention_num_buckets,
+                                        self.cfg.relative_attention_max_distance)
+    return self.relative_attention_bias(jnp.asarray(buckets)).transpose(2, 0, 1)[None]
 
 
 class T5EncoderModel(nnx.Module):
@@ -209,10 +217,9 @@ class T5EncoderModel(nnx.Module):
     """
     input_ids = shd.constrain(input_ids, ("batch", "seq"))
     x = shd.constrain(self.shared(input_ids), ("batch", "seq", "act_embed"))
-    bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(input_ids.shape[-1])
-    mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
-    for block in self.encoder.block:
-      x = block(x, bias, mask)
+    bias = self.encoder.position_bias(input_ids.shape[-1])
+    kv_valid = None if attention_mask is None else attention_mask.astype(bool)
+    x = self.encoder.block.scan(lambda block, x, _: block(x, bias, kv_valid), x)
     return self.encoder.final_layer_norm(x)
 
 
@@ -233,11 +240,12 @@ def _embedding_source(reader: wio.SafetensorsReader, folder: str) -> tuple[tuple
 
 
 def load_t5_encoder(folder: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                    mesh=None, rules=shd.DEFAULT_RULES) -> T5EncoderModel:
+                    mesh=None, rules=shd.DEFAULT_RULES, attention_impl: str = "auto") -> T5EncoderModel:
   """Read a transformers T5EncoderModel folder (or a pipeline's text_encoder_2/) into its target sharding."""
   folder = wio.model_folder(folder, "text_encoder_2")
   cfg = T5Config.from_transformers_config(wio.read_config(folder), source=os.path.join(folder, "config.json"),
-                                          dtype=dtype, param_dtype=param_dtype or dtype)
+                                          dtype=dtype, param_dtype=param_dtype or dtype,
+                                          attention_impl=attention_impl)
   abstract = nnx.eval_shape(lambda: T5EncoderModel(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   reader = wio.SafetensorsReader.from_folder(folder)
