@@ -126,7 +126,7 @@ def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
 def _splash(q, k, v, kv_valid, causal: bool, q_offset, scale: float) -> jax.Array:
   batch, lq, heads, dim = q.shape
   lk = k.shape[1]
-  static_offset = isinstance(q_offset, (int, np.integer))
+  static_offset = not isinstance(q_offset, jax.Array)  # a host number (a numpy 0-d array included)
   if causal and not static_offset and lq != 1:
     raise ValueError(f"splash attention: a causal mask with a traced query offset takes one query at a time, got {lq}")
   bq, bkv = block_size(lq), block_size(lk)

@@ -87,6 +87,19 @@ def test_greedy_equals_transformers(ours, greedy):
   assert max(errors) <= STEP_BOUND, errors
 
 
+
+def test_splash_kernel_generates_the_same(folder, chat, greedy):
+  """The prefill (causal, left-padded, a static offset) and every cached step (one query over the filled positions,
+  a traced offset) through the splash kernel (interpret mode), on the 8-device mesh (the kernel under shard_map):
+  transformers' ids, logits within the same bound."""
+  batch, eos, _, ref_ids, ref_logits = greedy
+  mesh = shd.make_mesh((2, 2, 2))
+  model = qv.load_qwen2_5_vl(folder, attention_impl="splash", mesh=mesh)
+  out = gen.generate(model, batch, max_new_tokens=N, eos_token_ids=[eos], return_logits=True, mesh=mesh)
+  np.testing.assert_array_equal(out.token_ids, ref_ids)
+  errors = [max_rel_err(out.logits[:, k], ref_logits[:, k]) for k in range(N)]
+  assert max(errors) <= STEP_BOUND, errors
+
 def test_sharded_equals_single_device(folder, chat, greedy):
   """Rows (a, b, b, a) over data x fsdp of a (2, 2, 2) mesh, parameters FSDP/tensor-sharded, under remat: the
   2-row results."""

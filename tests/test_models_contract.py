@@ -381,3 +381,23 @@ def test_parity(request, case, parity):
       err = max_rel_err(got[part], out.ref[part])
       print(f"{case.name} {parity.id} parity, {out.name}: max rel err {err:.2e} (bound {parity.bound:.1e})")
       assert err <= parity.bound, out.name
+
+
+# The models whose attention the splash kernel can take (T5's relative-position bias keeps XLA: test_attention.py).
+SPLASH = ("flux", "autoencoder", "clip", "qwen2_5_vl", "qwen_image")
+
+
+@pytest.mark.parametrize("case,parity", _cases((c, c.parity[0], c.parity[0].id) for c in CASES if c.name in SPLASH))
+def test_parity_through_the_splash_kernel(request, case, parity):
+  """The first parity of each model again with every attention through the TPU's splash kernel (Pallas' interpret
+  mode here): the kernel sums the softmax block by block (online rescaling), a reordering of the same float32 sums
+  that the bound already covers."""
+  reference, folder = request.getfixturevalue(case.reference)
+  ours = case.load(folder, attention_impl="splash")
+  for out in parity.run(reference, ours):
+    got = np.asarray(out.ours)
+    assert got.shape == out.ref.shape == out.shape, out.name
+    for part in out.parts:
+      err = max_rel_err(got[part], out.ref[part])
+      print(f"{case.name} {parity.id} parity (splash), {out.name}: max rel err {err:.2e} (bound {parity.bound:.1e})")
+      assert err <= parity.bound, out.name
