@@ -56,7 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "bfloat16"  # storage dtype of the frozen base weights
   c.model.adapter_dtype = "float32"  # adapters, EMA, old policy and optimizer state
   c.model.remat = "flux"  # none | full | flux (keep q/k/v and attention outputs)
-  c.model.attention_impl = "auto"  # auto (splash on TPU, cuDNN on GPU, XLA on CPU) | xla | cudnn | splash
+  # every network of the run (policy, VAE, text encoders, judge): auto (splash on TPU, cuDNN on GPU where it can,
+  # XLA on CPU) | xla | cudnn | splash (editr1_jax/attention.py)
+  c.model.attention_impl = "auto"
   # Each kind of transformer block stacked and run by one lax.scan: compile time and host memory independent of
   # depth, one block's weights gathered at a time under FSDP. False keeps the blocks apart, as do LoRA targets that
   # name some blocks only. Checkpoints of one layout do not restore into the other; exports are the same.

@@ -109,10 +109,10 @@ class TextEncoders:
 
   @classmethod
   def from_pipeline(cls, folder: str, *, dtype: str = "float32", max_sequence_length: int = MAX_T5_LENGTH,
-                    mesh=None, rules=shd.DEFAULT_RULES) -> "TextEncoders":
+                    mesh=None, rules=shd.DEFAULT_RULES, attention_impl: str = "auto") -> "TextEncoders":
     clip_tokenizer, t5_tokenizer = load_tokenizers(folder)
-    clip = load_clip_text(folder, dtype=dtype, mesh=mesh, rules=rules)
-    t5 = load_t5_encoder(folder, dtype=dtype, mesh=mesh, rules=rules)
+    clip = load_clip_text(folder, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
+    t5 = load_t5_encoder(folder, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
     return cls(clip_tokenizer, t5_tokenizer, clip, t5, max_sequence_length=max_sequence_length, mesh=mesh,
                rules=rules)
 

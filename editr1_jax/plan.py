@@ -365,7 +365,7 @@ def judge_parts(config, judge: str | None = None):
   if judge not in (None, "") + JUDGES:
     raise PlanError(f"--judge={judge!r}: expected one of {list(JUDGES)}")
   dtype = config.reward.dtype
-  runtime = dict(dtype=dtype, param_dtype=dtype)
+  runtime = dict(dtype=dtype, param_dtype=dtype, attention_impl=config.model.attention_impl)
   folder = config.reward.model_dir
   has_config = bool(folder) and paths.isfile(paths.join(folder, "config.json"))
   try:

@@ -166,11 +166,12 @@ class QwenImageTextEncoder:
 
   @classmethod
   def from_pipeline(cls, folder: str, *, dtype: str = "float32", max_sequence_length: int | None = None, mesh=None,
-                    rules=shd.DEFAULT_RULES) -> "QwenImageTextEncoder":
+                    rules=shd.DEFAULT_RULES, attention_impl: str = "auto") -> "QwenImageTextEncoder":
     """A diffusers Qwen-Image-Edit(-2509) folder: text_encoder/, processor/ (preprocessor_config.json, tokenizer)."""
     image_cfg = proc.ImageProcessorConfig.from_folder(paths.join(folder, "processor"))
     tokenizer = load_tokenizer(folder)
-    model = qwen2_5_vl.load_qwen2_5_vl(paths.join(folder, "text_encoder"), dtype=dtype, mesh=mesh, rules=rules)
+    model = qwen2_5_vl.load_qwen2_5_vl(paths.join(folder, "text_encoder"), dtype=dtype, mesh=mesh, rules=rules,
+                                       attention_impl=attention_impl)
     return cls(model, tokenizer, image_cfg, max_sequence_length=max_sequence_length, mesh=mesh, rules=rules)
 
   # host -------------------------------------------------------------------------------------------

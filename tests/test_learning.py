@@ -49,6 +49,10 @@ def test_training_raises_the_colour_reward(tmp_path):
     rewards.append(trainer.run_epoch()["reward/mean"])
   after = trainer.evaluate()["eval/reward_mean"]
   print(f"eval reward {before:.4f} -> {after:.4f}; rollout reward by epoch {np.round(rewards, 4)}")
-  # Measured: eval 0.7055 -> 0.7263, rollouts 0.704 -> 0.743, rising almost every epoch.
+  # Measured here (2 cores, 2026-12-07), seeds 0 / 1 / 2: eval gain +0.031 / +0.035 / +0.040, rollout gain (mean
+  # of the last five epochs minus the first) +0.033 / +0.034 / +0.038; the control (`advantage.mode = zero`: the
+  # same run without the rewards' signal in the update): eval +3e-5 / -2e-5 / -6e-4, rollouts -4e-4 / +1e-4 /
+  # -1.6e-3. Each threshold sits over 20x above the control's largest drift and 2x or more below the method's
+  # smallest gain (another CPU's rounding is another trajectory, like another seed).
   assert after > before + 0.01
-  assert np.mean(rewards[-5:]) > rewards[0] + 0.02
+  assert np.mean(rewards[-5:]) > rewards[0] + 0.015

@@ -6,6 +6,7 @@ Equal to diffusers' `FluxKontextPipeline` without true CFG: reference latents ar
 posterior mode, packed; reference token ids are (1, row, col), the target's (0, row, col).
 """
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -95,9 +96,9 @@ class Kontext:
     transformer = flux.load_flux_transformer(folder, dtype=dtype, param_dtype=param_dtype, lora=lora,
                                              lora_weights=lora_weights, remat=remat, attention_impl=attention_impl,
                                              scan_blocks=scan_blocks, mesh=mesh, rules=rules, seed=seed)
-    vae = autoencoder.load_autoencoder(folder, dtype=dtype, mesh=mesh, rules=rules)
+    vae = autoencoder.load_autoencoder(folder, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
     text = TextEncoders.from_pipeline(folder, dtype=dtype, max_sequence_length=max_sequence_length, mesh=mesh,
-                                      rules=rules)
+                                      rules=rules, attention_impl=attention_impl)
     return cls(transformer, vae, text, scheduler_shift(folder), mesh=mesh, rules=rules, **kw)
 
   @classmethod
@@ -160,8 +161,11 @@ class Kontext:
     if config.model.preset == "tiny":
       from editr1_jax import tiny
       vae, (clip_cfg, t5_cfg) = autoencoder.tiny(), tiny.tiny_text_configs()
+      vae, clip_cfg, t5_cfg = (dataclasses.replace(c, attention_impl=config.model.attention_impl)
+                               for c in (vae, clip_cfg, t5_cfg))
     else:
-      stored = dict(dtype=config.model.dtype, param_dtype=config.model.dtype)
+      stored = dict(dtype=config.model.dtype, param_dtype=config.model.dtype,
+                    attention_impl=config.model.attention_impl)
       vae, clip_cfg, t5_cfg = autoencoder.flux(**stored), clip.clip_l(**stored), t5.t5_xxl(**stored)
     return {"VAE": lambda: autoencoder.Autoencoder(vae, rngs=nnx.Rngs(0)),
             "CLIP": lambda: clip.CLIPTextModel(clip_cfg, rngs=nnx.Rngs(0)),

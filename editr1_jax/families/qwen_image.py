@@ -11,6 +11,7 @@ already at the VAE size, which `inference_image` makes it); a row's text is padd
 conditional prediction's norm) is used when `guidance` > 1, as the pipeline's `true_cfg_scale`; training uses none.
 """
 
+import dataclasses
 import functools
 import os
 from typing import Sequence
@@ -146,12 +147,12 @@ class QwenImageEdit:
     scheduler/)."""
     shift = scheduler_shift(folder)  # the cheap checks first
     text = qic.QwenImageTextEncoder.from_pipeline(folder, dtype=dtype, max_sequence_length=max_sequence_length,
-                                                  mesh=mesh, rules=rules)
+                                                  mesh=mesh, rules=rules, attention_impl=attention_impl)
     transformer = qwen_image.load_qwen_image_transformer(folder, dtype=dtype, param_dtype=param_dtype, lora=lora,
                                                          lora_weights=lora_weights, remat=remat,
                                                          attention_impl=attention_impl, scan_blocks=scan_blocks,
                                                          mesh=mesh, rules=rules, seed=seed)
-    vae = qwen_image_vae.load_qwen_image_vae(folder, dtype=dtype, mesh=mesh, rules=rules)
+    vae = qwen_image_vae.load_qwen_image_vae(folder, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
     return cls(transformer, vae, text, shift, mesh=mesh, rules=rules, **kw)
 
   @classmethod
@@ -216,9 +217,11 @@ class QwenImageEdit:
     `config.model.dtype`, as `from_folder` loads them."""
     if config.model.preset == "tiny":
       from editr1_jax import tiny
-      vae, text = qwen_image_vae.tiny(), tiny.tiny_judge_config()
+      vae, text = (dataclasses.replace(c, attention_impl=config.model.attention_impl)
+                   for c in (qwen_image_vae.tiny(), tiny.tiny_judge_config()))
     else:
-      stored = dict(dtype=config.model.dtype, param_dtype=config.model.dtype)
+      stored = dict(dtype=config.model.dtype, param_dtype=config.model.dtype,
+                    attention_impl=config.model.attention_impl)
       vae, text = qwen_image_vae.qwen_image(**stored), qwen2_5_vl.qwen2_5_vl_7b(**stored)
     return {"VAE": lambda: qwen_image_vae.QwenImageVAE(vae, rngs=nnx.Rngs(0)),
             "Qwen2.5-VL": lambda: qwen2_5_vl.Qwen25VL(text, rngs=nnx.Rngs(0))}

@@ -110,7 +110,7 @@ class MllmJudge:
 
   def __init__(self, folder: str, *, template_file: str | None = None, dtype: str = "float32", mesh=None,
                rules=shd.DEFAULT_RULES, batch_size: int = 8, length_multiple: int = 64, model=None,
-               offload: bool = False):
+               offload: bool = False, attention_impl: str = "auto"):
     """`model`: an already loaded model (anything with `cfg` and `logits_at_batch`), else it is read from `folder`.
     `offload`: the weights wait in host memory (the same shardings, memory kind pinned_host) and come to the
     devices only for a `score` call, so the policy's steps have the accelerators' memory to themselves."""
@@ -121,7 +121,7 @@ class MllmJudge:
     self.prompt = JudgePrompt.from_file(template_file)
     self.digit_ids = np.asarray([self.chat.single_token_id(d) for d in DIGITS], np.int32)
     if model is None:
-      model = qwen2_5_vl.load_qwen2_5_vl(folder, dtype=dtype, mesh=mesh, rules=rules)
+      model = qwen2_5_vl.load_qwen2_5_vl(folder, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
     self.cfg = model.cfg
     self._check_agreement(folder)
     self.mesh, self.rules = mesh, rules
@@ -234,5 +234,6 @@ def build_mllm(config, mesh=None, rules=None) -> MllmReward:
                             offload=config.reward.offload)
   else:
     judge = MllmJudge(config.reward.model_dir, template_file=template_file, dtype=config.reward.dtype, mesh=mesh,
-                      rules=rules, batch_size=config.reward.batch_size, offload=config.reward.offload)
+                      rules=rules, batch_size=config.reward.batch_size, offload=config.reward.offload,
+                      attention_impl=config.model.attention_impl)
   return MllmReward(judge)
