@@ -2,7 +2,7 @@
 the same work in PyTorch (diffusers / transformers) on the same device with the ratio.
 
   python benchmarks/device_suite.py [--batch 1] [--layers 2,4] [--judge 7b] [--judge_layers 2] [--judge_pairs 2]
-      [--qwen_layers 2] [--t5_layers 2] [--repeats 5] [--steps flux_forward,...] [--attention_impl xla|cudnn]
+      [--qwen_layers 2] [--t5_layers 2] [--repeats 5] [--steps flux_forward,...] [--attention_impl auto,xla]
       [--no_reference] [--isolate auto|yes|no]
   python benchmarks/device_suite.py --quick     # tiny widths, 1 layer each, float32: checks the script on a CPU
 
@@ -73,7 +73,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import median_ms, print_table, same_footing  # noqa: E402
 from configs import kontext as kontext_config  # noqa: E402
 from configs import qwen_image_edit as qwen_config  # noqa: E402
-from editr1_jax import latents, nft, plan, rollouts, sampling, train_loop  # noqa: E402
+from editr1_jax import attention, latents, nft, plan, rollouts, sampling, train_loop  # noqa: E402
 from editr1_jax import sharding as shd  # noqa: E402
 from editr1_jax.families import kontext, qwen_image  # noqa: E402
 from editr1_jax.models import autoencoder, clip, qwen2_5_vl, t5  # noqa: E402
@@ -107,7 +107,7 @@ class Options:
   qwen_layers: int
   t5_layers: int
   repeats: int
-  attention_impl: str | None
+  attention_impl: str  # one kernel choice (attention.IMPLEMENTATIONS) for every network of the step
   no_reference: bool
 
 
@@ -127,7 +127,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--t5_layers", type=int, default=None, help="T5 encoder layers (default 2)")
   p.add_argument("--repeats", type=int, default=None, help="timed calls per step (default 5; --quick 2)")
   p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
-  p.add_argument("--attention_impl", choices=("xla", "cudnn"), default=None, help="default: the config's")
+  p.add_argument("--attention_impl", default="auto,xla",
+                 help="comma-separated kernel choices, each step run with each (default auto,xla: the platform's "
+                      "kernel, then XLA's, to see what the kernel buys); where two resolve to the same kernel, one runs")
   p.add_argument("--no_reference", action="store_true", help="skip the PyTorch side")
   p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                  help="one process per step, so each peak memory is the step's own (auto: yes unless --quick)")
@@ -147,8 +149,13 @@ def options(args) -> tuple[Options, list[str]]:
     if len(layers) != 2 or min(layers) < 0 or max(layers) < 1:
       raise SystemExit(f"--layers={args.layers!r}: expected two block counts 'double,single', e.g. 2,4")
   pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)
+  kernels = [k for k in args.attention_impl.split(",") if k]
+  bad = [k for k in kernels if k not in attention.IMPLEMENTATIONS]
+  if bad or not kernels:
+    raise SystemExit(f"--attention_impl={args.attention_impl!r}: unknown {bad}; expected a subset of "
+                     f"{','.join(attention.IMPLEMENTATIONS)}")
   opts = Options(args.quick, args.batch, layers, args.judge, pick("judge_layers"), args.judge_pairs,
-                 pick("qwen_layers"), pick("t5_layers"), pick("repeats"), args.attention_impl, args.no_reference)
+                 pick("qwen_layers"), pick("t5_layers"), pick("repeats"), kernels[0], args.no_reference)
   for name in ("batch", "judge_layers", "judge_pairs", "qwen_layers", "t5_layers", "repeats"):
     if getattr(opts, name) < 1:
       raise SystemExit(f"--{name}={getattr(opts, name)}: must be at least 1")
@@ -156,7 +163,7 @@ def options(args) -> tuple[Options, list[str]]:
   unknown = [s for s in steps if s not in STEPS]
   if unknown or not steps:
     raise SystemExit(f"--steps={args.steps!r}: unknown {unknown}; expected a subset of {','.join(STEPS)}")
-  return opts, steps
+  return opts, steps, kernels
 
 
 def run_config(module, opts: Options, *, lora: bool = True):
@@ -167,8 +174,7 @@ def run_config(module, opts: Options, *, lora: bool = True):
     c.model.preset = "tiny"
     c.model.dtype = c.model.param_dtype = c.reward.dtype = "float32"
     c.data.resolution, c.data.t5_max_length, c.data.text_max_length = 64, 16, 16
-  if opts.attention_impl:
-    c.model.attention_impl = opts.attention_impl
+  c.model.attention_impl = opts.attention_impl
   c.optim.full_finetune = not lora
   return c
 
@@ -398,7 +404,8 @@ def step_accumulate(opts: Options) -> Step:
 # FLUX VAE
 def vae_parts(opts: Options):
   config = run_config(kontext_config, opts)
-  runtime = dict(dtype=config.model.dtype, param_dtype=config.model.dtype)  # the family loads it so
+  runtime = dict(dtype=config.model.dtype, param_dtype=config.model.dtype,  # the family loads it so
+                 attention_impl=config.model.attention_impl)
   cfg = autoencoder.tiny(**runtime) if opts.quick else autoencoder.flux(**runtime)
   side = config.data.resolution
   rng = np.random.default_rng(2)
@@ -465,7 +472,7 @@ def text_step(cfg, make, ids, output: Callable, torch_model: Callable, torch_out
 
 def step_t5(opts: Options) -> Step:
   config = run_config(kontext_config, opts)
-  runtime = dict(dtype=config.model.dtype, param_dtype=config.model.dtype)
+  runtime = dict(dtype=config.model.dtype, param_dtype=config.model.dtype, attention_impl=config.model.attention_impl)
   cfg = dataclasses.replace(t5.tiny(**runtime) if opts.quick else t5.t5_xxl(**runtime), num_layers=opts.t5_layers)
   ids = np.random.default_rng(3).integers(2, cfg.vocab_size, (opts.batch, config.data.t5_max_length))
 
@@ -481,7 +488,7 @@ def step_t5(opts: Options) -> Step:
 
 def step_clip(opts: Options) -> Step:
   config = run_config(kontext_config, opts)
-  runtime = dict(dtype=config.model.dtype, param_dtype=config.model.dtype)
+  runtime = dict(dtype=config.model.dtype, param_dtype=config.model.dtype, attention_impl=config.model.attention_impl)
   cfg = clip.tiny(**runtime) if opts.quick else clip.clip_l(**runtime)
   if opts.quick:
     cfg = dataclasses.replace(cfg, num_hidden_layers=1)
@@ -544,7 +551,8 @@ def torch_judge_config(cfg):
 
 def step_judge(opts: Options) -> Step:
   config = run_config(kontext_config, opts)
-  runtime = dict(dtype=config.reward.dtype, param_dtype=config.reward.dtype)
+  runtime = dict(dtype=config.reward.dtype, param_dtype=config.reward.dtype,
+                 attention_impl=config.model.attention_impl)
   preset = qwen2_5_vl.tiny if opts.quick else {"7b": qwen2_5_vl.qwen2_5_vl_7b, "32b": qwen2_5_vl.qwen2_5_vl_32b}[
       opts.judge]
   cfg = preset(**runtime).replace(num_hidden_layers=opts.judge_layers)
@@ -666,7 +674,8 @@ def run_step(name: str, opts: Options, tc: Torch | None, why: str) -> dict:
   device = jax.devices()[0]
   reference = (f"torch {tc.torch.__version__} eager on {tc.device}, {str(tc.dtype).replace('torch.', '')}" if tc
                else f"PyTorch reference: {why}")
-  row = dict(step=name, kind=device.device_kind, backend=jax.default_backend(), reference=reference)
+  row = dict(step=name, kind=device.device_kind, backend=jax.default_backend(), reference=reference,
+             attention=kernel_label(opts))
   try:
     step = BUILDERS[name](opts)
     row["shapes"] = step.shapes
@@ -680,15 +689,32 @@ def run_step(name: str, opts: Options, tc: Torch | None, why: str) -> dict:
   return row
 
 
-def run_isolated(name: str) -> dict:
-  """The step in a fresh process (same flags): its peak memory is its own."""
-  argv = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:] + ["--child", name]
+def kernel_label(opts: Options) -> str:
+  """The choice and the kernel it gives the policy's attention here (24 heads of 128, the compute dtype)."""
+  dtype = "float32" if opts.quick else "bfloat16"
+  return f"{opts.attention_impl} ({attention.resolve(opts.attention_impl, dtype, 128)})"
+
+
+def distinct_kernels(opts: Options, kernels: list[str]) -> list[str]:
+  """The choices that give different kernels here, the first of each kept."""
+  seen, kept = set(), []
+  for k in kernels:
+    resolved = attention.resolve(k, "float32" if opts.quick else "bfloat16", 128)
+    if resolved not in seen:
+      seen.add(resolved)
+      kept.append(k)
+  return kept
+
+
+def run_isolated(name: str, kernel: str) -> dict:
+  """The step in a fresh process (same flags, one kernel choice): its peak memory is its own."""
+  argv = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:] + ["--child", name, f"--attention_impl={kernel}"]
   done = subprocess.run(argv, capture_output=True, text=True)
   for line in done.stdout.splitlines():
     if line.startswith(ROW_MARK):
       return json.loads(line[len(ROW_MARK):])
   tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-  return dict(step=name, error=f"process exited {done.returncode}: {tail[:90]}")
+  return dict(step=name, attention=kernel, error=f"process exited {done.returncode}: {tail[:90]}")
 
 
 def table_row(row: dict, chip: plan.Chip | None) -> tuple:
@@ -697,13 +723,14 @@ def table_row(row: dict, chip: plan.Chip | None) -> tuple:
   ref = (f"{ref_ms:.2f}" if ref_ms is not None else row.get("ref_note", "-"),
          fmt_bytes(row.get("ref_peak")) if ref_ms is not None else "-")
   if "error" in row:
-    return (row["step"], row.get("shapes", "-"), f"failed: {row['error']}", "-", "-", "-") + ref + ("-",)
+    return (row["step"], row.get("attention", "-"), row.get("shapes", "-"), f"failed: {row['error']}", "-", "-",
+            "-") + ref + ("-",)
   flops_per_s = row["flops"] / (row["ms"] / 1e3)
   mfu = f"{100 * flops_per_s / chip.bf16_flops:.1f}%" if chip else "n/a"
   ratio = f"{row['ms'] / ref_ms:.3g}" if ref_ms else "-"
   # Three significant figures, not three decimals: a quick CPU run of a small step is well under 0.0005 TFLOP/s on
   # a slow machine, and a rate printed as 0.000 would read as no work done.
-  return (row["step"], row["shapes"], f"{row['ms']:.2f}", f"{flops_per_s / 1e12:.3g}", mfu, fmt_bytes(row["peak"])) \
+  return (row["step"], row["attention"], row["shapes"], f"{row['ms']:.2f}", f"{flops_per_s / 1e12:.3g}", mfu, fmt_bytes(row["peak"])) \
       + ref + (ratio,)
 
 
@@ -719,19 +746,19 @@ def report(rows: list[dict], opts: Options, isolated: bool) -> None:
   memory += "" if counted else ": n/a, the device keeps no count"
   print(f"{first['reference']}; FLOPs: matmuls + convolutions counted on each step's jaxpr (plan.matmul_flops, scans "
         f"at their length, remat included); peak memory {memory}")
-  print_table(("step", "shapes", "ms", "TFLOP/s", "MFU", "peak mem", "torch ms", "torch peak", "ours/torch"),
+  print_table(("step", "attention", "shapes", "ms", "TFLOP/s", "MFU", "peak mem", "torch ms", "torch peak", "ours/torch"),
               [table_row(r, chip) for r in rows])
 
 
 def main():
   args = parser().parse_args()
-  opts, steps = options(args)
+  opts, steps, kernels = options(args)
   # Isolated steps leave the device to the step processes: the parent never starts a backend (a TPU takes one
   # process at a time). --quick checks the script, in one process.
   isolate = args.isolate == "yes" or (args.isolate == "auto" and not opts.quick)
   t0 = time.perf_counter()
-  if isolate and not args.child:
-    rows = [run_isolated(s) for s in steps]
+  if isolate and not args.child:  # the parent starts no backend: every choice runs (auto differs from xla there)
+    rows = [run_isolated(s, k) for s in steps for k in kernels]
   else:
     tc, why = torch_context(opts)
     if tc is not None and tc.device == "cpu" and opts.quick:
@@ -741,7 +768,8 @@ def main():
     if args.child:
       print(ROW_MARK + json.dumps(run_step(args.child, opts, tc, why)), flush=True)
       return
-    rows = [run_step(s, opts, tc, why) for s in steps]
+    rows = [run_step(s, dataclasses.replace(opts, attention_impl=k), tc, why) for s in steps
+            for k in distinct_kernels(opts, kernels)]
   report(rows, opts, isolate)
   print(f"device_suite: {len(rows)} steps in {time.perf_counter() - t0:.1f} s wall time")
 

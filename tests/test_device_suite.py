@@ -13,7 +13,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import device_suite as ds  # noqa: E402
 from editr1_jax import plan  # noqa: E402
 
-HEADER = ("step", "shapes", "ms", "TFLOP/s", "MFU", "peak mem", "torch ms", "torch peak", "ours/torch")
+HEADER = ("step", "attention", "shapes", "ms", "TFLOP/s", "MFU", "peak mem", "torch ms", "torch peak", "ours/torch")
 
 
 def table(stdout: str) -> list[list[str]]:
@@ -40,8 +40,9 @@ def test_quick_run_on_cpu_prints_every_step():
   wall = time.perf_counter() - t0
   assert done.returncode == 0, done.stderr[-3000:]
   rows = table(done.stdout)
-  assert [r[0] for r in rows] == list(ds.STEPS), done.stdout
-  for step, shapes, ms, tflops, mfu, peak, torch_ms, torch_peak, ratio in rows:
+  # auto and xla both give XLA's kernel on a CPU: one row per step
+  assert [(r[0], r[1]) for r in rows] == [(s, "auto (xla)") for s in ds.STEPS], done.stdout
+  for step, _, shapes, ms, tflops, mfu, peak, torch_ms, torch_peak, ratio in rows:
     assert float(ms) > 0 and float(tflops) > 0, (step, ms, tflops)  # "failed: ..." would not parse
     assert mfu == "n/a" and peak == "n/a", step  # no published CPU peak; the CPU device keeps no memory count
     if torch_ms != "not installed":
@@ -52,10 +53,12 @@ def test_quick_run_on_cpu_prints_every_step():
 
 def test_isolated_step_hands_its_row_back():
   """The default away from --quick (each step in its own process, as on a GPU), on one cheap step."""
-  done = suite("--quick", "--isolate", "yes", "--steps", "clip", "--no_reference")
+  done = suite("--quick", "--isolate", "yes", "--steps", "clip", "--no_reference", "--attention_impl", "xla,splash")
   assert done.returncode == 0, done.stderr[-3000:]
-  (row,) = table(done.stdout)
-  assert row[0] == "clip" and float(row[2]) > 0 and row[6] == "skipped (--no_reference)", row
+  rows = table(done.stdout)  # the parent starts no backend: each choice runs, splash in interpret mode on a CPU
+  assert [(r[0], r[1]) for r in rows] == [("clip", "xla (xla)"), ("clip", "splash (splash)")], rows
+  for row in rows:
+    assert float(row[3]) > 0 and row[7] == "skipped (--no_reference)", row
   assert "peak memory per step (one process each)" in done.stdout
 
 
@@ -68,24 +71,25 @@ def test_chip_of_device_kind(kind, chip):
 
 
 def test_mfu_against_the_chip_peak():
-  row = dict(step="t5", shapes="s", ms=10.0, flops=0.5 * plan.CHIPS["h200"].bf16_flops * 10e-3, peak=2 ** 30,
+  row = dict(step="t5", attention="auto (cudnn)", shapes="s", ms=10.0, flops=0.5 * plan.CHIPS["h200"].bf16_flops * 10e-3, peak=2 ** 30,
              ref_ms=20.0, ref_peak=None)
   cells = ds.table_row(row, plan.CHIPS["h200"])
-  assert cells[4] == "50.0%" and cells[5] == "1.00 GiB" and cells[6] == "20.00" and cells[8] == "0.5", cells
-  assert ds.table_row(row, None)[4] == "n/a"
+  assert cells[1] == "auto (cudnn)" and cells[5] == "50.0%" and cells[6] == "1.00 GiB" and cells[7] == "20.00" \
+      and cells[9] == "0.5", cells
+  assert ds.table_row(row, None)[5] == "n/a"
   failed = ds.table_row(dict(step="judge", error="XlaRuntimeError: out of memory", ref_note="no CUDA"), None)
-  assert failed[2].startswith("failed: XlaRuntimeError") and failed[6] == "no CUDA", failed
+  assert failed[3].startswith("failed: XlaRuntimeError") and failed[7] == "no CUDA", failed
 
 
 def test_missing_torch_is_named_in_the_row(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
-  opts, _ = ds.options(ds.parser().parse_args(["--quick"]))
+  opts, _, _ = ds.options(ds.parser().parse_args(["--quick"]))
   assert ds.torch_context(opts) == (None, "not installed")
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--layers", "2"], "--layers='2'"), (["--steps", "flux,judge"], "unknown ['flux']"),
-    (["--judge_pairs", "0"], "--judge_pairs=0")])
+    (["--judge_pairs", "0"], "--judge_pairs=0"), (["--attention_impl", "auto,flash"], "unknown ['flash']")])
 def test_bad_flags_name_the_flag(flags, message):
   with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
     ds.options(ds.parser().parse_args(flags))
