@@ -80,8 +80,8 @@ def test_single_string_prompt(pipeline, encoders):
 def test_sharded_encode_equals_single_device(text_pipeline, encoders):  # noqa: F811
   mesh = shd.make_mesh((2, 2, 2))
   sharded = conditioning.TextEncoders.from_pipeline(text_pipeline[0], max_sequence_length=T5_LENGTH, mesh=mesh)
-  wi = sharded.t5.encoder.block[0].layer[1].DenseReluDense.wi_0.kernel[...]
-  assert wi.sharding.spec == shd.logical_to_spec(("embed", "mlp"), shape=wi.shape, mesh=mesh)
+  wi = sharded.t5.encoder.block.stacked.layer[1].DenseReluDense.wi_0.kernel[...]  # the blocks stacked for a scan
+  assert wi.sharding.spec == shd.logical_to_spec(("layers", "embed", "mlp"), shape=wi.shape, mesh=mesh)
   assert len(wi.sharding.device_set) == 8
   got = sharded(PROMPTS)
   for a, b, bound in zip(got, encoders(PROMPTS), (T5_BOUND, CLIP_BOUND, 0.0)):  # embeds, pooled, exact txt_ids
