@@ -129,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
   p.add_argument("--attention_impl", default="auto,xla",
                  help="comma-separated kernel choices, each step run with each (default auto,xla: the platform's "
-                      "kernel, then XLA's, to see what the kernel buys); where two resolve to the same kernel, one runs")
+                      "kernel, then XLA's, to see what the kernel buys); choices giving the same kernel run once")
   p.add_argument("--no_reference", action="store_true", help="skip the PyTorch side")
   p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                  help="one process per step, so each peak memory is the step's own (auto: yes unless --quick)")
@@ -730,7 +730,8 @@ def table_row(row: dict, chip: plan.Chip | None) -> tuple:
   ratio = f"{row['ms'] / ref_ms:.3g}" if ref_ms else "-"
   # Three significant figures, not three decimals: a quick CPU run of a small step is well under 0.0005 TFLOP/s on
   # a slow machine, and a rate printed as 0.000 would read as no work done.
-  return (row["step"], row["attention"], row["shapes"], f"{row['ms']:.2f}", f"{flops_per_s / 1e12:.3g}", mfu, fmt_bytes(row["peak"])) \
+  return (row["step"], row["attention"], row["shapes"], f"{row['ms']:.2f}", f"{flops_per_s / 1e12:.3g}", mfu,
+          fmt_bytes(row["peak"])) \
       + ref + (ratio,)
 
 

@@ -142,8 +142,9 @@ def _splash(q, k, v, kv_valid, causal: bool, q_offset, scale: float) -> jax.Arra
   pad = lambda x, length: _pad_to(_pad_to(x, 3, dim_p), 1, length)
   q = pad((q.astype(jnp.float32) * scale).astype(q.dtype), lq_p)  # the kernel does not scale the logits
   k, v = pad(k, lk_p), pad(v, lk_p)
-  run = functools.partial(_splash_local, causal=causal and static_offset, q_offset=int(q_offset) if static_offset else 0,
-                          blocks=(bq, bkv), interpret=platform() != "tpu")
+  run = functools.partial(_splash_local, causal=causal and static_offset,
+                          q_offset=int(q_offset) if static_offset else 0, blocks=(bq, bkv),
+                          interpret=platform() != "tpu")
   mesh = shd.active_mesh()
   if mesh is not None:
     run = _sharded(run, mesh, q.shape, k.shape)

@@ -174,12 +174,18 @@ def _sub_jaxprs(value):
       yield from _sub_jaxprs(v)
 
 
-def matmul_flops(jaxpr, loops: bool = True) -> float:
+def matmul_flops(jaxpr, loops: bool = True, kernels: bool = True) -> float:
   """FLOPs of the dot_generals and convolutions of a jaxpr, nested jaxprs included; a `scan` counts its body
-  `length` times with `loops`, once without (as XLA's cost analysis does); a `cond` its largest branch."""
+  `length` times with `loops`, once without (as XLA's cost analysis does); a `cond` its largest branch; a Pallas
+  kernel (`pallas_call`: the splash attention) its body once per grid step with `kernels`, not at all without (XLA's
+  cost analysis does not see into it). A kernel's skipped blocks (causal masks) are counted: an upper bound there."""
   total = 0.0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
+    if name == "pallas_call":
+      if kernels:
+        total += matmul_flops(eqn.params["jaxpr"], loops) * math.prod(eqn.params["grid_mapping"].grid)
+      continue
     if name == "dot_general":
       (lhs_contract, _), _ = eqn.params["dimension_numbers"]
       k = math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract)
@@ -192,7 +198,7 @@ def matmul_flops(jaxpr, loops: bool = True) -> float:
     subs = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
     if not subs:
       continue
-    counts = [matmul_flops(j, loops) for j in subs]
+    counts = [matmul_flops(j, loops, kernels) for j in subs]
     if name == "cond":
       total += max(counts)
     else:
@@ -213,6 +219,7 @@ class StepPlan:
   xla_bytes_accessed: float
   loop_factor: float
   compile_s: float
+  kernel_flops: float = 0.0  # per chip: inside Pallas kernels, which XLA's cost analysis leaves out
   resident_extra_bytes: int = 0  # resident train state / frozen weights that are not arguments of this step
   # The compiler's refusal when the step cannot fit the chip at all (then temp_bytes is the temporaries it asked
   # for, FLOPs are unknown and counted as 0).
@@ -220,7 +227,7 @@ class StepPlan:
 
   @property
   def flops(self) -> float:
-    return self.xla_flops * self.loop_factor
+    return self.xla_flops * self.loop_factor + self.kernel_flops
 
   @property
   def bytes_accessed(self) -> float:
@@ -258,7 +265,7 @@ def compile_step(name: str, traced, args, *, calls: int = 1) -> tuple[StepPlan, 
   return StepPlan(name, calls, max(int(mem.argument_size_in_bytes), shard_bytes(args)), int(mem.output_size_in_bytes),
                   int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), int(mem.generated_code_size_in_bytes),
                   float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-                  _loop_factor(traced.jaxpr), compile_s), compiled
+                  _loop_factor(traced.jaxpr), compile_s, _kernel_flops(traced.jaxpr)), compiled
 
 
 _REFUSAL = re.compile(r"RESOURCE_EXHAUSTED.*?HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available HBM", re.S)
@@ -306,8 +313,16 @@ def _loop_factor(jaxpr) -> float:
   if jaxpr is None:
     return 1.0
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  once = matmul_flops(jaxpr, loops=False)
-  return matmul_flops(jaxpr, loops=True) / once if once else 1.0
+  once = matmul_flops(jaxpr, loops=False, kernels=False)
+  return matmul_flops(jaxpr, loops=True, kernels=False) / once if once else 1.0
+
+
+def _kernel_flops(jaxpr) -> float:
+  """The FLOPs inside Pallas kernels, loops counted (per chip: the kernels run under shard_map on a mesh)."""
+  if jaxpr is None:
+    return 0.0
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  return matmul_flops(jaxpr) - matmul_flops(jaxpr, kernels=False)
 
 
 # --------------------------------------------------------------------------------------------------

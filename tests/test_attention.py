@@ -34,10 +34,12 @@ SITES = {
     # FLUX joint attention over [text | image]: no mask; 45 tokens pad to one 128-block
     "flux_joint": (2, 45, 45, 3, 16, {}, None),
     # Qwen-Image joint attention: [9 text | 31 image] tokens, row 1's text tokens 5..8 padding, masked as keys
-    "qwen_image_joint": (2, 40, 40, 2, 16, {"kv_valid": jnp.asarray(~((np.arange(40)[None] >= 5) & (np.arange(40)[None] < 9)
+    "qwen_image_joint": (2, 40, 40, 2, 16, {"kv_valid": jnp.asarray(~((np.arange(40)[None] >= 5)
+                                                                     & (np.arange(40)[None] < 9)
                                                                      & (np.arange(2)[:, None] == 1)))}, None),
     # Qwen2.5-VL decoder prefill: causal over left-padded rows (padding rows' outputs are never used)
-    "decoder_prefill": (2, 30, 30, 4, 16, {"kv_valid": left_padded([0, 7], 30), "causal": True}, left_padded([0, 7], 30)),
+    "decoder_prefill": (2, 30, 30, 4, 16, {"kv_valid": left_padded([0, 7], 30), "causal": True},
+                        left_padded([0, 7], 30)),
     # the prefill written into a longer cache (keys beyond the prompt: the generation's slots)
     "decoder_prefill_into_cache": (2, 30, 38, 4, 16, {"kv_valid": left_padded([0, 7], 38), "causal": True},
                                    left_padded([0, 7], 30)),
@@ -129,7 +131,8 @@ def test_platform_is_the_meshs():
 
 
 def test_unknown_implementation_is_an_error():
-  with pytest.raises(ValueError, match=r"attention_impl must be one of \('auto', 'xla', 'cudnn', 'splash'\), got 'flash'"):
+  with pytest.raises(ValueError,
+                     match=r"attention_impl must be one of \('auto', 'xla', 'cudnn', 'splash'\), got 'flash'"):
     attn.check_implementation("flash")
   q, k, v = qkv(1, 4, 4, 1, 8)
   with pytest.raises(ValueError, match="got 'flash'"):

@@ -71,7 +71,8 @@ def test_chip_of_device_kind(kind, chip):
 
 
 def test_mfu_against_the_chip_peak():
-  row = dict(step="t5", attention="auto (cudnn)", shapes="s", ms=10.0, flops=0.5 * plan.CHIPS["h200"].bf16_flops * 10e-3, peak=2 ** 30,
+  row = dict(step="t5", attention="auto (cudnn)", shapes="s", ms=10.0,
+             flops=0.5 * plan.CHIPS["h200"].bf16_flops * 10e-3, peak=2 ** 30,
              ref_ms=20.0, ref_peak=None)
   cells = ds.table_row(row, plan.CHIPS["h200"])
   assert cells[1] == "auto (cudnn)" and cells[5] == "50.0%" and cells[6] == "1.00 GiB" and cells[7] == "20.00" \

@@ -359,3 +359,22 @@ def test_an_encoder_step_over_budget_is_advised_fewer_rollout_rows(name):
   (tip,) = planning.advice(plan, importlib.import_module("configs.kontext").get_config())
   assert tip.startswith(f"{name} is over by") and "fewer rows per shard (rollout.batch_size" in tip, tip
   assert "remat" not in tip and "nft.micro_batch" not in tip, tip
+
+
+def test_kernel_flops_are_counted_once_per_grid_step():
+  """The splash kernel (a pallas_call, interpret mode here) does the forward's QK^T and PV like XLA's attention:
+  4 B H L^2 D FLOPs, counted from its body per grid step and kept apart (`_kernel_flops`) from what XLA's cost
+  analysis sees; its backward recomputes the logits in both kernels: 4.5x the forward against XLA's 3x."""
+  from editr1_jax.attention import attention
+  b, length, heads, dim = 2, 384, 4, 128
+  q = k = v = jnp.zeros((b, length, heads, dim), jnp.float32)
+  forward = 4 * b * heads * length ** 2 * dim
+  for impl, grad_ratio in (("xla", 3.0), ("splash", 4.5)):
+    fwd = jax.make_jaxpr(lambda q, k, v: attention(q, k, v, implementation=impl))(q, k, v).jaxpr
+    grad = jax.make_jaxpr(jax.grad(lambda q, k, v: attention(q, k, v, implementation=impl).sum(), (0, 1, 2)))(
+        q, k, v).jaxpr
+    assert planning.matmul_flops(fwd) == forward
+    assert planning.matmul_flops(grad) == pytest.approx(grad_ratio * forward, rel=1e-3)  # + a row sum
+    kernel = planning._kernel_flops(fwd)
+    assert kernel == (forward if impl == "splash" else 0)
+    assert planning.matmul_flops(fwd, kernels=False) == forward - kernel

@@ -207,7 +207,8 @@ class MidAttention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     seq = self.group_norm(x).reshape(b, h * w, 1, c)
-    out = attention(self.to_q(seq), self.to_k(seq), self.to_v(seq), implementation=self.impl, where="VAE mid-block attention")
+    out = attention(self.to_q(seq), self.to_k(seq), self.to_v(seq), implementation=self.impl,
+                    where="VAE mid-block attention")
     return x + self.to_out(out).reshape(b, h, w, c)
 
 

@@ -271,7 +271,8 @@ class Attention(nnx.Module):
                              self.norm_added_k, adapters)
       q, k, v = (jnp.concatenate(p, axis=1) for p in ((cq, q), (ck, k), (cv, v)))
     q, k = apply_rope(q, rope), apply_rope(k, rope)
-    out = attn_lib.attention(q, k, v, kv_valid=kv_valid, implementation=self.cfg.attention_impl, where="joint attention")
+    out = attn_lib.attention(q, k, v, kv_valid=kv_valid, implementation=self.cfg.attention_impl,
+                             where="joint attention")
     out = checkpoint_name(out.reshape(out.shape[:2] + (-1,)), "flux_attention")
     if context is None:
       return out

@@ -223,7 +223,8 @@ class AttentionBlock(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     q, k, v = jnp.split(self.to_qkv(self.norm(x)).reshape(b, h * w, 1, 3 * c), 3, axis=-1)
-    return x + self.proj(attention(q, k, v, implementation=self.impl, where="VAE mid-block attention").reshape(b, h, w, c))
+    out = attention(q, k, v, implementation=self.impl, where="VAE mid-block attention")
+    return x + self.proj(out.reshape(b, h, w, c))
 
 
 class MidBlock(nnx.Module):
