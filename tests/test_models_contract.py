@@ -373,13 +373,16 @@ def test_full_size_without_memory(case, size):
 
 @pytest.mark.parametrize("case,parity", _cases((c, p, p.id) for c in CASES for p in c.parity))
 def test_parity(request, case, parity):
-  reference, ours = request.getfixturevalue(case.reference)[0], request.getfixturevalue(case.ours)
+  check_parity(case, parity, request.getfixturevalue(case.reference)[0], request.getfixturevalue(case.ours))
+
+
+def check_parity(case, parity, reference, ours, label: str = "") -> None:
   for out in parity.run(reference, ours):
     got = np.asarray(out.ours)
     assert got.shape == out.ref.shape == out.shape, out.name
     for part in out.parts:
       err = max_rel_err(got[part], out.ref[part])
-      print(f"{case.name} {parity.id} parity, {out.name}: max rel err {err:.2e} (bound {parity.bound:.1e})")
+      print(f"{case.name} {parity.id} parity{label}, {out.name}: max rel err {err:.2e} (bound {parity.bound:.1e})")
       assert err <= parity.bound, out.name
 
 
@@ -393,11 +396,4 @@ def test_parity_through_the_splash_kernel(request, case, parity):
   mode here): the kernel sums the softmax block by block (online rescaling), a reordering of the same float32 sums
   that the bound already covers."""
   reference, folder = request.getfixturevalue(case.reference)
-  ours = case.load(folder, attention_impl="splash")
-  for out in parity.run(reference, ours):
-    got = np.asarray(out.ours)
-    assert got.shape == out.ref.shape == out.shape, out.name
-    for part in out.parts:
-      err = max_rel_err(got[part], out.ref[part])
-      print(f"{case.name} {parity.id} parity (splash), {out.name}: max rel err {err:.2e} (bound {parity.bound:.1e})")
-      assert err <= parity.bound, out.name
+  check_parity(case, parity, reference, case.load(folder, attention_impl="splash"), " (splash)")
