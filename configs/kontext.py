@@ -13,12 +13,15 @@ Every path may be a local folder or a gs:// URL; on a TPU pod slice, `launch/tpu
 from configs import base
 
 # What each slice needs beyond the paper's settings to fit every step with margin, as `launch/plan.py
-# --config=configs/kontext.py:<slice> --topology=<slice>` measured it (README "Will it fit?"; FSDP over all chips).
+# --config=configs/kontext.py:<slice> --topology=<slice>` measured it (README "Will it fit?"; FSDP over all chips),
+# with the attention a TPU run uses (`model.attention_impl` "auto": the splash kernel).
 # Offloading keeps the 32B judge in host memory between reward steps; full remat recomputes each block in the
 # backward pass instead of keeping its q/k/v and attention output.
 SLICES = {  # the worst step's live bytes per chip, of the HBM the compiler offers
-    "v5p-8": {},  # NFT step 49.4 of 95.74 GiB
-    "v6e-8": {"model.remat": "full"},  # NFT step 19.2 of 31.25 GiB
+    "v5p-8": {},  # NFT step 39.3 of 95.74 GiB (49.4 with XLA attention)
+    # NFT step 25.1 of 31.25 GiB with the splash kernel, epoch roofline 142 s; XLA attention needed full remat here
+    # (19.2 GiB, 174 s; without it 29.0 GiB, too tight)
+    "v6e-8": {},
     "v4-8": {"reward.offload": True, "model.remat": "full"},  # judge prefill 26.0 of 30.75 GiB
     "v5e-16": {"reward.offload": True, "model.remat": "full"},  # NFT step 12.4 of 15.75 GiB
 }
