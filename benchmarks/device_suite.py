@@ -689,17 +689,20 @@ def run_step(name: str, opts: Options, tc: Torch | None, why: str) -> dict:
   return row
 
 
+def policy_kernel(opts: Options, choice: str) -> str:
+  """The kernel a choice gives the policy's attention here (heads of 128, the compute dtype)."""
+  return attention.resolve(choice, "float32" if opts.quick else "bfloat16", 128)
+
+
 def kernel_label(opts: Options) -> str:
-  """The choice and the kernel it gives the policy's attention here (24 heads of 128, the compute dtype)."""
-  dtype = "float32" if opts.quick else "bfloat16"
-  return f"{opts.attention_impl} ({attention.resolve(opts.attention_impl, dtype, 128)})"
+  return f"{opts.attention_impl} ({policy_kernel(opts, opts.attention_impl)})"
 
 
 def distinct_kernels(opts: Options, kernels: list[str]) -> list[str]:
   """The choices that give different kernels here, the first of each kept."""
   seen, kept = set(), []
   for k in kernels:
-    resolved = attention.resolve(k, "float32" if opts.quick else "bfloat16", 128)
+    resolved = policy_kernel(opts, k)
     if resolved not in seen:
       seen.add(resolved)
       kept.append(k)

@@ -83,7 +83,8 @@ class BenchmarkEval:
         run.save_edit(Image.fromarray(pixels), run.edit_path(edits_dir, self.task.items[i]))
     from editr1_jax.bench.judge import QwenJudge
     judge = QwenJudge(config.eval_judge_dir, max_new_tokens=config.eval_judge_max_new_tokens,
-                      batch_size=config.reward.batch_size, dtype=config.reward.dtype, mesh=self.mesh, rules=self.rules)
+                      batch_size=config.reward.batch_size, dtype=config.reward.dtype, mesh=self.mesh, rules=self.rules,
+                      attention_impl=config.model.attention_impl)
     results = run.judge_items(self.task, judge, edits_dir, paths.join(out, run.RESULTS),
                               batch_size=config.reward.batch_size)
     del judge

@@ -385,7 +385,7 @@ def judge_parts(config, judge: str | None = None):
   has_config = bool(folder) and paths.isfile(paths.join(folder, "config.json"))
   try:
     if judge == "tiny" or (not judge and not has_config and config.reward.tiny):
-      cfg = tiny_lib.tiny_judge_config().replace(**runtime)
+      cfg = tiny_lib.tiny_judge_config(**runtime)
       folder = os.path.join(tiny_lib.ASSETS, "judge")  # the tiny judge's preprocessor_config.json
     elif judge in ("7b", "32b"):
       cfg = (qwen2_5_vl.qwen2_5_vl_7b if judge == "7b" else qwen2_5_vl.qwen2_5_vl_32b)(**runtime)

@@ -162,19 +162,20 @@ def write_assets(root: str = ASSETS) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Models drawn from a seed, sized to the shipped tokenizers and to each other.
-def tiny_text_configs(root: str = ASSETS) -> tuple[clip.CLIPTextConfig, t5.T5Config]:
+def tiny_text_configs(root: str = ASSETS, **runtime) -> tuple[clip.CLIPTextConfig, t5.T5Config]:
   """The tiny CLIP and T5 configs, their vocabularies sized to the shipped tokenizers."""
   clip_tok, t5_tok = load_tokenizers(root)
   # The legacy CLIP config of FLUX (eos_token_id 2): the pooled token is the highest id, end-of-text.
-  clip_cfg = dataclasses.replace(clip.tiny(), vocab_size=len(clip_tok), max_position_embeddings=CLIP_MAX_LENGTH)
-  t5_cfg = dataclasses.replace(t5.tiny(), vocab_size=len(t5_tok) + 5)  # T5's table is a little larger, as the real one
+  clip_cfg = dataclasses.replace(clip.tiny(**runtime), vocab_size=len(clip_tok),
+                                 max_position_embeddings=CLIP_MAX_LENGTH)
+  t5_cfg = dataclasses.replace(t5.tiny(**runtime), vocab_size=len(t5_tok) + 5)  # a little larger, as the real one
   return clip_cfg, t5_cfg
 
 
 def tiny_text_encoders(seed: int, max_sequence_length: int, *, root: str = ASSETS, mesh=None,
-                       rules=shd.DEFAULT_RULES) -> TextEncoders:
+                       rules=shd.DEFAULT_RULES, attention_impl: str = "auto") -> TextEncoders:
   clip_tok, t5_tok = load_tokenizers(root)
-  clip_cfg, t5_cfg = tiny_text_configs(root)
+  clip_cfg, t5_cfg = tiny_text_configs(root, attention_impl=attention_impl)
   clip_model = clip.CLIPTextModel(clip_cfg, rngs=nnx.Rngs(seed))
   t5_model = t5.T5EncoderModel(t5_cfg, rngs=nnx.Rngs(seed + 1))
   return TextEncoders(clip_tok, t5_tok, _placed(clip_model, mesh, rules), _placed(t5_model, mesh, rules),
@@ -195,8 +196,10 @@ def tiny_transformer(seed: int, lora: LoraSpec | None = None, *, mesh=None, rule
                  rules)
 
 
-def tiny_vae(seed: int, *, mesh=None, rules=shd.DEFAULT_RULES) -> autoencoder.Autoencoder:
-  return _placed(autoencoder.Autoencoder(autoencoder.tiny(), rngs=nnx.Rngs(seed + 3)), mesh, rules)
+def tiny_vae(seed: int, *, mesh=None, rules=shd.DEFAULT_RULES,
+             attention_impl: str = "auto") -> autoencoder.Autoencoder:
+  cfg = autoencoder.tiny(attention_impl=attention_impl)
+  return _placed(autoencoder.Autoencoder(cfg, rngs=nnx.Rngs(seed + 3)), mesh, rules)
 
 
 def tiny_qwen_image_config(lora: LoraSpec | None = None, **runtime) -> qwen_image.QwenImageConfig:
@@ -213,18 +216,22 @@ def tiny_qwen_image_transformer(seed: int, lora: LoraSpec | None = None, *, mesh
   return _placed(qwen_image.QwenImageTransformer(cfg, rngs=nnx.Rngs(seed + 5)), mesh, rules)
 
 
-def tiny_qwen_image_vae(seed: int, *, mesh=None, rules=shd.DEFAULT_RULES) -> qwen_image_vae.QwenImageVAE:
-  return _placed(qwen_image_vae.QwenImageVAE(qwen_image_vae.tiny(), rngs=nnx.Rngs(seed + 6)), mesh, rules)
+def tiny_qwen_image_vae(seed: int, *, mesh=None, rules=shd.DEFAULT_RULES,
+                        attention_impl: str = "auto") -> qwen_image_vae.QwenImageVAE:
+  cfg = qwen_image_vae.tiny(attention_impl=attention_impl)
+  return _placed(qwen_image_vae.QwenImageVAE(cfg, rngs=nnx.Rngs(seed + 6)), mesh, rules)
 
 
-def tiny_qwen_text_encoder(seed: int, max_sequence_length: int, *, mesh=None, rules=shd.DEFAULT_RULES):
+def tiny_qwen_text_encoder(seed: int, max_sequence_length: int, *, mesh=None, rules=shd.DEFAULT_RULES,
+                           attention_impl: str = "auto"):
   """Qwen-Image-Edit's prompt encoder with a random tiny Qwen2.5-VL and the shipped tiny tokenizer."""
   from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
   from editr1_jax.qwen_image_conditioning import TEMPLATE, QwenImageTextEncoder
   from editr1_jax.reward.processor import ImageProcessorConfig
   folder = os.path.join(ASSETS, "judge")
-  model = _placed(qwen2_5_vl.Qwen25VL(tiny_judge_config(folder), rngs=nnx.Rngs(seed + 7)), mesh, rules)
+  cfg = tiny_judge_config(folder, attention_impl=attention_impl)
+  model = _placed(qwen2_5_vl.Qwen25VL(cfg, rngs=nnx.Rngs(seed + 7)), mesh, rules)
   tokenizer = Qwen2Tokenizer.from_pretrained(folder)
   # The pipeline drops the template's system turn (64 tokens in Qwen2.5's vocabulary): here, its length in ours.
   drop = len(tokenizer(TEMPLATE.split("{}")[0])["input_ids"])
@@ -232,21 +239,23 @@ def tiny_qwen_text_encoder(seed: int, max_sequence_length: int, *, mesh=None, ru
                               max_sequence_length=max_sequence_length, drop=drop, mesh=mesh, rules=rules)
 
 
-def tiny_judge_config(folder: str = os.path.join(ASSETS, "judge")) -> qwen2_5_vl.Qwen25VLConfig:
+def tiny_judge_config(folder: str = os.path.join(ASSETS, "judge"), **runtime) -> qwen2_5_vl.Qwen25VLConfig:
   """`qwen2_5_vl.tiny()` with its vocabulary and image token ids taken from the shipped tokenizer."""
   from tokenizers import Tokenizer
   tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
   ids = {t: tok.token_to_id(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")}
-  return dataclasses.replace(qwen2_5_vl.tiny(), vocab_size=tok.get_vocab_size(), image_token_id=ids["<|image_pad|>"],
-                             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+  return dataclasses.replace(qwen2_5_vl.tiny(**runtime), vocab_size=tok.get_vocab_size(),
+                             image_token_id=ids["<|image_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                             vision_end_token_id=ids["<|vision_end|>"])
 
 
 def tiny_judge(seed: int, batch_size: int, *, template_file: str | None = None, mesh=None, rules=shd.DEFAULT_RULES,
-               offload: bool = False):
+               offload: bool = False, attention_impl: str = "auto"):
   """The MLLM reward with a random tiny Qwen2.5-VL: every code path of the real judge, meaningless scores."""
   from editr1_jax.reward.mllm import MllmJudge
   folder = os.path.join(ASSETS, "judge")
-  model = _placed(qwen2_5_vl.Qwen25VL(tiny_judge_config(folder), rngs=nnx.Rngs(seed + 4)), mesh, rules)
+  cfg = tiny_judge_config(folder, attention_impl=attention_impl)
+  model = _placed(qwen2_5_vl.Qwen25VL(cfg, rngs=nnx.Rngs(seed + 4)), mesh, rules)
   return MllmJudge(folder, template_file=template_file, mesh=mesh, rules=rules, batch_size=batch_size, model=model,
                    offload=offload)
 

@@ -124,10 +124,29 @@ def test_auto_picks_the_platforms_kernel(monkeypatch, caplog, platform, dtype, h
     assert attn.resolve(forced, dtype, head_dim) == forced
 
 
-def test_platform_is_the_meshs():
+def test_platform_is_the_meshs(monkeypatch):
+  """A plan traces under a mesh of compile-only TPU devices on a CPU host: the mesh's platform decides."""
   assert attn.platform() == "cpu"
-  with shd.use_mesh(shd.make_mesh((1, 1, -1))):
-    assert attn.platform() == "cpu"
+  tpu = type("Device", (), {"platform": "tpu"})()
+  monkeypatch.setattr(shd, "active_mesh", lambda: type("Mesh", (), {"devices": np.array([tpu])})())
+  assert attn.platform() == "tpu" and attn.resolve("auto", jnp.bfloat16, 128) == "splash"
+
+
+def test_one_knob_reaches_every_network():
+  """`config.model.attention_impl` is every network's of a run: policy, VAE, text encoders, judge."""
+  from configs import tiny as tiny_config
+  from configs import tiny_qwen_image_edit
+  from editr1_jax import families
+  from editr1_jax import reward as rewards
+  for module in (tiny_config, tiny_qwen_image_edit):
+    config = module.get_config()
+    config.model.attention_impl = "splash"
+    family = families.build(config)
+    text = [family.text.clip, family.text.t5] if hasattr(family.text, "t5") else [family.text.model]
+    for net in [family.transformer, family.vae] + text:
+      assert net.cfg.attention_impl == "splash", type(net).__name__
+    if config.reward.kind == "mllm":
+      assert rewards.build(config).judge.cfg.attention_impl == "splash"
 
 
 def test_unknown_implementation_is_an_error():

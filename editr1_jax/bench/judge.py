@@ -17,10 +17,10 @@ class QwenJudge:
   `batch_size` (padded to it: one compile)."""
 
   def __init__(self, folder: str, *, max_new_tokens: int = 512, batch_size: int = 1, dtype: str = "bfloat16",
-               mesh=None, rules=shd.DEFAULT_RULES):
+               mesh=None, rules=shd.DEFAULT_RULES, attention_impl: str = "auto"):
     self.chat = processor.ChatFormatter(folder, processor.ImageProcessorConfig.from_folder(folder))
     self.eos, self.pad = generation.stop_tokens(folder)
-    self.model = qwen2_5_vl.load_qwen2_5_vl(folder, dtype=dtype, mesh=mesh, rules=rules)
+    self.model = qwen2_5_vl.load_qwen2_5_vl(folder, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
     self.max_new_tokens, self.batch_size, self.mesh, self.rules = max_new_tokens, batch_size, mesh, rules
 
   def answer(self, requests: Sequence[tuple[str, Sequence[Image.Image], bool]]) -> list[str]:

@@ -6,7 +6,6 @@ Equal to diffusers' `FluxKontextPipeline` without true CFG: reference latents ar
 posterior mode, packed; reference token ids are (1, row, col), the target's (0, row, col).
 """
 
-import dataclasses
 import functools
 from typing import Sequence
 
@@ -110,9 +109,9 @@ class Kontext:
     from editr1_jax import tiny
     transformer = tiny.tiny_transformer(seed, lora, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,
                                         remat=remat, attention_impl=attention_impl, scan_blocks=scan_blocks)
-    return cls(transformer, tiny.tiny_vae(seed, mesh=mesh, rules=rules),
-               tiny.tiny_text_encoders(seed, max_sequence_length, mesh=mesh, rules=rules), mesh=mesh, rules=rules,
-               **kw)
+    return cls(transformer, tiny.tiny_vae(seed, mesh=mesh, rules=rules, attention_impl=attention_impl),
+               tiny.tiny_text_encoders(seed, max_sequence_length, mesh=mesh, rules=rules,
+                                       attention_impl=attention_impl), mesh=mesh, rules=rules, **kw)
 
   @classmethod
   def from_config(cls, config, mesh=None, rules=None) -> "Kontext":
@@ -160,9 +159,8 @@ class Kontext:
     the tiny preset's sizes (float32) or FLUX.1-Kontext-dev's in `config.model.dtype`, as `from_folder` loads them."""
     if config.model.preset == "tiny":
       from editr1_jax import tiny
-      vae, (clip_cfg, t5_cfg) = autoencoder.tiny(), tiny.tiny_text_configs()
-      vae, clip_cfg, t5_cfg = (dataclasses.replace(c, attention_impl=config.model.attention_impl)
-                               for c in (vae, clip_cfg, t5_cfg))
+      impl = config.model.attention_impl
+      vae, (clip_cfg, t5_cfg) = autoencoder.tiny(attention_impl=impl), tiny.tiny_text_configs(attention_impl=impl)
     else:
       stored = dict(dtype=config.model.dtype, param_dtype=config.model.dtype,
                     attention_impl=config.model.attention_impl)

@@ -11,7 +11,6 @@ already at the VAE size, which `inference_image` makes it); a row's text is padd
 conditional prediction's norm) is used when `guidance` > 1, as the pipeline's `true_cfg_scale`; training uses none.
 """
 
-import dataclasses
 import functools
 import os
 from typing import Sequence
@@ -164,9 +163,9 @@ class QwenImageEdit:
     transformer = tiny.tiny_qwen_image_transformer(seed, lora, mesh=mesh, rules=rules, dtype=dtype,
                                                    param_dtype=param_dtype, remat=remat, attention_impl=attention_impl,
                                                    scan_blocks=scan_blocks)
-    return cls(transformer, tiny.tiny_qwen_image_vae(seed, mesh=mesh, rules=rules),
-               tiny.tiny_qwen_text_encoder(seed, max_sequence_length, mesh=mesh, rules=rules), mesh=mesh, rules=rules,
-               **kw)
+    return cls(transformer, tiny.tiny_qwen_image_vae(seed, mesh=mesh, rules=rules, attention_impl=attention_impl),
+               tiny.tiny_qwen_text_encoder(seed, max_sequence_length, mesh=mesh, rules=rules,
+                                           attention_impl=attention_impl), mesh=mesh, rules=rules, **kw)
 
   @classmethod
   def from_config(cls, config, mesh=None, rules=None) -> "QwenImageEdit":
@@ -217,8 +216,8 @@ class QwenImageEdit:
     `config.model.dtype`, as `from_folder` loads them."""
     if config.model.preset == "tiny":
       from editr1_jax import tiny
-      vae, text = (dataclasses.replace(c, attention_impl=config.model.attention_impl)
-                   for c in (qwen_image_vae.tiny(), tiny.tiny_judge_config()))
+      impl = config.model.attention_impl
+      vae, text = qwen_image_vae.tiny(attention_impl=impl), tiny.tiny_judge_config(attention_impl=impl)
     else:
       stored = dict(dtype=config.model.dtype, param_dtype=config.model.dtype,
                     attention_impl=config.model.attention_impl)

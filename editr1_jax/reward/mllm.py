@@ -231,7 +231,7 @@ def build_mllm(config, mesh=None, rules=None) -> MllmReward:
   if config.reward.tiny:
     from editr1_jax import tiny
     judge = tiny.tiny_judge(config.seed, config.reward.batch_size, template_file=template_file, mesh=mesh, rules=rules,
-                            offload=config.reward.offload)
+                            offload=config.reward.offload, attention_impl=config.model.attention_impl)
   else:
     judge = MllmJudge(config.reward.model_dir, template_file=template_file, dtype=config.reward.dtype, mesh=mesh,
                       rules=rules, batch_size=config.reward.batch_size, offload=config.reward.offload,
