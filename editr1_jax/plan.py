@@ -56,8 +56,8 @@ DEFAULT_JUDGE_PIXELS = (56 * 56, 28 * 28 * 16384)
 
 
 # --------------------------------------------------------------------------------------------------
-# Chips: published figures (dense bf16 peak, HBM capacity and bandwidth per chip), and the HBM a TPU program may
-# use: what the compiler offers, which differs from the published capacity (libtpu 0.0.42.1 names it when it
+# Chips: published figures (dense bf16 peak, HBM capacity and bandwidth, host link per chip), and the HBM a TPU
+# program may use: what the compiler offers, which differs from the published capacity (libtpu 0.0.42.1 names it when it
 # refuses a program too large for the chip: "... exceeds available HBM (15.75G)"; `compiler_hbm_budget` reads it).
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -65,6 +65,7 @@ class Chip:
   bf16_flops: float  # peak dense bf16 FLOP/s
   hbm_bytes: float  # published
   hbm_bandwidth: float  # bytes/s
+  host_bandwidth: float  # bytes/s, host memory -> HBM, one way (PCIe): what an offloaded judge crosses
   usable_hbm_bytes: float | None = None  # the compiler's budget per chip (None: the published capacity)
 
   @property
@@ -75,16 +76,22 @@ class Chip:
   def roofline_s(self, flops: float, bytes_accessed: float) -> float:
     return max(flops / self.bf16_flops, bytes_accessed / self.hbm_bandwidth)
 
+  def host_transfer_s(self, nbytes: float) -> float:
+    """Seconds to bring `nbytes` per chip from host memory to HBM, every chip over its own link at once."""
+    return nbytes / self.host_bandwidth
+
 
 CHIPS = {
-    # Cloud TPU system architecture pages (per chip; v4 and v5p: one megacore device per chip).
-    "v4": Chip("TPU v4", 275e12, 32 * GiB, 1200e9, 30.75 * GiB),
-    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9, 15.75 * GiB),
-    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9, 95.74 * GiB),
-    "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1640e9, 31.25 * GiB),
-    # NVIDIA datasheets, SXM, dense (no sparsity).
-    "h100": Chip("H100 SXM", 989e12, 80e9, 3.35e12),
-    "h200": Chip("H200 SXM", 989e12, 141e9, 4.8e12),
+    # Cloud TPU system architecture pages (per chip; v4 and v5p: one megacore device per chip). Host links: the JAX
+    # team's "How to Scale Your Model" (part 2, "How to Think About TPUs"): PCIe 16 GB/s each way on v4, "around
+    # 1.5e10 bytes/s per chip" on v5, 32 GB/s on Trillium (v6e).
+    "v4": Chip("TPU v4", 275e12, 32 * GiB, 1200e9, 16e9, 30.75 * GiB),
+    "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9, 15e9, 15.75 * GiB),
+    "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9, 15e9, 95.74 * GiB),
+    "v6e": Chip("TPU v6e", 918e12, 32 * GiB, 1640e9, 32e9, 31.25 * GiB),
+    # NVIDIA datasheets, SXM, dense (no sparsity); host link PCIe Gen5 x16, 128 GB/s both ways = 64 GB/s each.
+    "h100": Chip("H100 SXM", 989e12, 80e9, 3.35e12, 64e9),
+    "h200": Chip("H200 SXM", 989e12, 141e9, 4.8e12, 64e9),
 }
 
 # libtpu topology names: v4 / v5p count 2 cores per chip in the slice name (v5p-8 = 4 chips), v5e / v6e 1.
@@ -364,6 +371,21 @@ class Plan:
   judge: Any = None  # its `qwen2_5_vl.Qwen25VLConfig` (None: no MLLM reward)
   judge_offloaded: bool = False  # `config.reward.offload`: on the chips only during its own step
   encoder_bytes: dict = dataclasses.field(default_factory=dict)  # per chip, by name: VAE and text encoders, resident
+
+  @property
+  def judge_transfer_s(self) -> float:
+    """Seconds an epoch spends bringing an offloaded judge to the chips: once, before its first scoring call (its
+    host copy stays, so nothing goes back); 0 when it stays resident or the chip is unknown."""
+    chip = self.topology.chip
+    return chip.host_transfer_s(self.judge_bytes) if self.judge_offloaded and chip else 0.0
+
+  @property
+  def epoch_roofline_s(self) -> float:
+    """Every step's roofline times its calls (every rollout kept), plus the judge's transfer; 0 without a chip."""
+    chip = self.topology.chip
+    if chip is None:
+      return 0.0
+    return self.judge_transfer_s + sum(chip.roofline_s(s.flops, s.bytes_accessed) * s.calls for s in self.steps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -707,7 +729,8 @@ def advice(plan: Plan, config) -> list[str]:
     tips = []
     if plan.judge_bytes and not plan.judge_offloaded and step != "judge":
       freed = plan.judge_bytes
-      tips.append(f"--config.reward.offload=True frees {format_bytes(freed)} per chip (the judge waits in host memory; "
+      tips.append(f"--config.reward.offload=True frees {format_bytes(freed)} per chip (the judge waits in host memory "
+                  f"and crosses the host link once an epoch, {_time(chip.host_transfer_s(freed))}; "
                   f"{'enough' if freed >= over else 'not enough alone'})")
     if step in ("rollout", "accumulate") and not config.model.scan_blocks:
       tips.append("--config.model.scan_blocks=True runs the blocks in a scan: FSDP gathers one block's weights at a "
@@ -731,8 +754,12 @@ def format_plan(plan: Plan) -> str:
            f"resident per chip (train state + frozen weights): {format_bytes(plan.resident_bytes)}"]
   if plan.judge is not None:
     j = plan.judge
-    where = ("in host memory except during its step (config.reward.offload)" if plan.judge_offloaded
-             else "resident through the epoch")
+    where = "resident through the epoch"
+    if plan.judge_offloaded:
+      where = "in host memory except during its step (config.reward.offload)"
+      if chip:
+        where += (f"; brought to the chips once an epoch: {_time(plan.judge_transfer_s)} at "
+                  f"{chip.host_bandwidth / 1e9:.0f} GB/s per chip from the host, counted in the epoch roofline")
     lines.append(f"judge (Qwen2.5-VL, {j.num_hidden_layers} layers x {j.hidden_size}, vision {j.vision.depth} x "
                  f"{j.vision.hidden_size}, {j.param_dtype}): {format_bytes(plan.judge_bytes)} per chip, {where}")
   if plan.encoder_bytes:
@@ -741,11 +768,9 @@ def format_plan(plan: Plan) -> str:
   head = ("step", "calls", "arguments", "outputs", "aliased", "temporaries", "peak", "live", "FLOPs/chip",
           "loop x", "roofline", "x calls", "HBM", "compile")
   rows = []
-  epoch = 0.0
   for s in plan.steps:
     if chip:
       t = chip.roofline_s(s.flops, s.bytes_accessed)
-      epoch += t * s.calls
       margin = chip.budget_bytes - s.live_bytes
       fit = f"fits ({format_bytes(margin)} free)" if margin >= 0 else f"DOES NOT FIT (over by {format_bytes(-margin)})"
       roof, total = _time(t), _time(t * s.calls)
@@ -766,7 +791,8 @@ def format_plan(plan: Plan) -> str:
     worst = max(plan.steps, key=lambda s: s.live_bytes)
     verdict = "fits" if worst.live_bytes <= hbm else "DOES NOT FIT"
     lines.append(f"largest: {worst.name}, {format_bytes(worst.live_bytes)} of {format_bytes(hbm)} usable HBM per chip: "
-                 f"{verdict} (margin {format_bytes(hbm - worst.live_bytes)}); epoch roofline (every rollout kept) {_time(epoch)}")
+                 f"{verdict} (margin {format_bytes(hbm - worst.live_bytes)}); epoch roofline (every rollout kept) "
+                 f"{_time(plan.epoch_roofline_s)}")
   lines.append("peak = arguments + outputs - aliased + temporaries + code; live = peak + resident state (judge "
                "included unless offloaded, VAE and text encoders always) that is not an argument; FLOPs and bytes x "
                "loop factor (XLA counts a loop body once)")

@@ -1,5 +1,6 @@
 """launch/plan.py and editr1_jax.plan: one epoch's device steps compiled abstractly, per-chip numbers."""
 
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -170,6 +171,16 @@ def test_an_offloaded_judge_leaves_the_other_steps(tiny_plan):
   assert after["apply"].resident_extra_bytes == before["apply"].resident_extra_bytes - resident.judge_bytes
   assert after["judge prefill"].argument_bytes == before["judge prefill"].argument_bytes
   assert "in host memory except during its step" in planning.format_plan(plan)
+  # On a chip, the epoch pays for bringing the judge over the host link once (its host copy stays).
+  cpu = planning.topology("cpu")
+  chip = planning.Chip("link", 1e12, 2 ** 40, 1e11, host_bandwidth=1e9)
+  on_chip = planning.plan_epoch(config, planning.Topology("cpu", cpu.devices, chip), steps=("judge", "apply"))
+  assert on_chip.judge_transfer_s == pytest.approx(resident.judge_bytes / 1e9) and on_chip.judge_transfer_s > 0
+  steps_s = sum(chip.roofline_s(s.flops, s.bytes_accessed) * s.calls for s in on_chip.steps)
+  assert on_chip.epoch_roofline_s == pytest.approx(steps_s + resident.judge_bytes / 1e9)
+  assert "brought to the chips once an epoch" in planning.format_plan(on_chip)
+  kept = dataclasses.replace(on_chip, judge_offloaded=False)
+  assert kept.judge_transfer_s == 0 and kept.epoch_roofline_s == pytest.approx(steps_s)
 
 
 def test_judge_parts(tmp_path):
@@ -231,6 +242,8 @@ def test_chip_table_and_roofline():
   v5p = planning.CHIPS["v5p"]
   assert v5p.roofline_s(v5p.bf16_flops, 0) == pytest.approx(1.0)
   assert v5p.roofline_s(0, 2 * v5p.hbm_bandwidth) == pytest.approx(2.0)
+  assert v5p.host_transfer_s(3 * v5p.host_bandwidth) == pytest.approx(3.0)
+  assert all(c.host_bandwidth < c.hbm_bandwidth / 10 for c in planning.CHIPS.values())  # a host link, not HBM
 
 
 def test_topology_errors(monkeypatch):
@@ -294,7 +307,7 @@ def test_largest_rows_that_fit_are_found_by_compiling():
   live = {m: planning.plan_epoch(planning._with(config, "nft.micro_batch", m), cpu,
                                  steps=("accumulate",)).steps[0].live_bytes for m in (2, 3)}
   assert live[2] < live[3]
-  small = planning.Topology("cpu", cpu.devices, planning.Chip("small", 1e12, (live[2] + live[3]) // 2, 1e11))
+  small = planning.Topology("cpu", cpu.devices, planning.Chip("small", 1e12, (live[2] + live[3]) // 2, 1e11, 1e10))
   assert config.nft.micro_batch == 4
   fit = planning.largest_rows(config, small, "accumulate")
   assert (fit.knob, fit.configured, fit.largest, fit.live_bytes) == ("nft.micro_batch", 4, 2, live[2])
