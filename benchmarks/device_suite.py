@@ -511,8 +511,8 @@ def step_clip(opts: Options) -> Step:
 def judge_inputs(cfg, pairs: int, side: int, text_tokens: int, length_multiple: int = 64):
   """Host (token ids, mask, pixel values, image grids) of `pairs` pairs of side x side images as `MllmJudge` lays a
   call out: text, the two images' pads between their markers, left padding to a multiple of `length_multiple`."""
-  image_cfg = proc.ImageProcessorConfig(*plan.DEFAULT_JUDGE_PIXELS)
-  h, w = proc.smart_resize(side, side, image_cfg.factor, image_cfg.min_pixels, image_cfg.max_pixels)
+  image_cfg = proc.ImageProcessorConfig(*proc.DEFAULT_PIXELS)
+  h, w = image_cfg.resized(side, side)
   grid = (1, h // image_cfg.patch_size, w // image_cfg.patch_size)
   pads = image_cfg.num_tokens(grid)
   rng = np.random.default_rng(5)

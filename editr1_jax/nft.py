@@ -23,7 +23,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from editr1_jax import sharding as shd
-from editr1_jax.families.base import host_rows, tile_rows
 from editr1_jax.layers import AdapterRows, split_adapters
 
 ADV_MODES = ("all", "positive", "negative", "binary", "zero")  # zero: the control run (no learning signal)
@@ -197,7 +196,7 @@ class Policy:
       b = x_t.shape[0]
       rows = AdapterRows(jnp.zeros((2 * b,), jnp.int32), jnp.concatenate([jnp.ones((b,)), jnp.zeros((b,))]))
       both = self.velocity_fn(self.model(old, frozen), jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                              tile_rows(cond, self.cond_axes, 2), rows)
+                              shd.tile_rows(cond, self.cond_axes, 2), rows)
       v_old, v_ref = both[:b], both[b:]
     return jax.lax.stop_gradient(v_old), jax.lax.stop_gradient(v_ref)
 
@@ -240,7 +239,7 @@ def gather_batch(x0: jax.Array, cond, cond_axes, sigmas, indices, advantages, ma
     raise ValueError(f"sigmas must be the rollout's (N + 1,) schedule ending in 0, got shape {sigmas.shape}")
   indices = np.asarray(indices)
   take = lambda x: jnp.take(x, indices, axis=0)
-  rows = host_rows(cond, cond_axes, indices)  # host arrays: `NFTTrainer.place` puts them straight into their sharding
+  rows = shd.host_rows(cond, cond_axes, indices)  # host arrays: `NFTTrainer.place` puts them into their sharding
   steps = np.broadcast_to(sigmas[:-1], (len(indices), len(sigmas) - 1))
   return TrainBatch(x0=take(x0), cond=rows, sigmas=jnp.asarray(steps), advantages=jnp.asarray(advantages, jnp.float32),
                     mask=jnp.asarray(mask, jnp.float32), index=jnp.asarray(indices, jnp.int32))

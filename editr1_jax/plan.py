@@ -40,8 +40,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from editr1_jax import latents, nft, paths, rollouts, train_loop
+from editr1_jax import families, latents, nft, paths, rollouts, train_loop
 from editr1_jax import sharding as shd
+from editr1_jax import tiny as tiny_lib
+from editr1_jax import weights as wio
+from editr1_jax.models import qwen2_5_vl
+from editr1_jax.reward import mllm
+from editr1_jax.reward import processor as proc
 
 GiB = 1024 ** 3
 LIBTPU_HINT = "pip install libtpu==0.0.42.1"
@@ -51,8 +56,6 @@ JUDGES = ("7b", "32b", "tiny")
 # instruction and requirement, vision start/end markers): 200, as benchmarks/reward_prefill.py counted one pair
 # at 512x512 (848 tokens, 2 x 324 of them image pads). Longer instructions add a few.
 JUDGE_TEXT_TOKENS = 200
-# Qwen2.5-VL's preprocessor_config.json bounds (56 x 56 and 28 x 28 x 16384 pixels): used when there is no folder.
-DEFAULT_JUDGE_PIXELS = (56 * 56, 28 * 28 * 16384)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,10 +396,6 @@ class Plan:
 def judge_parts(config, judge: str | None = None):
   """(`Qwen25VLConfig`, `processor.ImageProcessorConfig`) of the reward's judge, or None when
   `config.reward.kind` is not "mllm". No weights are read."""
-  from editr1_jax import tiny as tiny_lib
-  from editr1_jax import weights as wio
-  from editr1_jax.models import qwen2_5_vl
-  from editr1_jax.reward import processor as proc
   if config.reward.kind != "mllm":
     return None
   if judge not in (None, "") + JUDGES:
@@ -419,7 +418,7 @@ def judge_parts(config, judge: str | None = None):
     if folder and paths.isfile(paths.join(folder, "preprocessor_config.json")):
       image_cfg = proc.ImageProcessorConfig.from_folder(folder)
     else:
-      image_cfg = proc.ImageProcessorConfig(*DEFAULT_JUDGE_PIXELS)
+      image_cfg = proc.ImageProcessorConfig(*proc.DEFAULT_PIXELS)
   except (ValueError, wio.CheckpointError) as e:
     raise PlanError(f"the judge (config.reward.model_dir = {config.reward.model_dir!r}): {e}") from None
   return cfg, image_cfg
@@ -433,7 +432,6 @@ def abstract_module(make, mesh, rules):
 
 def abstract_judge(cfg, mesh, rules):
   """`abstract_module` of a Qwen2.5-VL judge."""
-  from editr1_jax.models import qwen2_5_vl
   return abstract_module(lambda: qwen2_5_vl.Qwen25VL(cfg, rngs=nnx.Rngs(0)), mesh, rules)
 
 
@@ -441,47 +439,15 @@ def judge_batch(cfg, image_cfg, rows: int, resolution: int, mesh, rules, *, text
                 length_multiple: int = 64):
   """(abstract `qwen2_5_vl.Batch`, abstract positions (rows, 1)) of one scoring call as `MllmJudge` places it:
   `rows` pairs of two `resolution`-squared images, left-padded to a multiple of `length_multiple`."""
-  h, w = vl_image_pixels(image_cfg, resolution, resolution)
+  h, w = image_cfg.resized(resolution, resolution)
   image_tokens = image_cfg.num_tokens((1, h // image_cfg.patch_size, w // image_cfg.patch_size))
   text = max(text_tokens, 4)  # the vision start / end markers are part of it
   length = -(-(text + 2 * image_tokens) // length_multiple) * length_multiple
-  batch = vl_batch(cfg, image_cfg, rows, (h, w), 2, text, length, mesh, rules, left_pad=True)
+  try:
+    batch = qwen2_5_vl.abstract_batch(cfg, image_cfg, rows, (h, w), 2, text, length, mesh, rules, left_pad=True)
+  except ValueError as e:
+    raise PlanError(str(e)) from None
   return batch, shd.abstract_rows((rows, 1), "int32", mesh, rules)
-
-
-def vl_image_pixels(image_cfg, height: int, width: int) -> tuple[int, int]:
-  """The pixels a Qwen2.5-VL image processor resizes a `height` x `width` image to."""
-  from editr1_jax.reward import processor as proc
-  return proc.smart_resize(height, width, image_cfg.factor, image_cfg.min_pixels, image_cfg.max_pixels)
-
-
-def vl_batch(cfg, image_cfg, rows: int, size: tuple[int, int], images: int, text: int, length: int, mesh, rules, *,
-             left_pad: bool):
-  """An abstract `qwen2_5_vl.Batch` of `rows` rows of `length` tokens: `text` tokens (vision markers included) and
-  `images` images of `size` pixels (already resized by the processor's rules) each, padded on the left or the
-  right. Only the token ids and the vision layout are made on the host; pixel values are abstract."""
-  from editr1_jax.models import qwen2_5_vl
-  if (image_cfg.patch_size, image_cfg.merge_size, image_cfg.temporal_patch_size) != (
-      cfg.vision.patch_size, cfg.vision.spatial_merge_size, cfg.vision.temporal_patch_size):
-    raise PlanError("the Qwen2.5-VL's preprocessor_config.json and config.json disagree on the patch sizes")
-  grid = (1, size[0] // image_cfg.patch_size, size[1] // image_cfg.patch_size)
-  filler = cfg.image_token_id + 1 if cfg.image_token_id + 1 < cfg.vocab_size else 0
-  image = [cfg.vision_start_token_id] + [cfg.image_token_id] * image_cfg.num_tokens(grid) + [cfg.vision_end_token_id]
-  row = [filler] * (text - 2 * images) + image * images
-  if len(row) > length:
-    raise PlanError(f"{len(row)} tokens ({images} image(s) of {size[0]}x{size[1]} pixels and text) exceed {length}")
-  at = slice(length - len(row), length) if left_pad else slice(0, len(row))
-  ids = np.zeros((rows, length), np.int32)
-  ids[:, at] = row
-  mask = np.zeros((rows, length), bool)
-  mask[:, at] = True
-  patches = jax.ShapeDtypeStruct((images * rows * math.prod(grid), cfg.vision.patch_dim), jnp.float32)
-  host = qwen2_5_vl.prepare_batch(ids, mask, patches, np.asarray([grid] * (images * rows)), cfg)
-  rows_of = lambda x, axes=("batch",): jax.tree.map(
-      lambda a: shd.abstract_rows(np.shape(a), a.dtype, mesh, rules, axes), x)
-  return rows_of(host, ()).replace(input_ids=rows_of(host.input_ids), attention_mask=rows_of(host.attention_mask),
-                                   position_ids=rows_of(host.position_ids, (None, "batch")),
-                                   pixel_values=rows_of(host.pixel_values))
 
 
 def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None, steps: Sequence[str] = STEPS,
@@ -489,7 +455,6 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
   """Compile one epoch's device steps of `config` for `topo`; nothing is allocated or read. `judge`: the MLLM
   judge's size (see `judge_parts`)."""
   judge_spec = judge_parts(config, judge)
-  from editr1_jax import families
   family_name = config.model.family
   family_cls = families.FAMILIES.get(family_name)
   if family_cls is None:
@@ -553,7 +518,10 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
 
   distinct = math.ceil(config.data.groups_per_epoch / chunk)  # one encoding per distinct record and instruction
   if "text" in steps:
-    fn, args = family_cls.abstract_text_step(config, modules, chunk, mesh, rules)
+    try:
+      fn, args = family_cls.abstract_text_step(config, modules, chunk, mesh, rules)
+    except ValueError as e:
+      raise PlanError(str(e)) from None
     codec_step("text", "text encoding", fn, args, distinct, sum(v for k, v in encoders.items() if k != "VAE"))
   vae_def, vae_state = modules["VAE"]
   if "encode" in steps:
@@ -583,7 +551,6 @@ def plan_epoch(config, topo: Topology, *, layers: tuple[int, int] | None = None,
                math.ceil(n_rollouts / chunk), encoders["VAE"])
 
   if "judge" in steps and judge_spec is not None:
-    from editr1_jax.reward import mllm
     cfg, image_cfg = judge_spec
     width = math.prod(mesh.shape[a] for a in mllm._mesh_axes(rules, "batch"))
     rows = -(-config.reward.batch_size // width) * width

@@ -14,7 +14,6 @@ import numpy as np
 
 from editr1_jax import chunks, metrics, preemption, sampling
 from editr1_jax import sharding as shd
-from editr1_jax.families.base import host_rows
 
 _LOG = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ def generate(sampler: Sampler, states, cond, keys: np.ndarray, *, grid: tuple[in
   parts = list(chunks.padded_chunks(len(keys), chunk))
   for idx, real in tqdm(parts, desc=desc, disable=desc is None, leave=False):
     preemption.check("before a rollout chunk")
-    rows = shd.put_tree(host_rows(cond, axes, idx), axes, family.mesh, family.rules)
+    rows = shd.put_tree(shd.host_rows(cond, axes, idx), axes, family.mesh, family.rules)
     row_keys = jax.random.wrap_key_data(shd.put_rows(keys[idx], family.mesh, family.rules))
     row_noise = None if noise is None else shd.put_rows(np.asarray(noise, np.float32)[idx], family.mesh, family.rules)
     x0 = sampler(states, rows, row_keys, sigmas, grid=grid, solver=solver, noise=row_noise)
@@ -96,7 +95,7 @@ def collect(family, sampler: Sampler, states, records: list[dict], keys: np.ndar
   grid = family.grid(resolution, resolution)
   cond = family.condition(sources, [by_id[i]["prompt"] for i in ids], grid=grid, guidance=guidance)
   where = np.array([ids.index(r["id"]) for r in records])
-  cond = host_rows(cond, family.condition_axes(cond), where)
+  cond = shd.host_rows(cond, family.condition_axes(cond), where)
   x0, edits, sigmas = generate(sampler, states, cond, keys, grid=grid, num_steps=num_steps, solver=solver,
                                chunk=chunk, desc=desc)
   return Rollouts(x0=x0, edits=edits, sources=sources[where], cond=cond, sigmas=sigmas)

@@ -169,6 +169,28 @@ def put_tree(tree, axes_tree, mesh: Mesh | None, rules=DEFAULT_RULES):
   return treedef.unflatten([put_rows(x, mesh, rules, a) for x, a in zip(leaves, axes)])
 
 
+def _per_row(axes) -> bool:
+  return bool(axes) and axes[0] == "batch"
+
+
+def _map_rows(fn, tree, axes_tree):
+  """fn on the per-row leaves of `tree` (first logical axis "batch"), shared leaves unchanged."""
+  leaves, treedef = jax.tree.flatten(tree)
+  leaf_axes = treedef.flatten_up_to(axes_tree)
+  return treedef.unflatten([fn(x) if _per_row(a) else x for x, a in zip(leaves, leaf_axes)])
+
+
+def tile_rows(tree, axes_tree, n: int):
+  """The tree's rows repeated n times (the shared leaves as they are)."""
+  return _map_rows(lambda x: jnp.concatenate([x] * n, axis=0), tree, axes_tree)
+
+
+def host_rows(tree, axes_tree, indices):
+  """The rows `indices` of a host tree (a family's condition), as host arrays."""
+  indices = np.asarray(indices)
+  return _map_rows(lambda x: np.asarray(x)[indices], tree, axes_tree)
+
+
 def batch_width(mesh: Mesh | None) -> int:
   """How many ways a batch's rows split: data x fsdp (1 without a mesh)."""
   return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]

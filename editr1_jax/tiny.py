@@ -249,15 +249,11 @@ def tiny_judge_config(folder: str = os.path.join(ASSETS, "judge"), **runtime) ->
                              vision_end_token_id=ids["<|vision_end|>"])
 
 
-def tiny_judge(seed: int, batch_size: int, *, template_file: str | None = None, mesh=None, rules=shd.DEFAULT_RULES,
-               offload: bool = False, attention_impl: str = "auto"):
-  """The MLLM reward with a random tiny Qwen2.5-VL: every code path of the real judge, meaningless scores."""
-  from editr1_jax.reward.mllm import MllmJudge
-  folder = os.path.join(ASSETS, "judge")
-  cfg = tiny_judge_config(folder, attention_impl=attention_impl)
-  model = _placed(qwen2_5_vl.Qwen25VL(cfg, rngs=nnx.Rngs(seed + 4)), mesh, rules)
-  return MllmJudge(folder, template_file=template_file, mesh=mesh, rules=rules, batch_size=batch_size, model=model,
-                   offload=offload)
+def tiny_judge_model(seed: int, *, mesh=None, rules=shd.DEFAULT_RULES,
+                     attention_impl: str = "auto") -> qwen2_5_vl.Qwen25VL:
+  """The MLLM judge's random tiny Qwen2.5-VL (`reward.mllm.MllmJudge.tiny` reads it with the shipped tokenizer)."""
+  cfg = tiny_judge_config(attention_impl=attention_impl)
+  return _placed(qwen2_5_vl.Qwen25VL(cfg, rngs=nnx.Rngs(seed + 4)), mesh, rules)
 
 
 def _storage(runtime: dict) -> dict:

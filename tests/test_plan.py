@@ -186,12 +186,13 @@ def test_an_offloaded_judge_leaves_the_other_steps(tiny_plan):
 def test_judge_parts(tmp_path):
   import json
   from editr1_jax.models import qwen2_5_vl
+  from editr1_jax.reward import processor as proc
   config = tiny_config.get_config()
   cfg, image_cfg = planning.judge_parts(config)
   assert cfg.num_hidden_layers == qwen2_5_vl.tiny().num_hidden_layers and image_cfg.max_pixels == 28 * 28 * 16
   big, default_pixels = planning.judge_parts(config, "7b")
   assert big.hidden_size == qwen2_5_vl.qwen2_5_vl_7b().hidden_size
-  assert (default_pixels.min_pixels, default_pixels.max_pixels) == planning.DEFAULT_JUDGE_PIXELS
+  assert (default_pixels.min_pixels, default_pixels.max_pixels) == proc.DEFAULT_PIXELS
   config.reward.tiny = False
   assert planning.judge_parts(config)[0].hidden_size == qwen2_5_vl.qwen2_5_vl_32b().hidden_size
   # A model folder's config.json gives the sizes (no weights there: none are read).

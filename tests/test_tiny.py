@@ -8,6 +8,7 @@ import numpy as np
 from editr1_jax import latents, metrics, tiny
 from editr1_jax.families import kontext
 from editr1_jax.layers import LoraSpec
+from editr1_jax.reward import mllm
 
 
 def _model(path) -> dict:
@@ -47,7 +48,7 @@ def test_tiny_models_fit_together():
   assert velocity.shape == noise.shape and np.isfinite(velocity).all()
   edits = np.asarray(latents.decode_tokens(vae, velocity, 2 * h, 2 * w))
   assert edits.shape == images.shape
-  judge = tiny.tiny_judge(0, batch_size=2)
+  judge = mllm.MllmJudge.tiny(0, batch_size=2)
   result = judge.score(list(metrics.to_uint8(images)), list(metrics.to_uint8(edits)),
                        ["Make the square white."] * 2, ["Only the square changes."] * 2)
   assert result.valid.all() and ((result.scores >= 0) & (result.scores <= 1)).all()

@@ -53,11 +53,11 @@ from editr1_jax import chunks, latents, metrics, rollouts, sampling, tiny
 from editr1_jax import weights as wio
 from editr1_jax.demo import world
 from editr1_jax.export import save_transformer
-from editr1_jax.families.base import host_rows
 from editr1_jax.families.kontext import Kontext
 from editr1_jax.models import autoencoder, clip, flux, qwen2_5_vl, t5
 from editr1_jax.reward import processor as proc
 from editr1_jax.reward.mllm import MllmJudge
+from editr1_jax.sharding import host_rows
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
 DIFFUSERS_VERSION, TRANSFORMERS_VERSION = "0.42.1", "5.23.0"

@@ -15,6 +15,7 @@ without an (N, N) mask. Rotary, norm statistics and softmax run in float32.
 
 import dataclasses
 import itertools
+import math
 import os
 
 import flax.struct
@@ -423,6 +424,35 @@ def place_batch(batch: Batch, mesh, rules=shd.DEFAULT_RULES) -> Batch:
   return Batch(input_ids=put(batch.input_ids), attention_mask=put(batch.attention_mask),
                position_ids=put(batch.position_ids, (None, "batch")), pixel_values=put(batch.pixel_values),
                vision=put(batch.vision, ()))
+
+
+def abstract_batch(cfg: Qwen25VLConfig, image_cfg, rows: int, size: tuple[int, int], images: int, text: int,
+                   length: int, mesh, rules=shd.DEFAULT_RULES, *, left_pad: bool) -> Batch:
+  """An abstract `Batch` placed as `place_batch` places it, for ahead-of-time compilation: `rows` rows of `length`
+  tokens, `text` tokens (vision markers included) and `images` images of `size` pixels (already resized by the
+  processor whose `ImageProcessorConfig` is `image_cfg`) each, padded on the left or the right. Only the token ids
+  and the vision layout are made on the host; pixel values are abstract."""
+  if (image_cfg.patch_size, image_cfg.merge_size, image_cfg.temporal_patch_size) != (
+      cfg.vision.patch_size, cfg.vision.spatial_merge_size, cfg.vision.temporal_patch_size):
+    raise ValueError("the Qwen2.5-VL's preprocessor_config.json and config.json disagree on the patch sizes")
+  grid = (1, size[0] // image_cfg.patch_size, size[1] // image_cfg.patch_size)
+  filler = cfg.image_token_id + 1 if cfg.image_token_id + 1 < cfg.vocab_size else 0
+  image = [cfg.vision_start_token_id] + [cfg.image_token_id] * image_cfg.num_tokens(grid) + [cfg.vision_end_token_id]
+  row = [filler] * (text - 2 * images) + image * images
+  if len(row) > length:
+    raise ValueError(f"{len(row)} tokens ({images} image(s) of {size[0]}x{size[1]} pixels and text) exceed {length}")
+  at = slice(length - len(row), length) if left_pad else slice(0, len(row))
+  ids = np.zeros((rows, length), np.int32)
+  ids[:, at] = row
+  mask = np.zeros((rows, length), bool)
+  mask[:, at] = True
+  patches = jax.ShapeDtypeStruct((images * rows * math.prod(grid), cfg.vision.patch_dim), jnp.float32)
+  host = prepare_batch(ids, mask, patches, np.asarray([grid] * (images * rows)), cfg)
+  rows_of = lambda x, axes=("batch",): jax.tree.map(
+      lambda a: shd.abstract_rows(np.shape(a), a.dtype, mesh, rules, axes), x)
+  return rows_of(host, ()).replace(input_ids=rows_of(host.input_ids), attention_mask=rows_of(host.attention_mask),
+                                   position_ids=rows_of(host.position_ids, (None, "batch")),
+                                   pixel_values=rows_of(host.pixel_values))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -137,6 +137,16 @@ class MllmJudge:
       self._state = jax.device_put(self._state, jax.tree.map(lambda s: s.with_memory_kind("pinned_host"),
                                                              self._on_device))
 
+  @classmethod
+  def tiny(cls, seed: int, batch_size: int, *, template_file: str | None = None, mesh=None, rules=shd.DEFAULT_RULES,
+           offload: bool = False, attention_impl: str = "auto") -> "MllmJudge":
+    """A random tiny Qwen2.5-VL drawn from `seed` with the shipped tiny tokenizer: every code path of the real
+    judge, meaningless scores."""
+    from editr1_jax import tiny  # every tiny model's code: loaded only when one is asked for
+    model = tiny.tiny_judge_model(seed, mesh=mesh, rules=rules, attention_impl=attention_impl)
+    return cls(os.path.join(tiny.ASSETS, "judge"), template_file=template_file, mesh=mesh, rules=rules,
+               batch_size=batch_size, model=model, offload=offload)
+
   @property
   def memory_kinds(self) -> set[str]:
     """Where the weights are now (one memory kind per leaf)."""
@@ -229,9 +239,8 @@ def build_mllm(config, mesh=None, rules=None) -> MllmReward:
   rules = shd.DEFAULT_RULES if rules is None else rules
   template_file = config.reward.template_file or None
   if config.reward.tiny:
-    from editr1_jax import tiny
-    judge = tiny.tiny_judge(config.seed, config.reward.batch_size, template_file=template_file, mesh=mesh, rules=rules,
-                            offload=config.reward.offload, attention_impl=config.model.attention_impl)
+    judge = MllmJudge.tiny(config.seed, config.reward.batch_size, template_file=template_file, mesh=mesh, rules=rules,
+                           offload=config.reward.offload, attention_impl=config.model.attention_impl)
   else:
     judge = MllmJudge(config.reward.model_dir, template_file=template_file, dtype=config.reward.dtype, mesh=mesh,
                       rules=rules, batch_size=config.reward.batch_size, offload=config.reward.offload,

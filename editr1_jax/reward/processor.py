@@ -25,6 +25,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOKEN = "<|image_pad|>"
 MAX_ASPECT_RATIO = 200
+# Qwen2.5-VL's preprocessor_config.json bounds (min_pixels 56 x 56, max_pixels 28 x 28 x 16384): for sizing its
+# inputs without a folder (planning).
+DEFAULT_PIXELS = (56 * 56, 28 * 28 * 16384)
 
 
 class ProcessorError(ValueError):
@@ -59,6 +62,10 @@ class ImageProcessorConfig:
   def num_tokens(self, grid_thw: Sequence[int]) -> int:
     """LLM tokens of one image: one per merge_size x merge_size patches."""
     return int(np.prod(grid_thw)) // self.merge_size**2
+
+  def resized(self, height: int, width: int) -> tuple[int, int]:
+    """The (height, width) in pixels this processor resizes a `height` x `width` image to (`smart_resize`)."""
+    return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
   @classmethod
   def from_folder(cls, folder: str, name: str = "preprocessor_config.json") -> "ImageProcessorConfig":
@@ -165,7 +172,7 @@ def read_image(path: str) -> Image.Image:
 def preprocess_image(image, cfg: ImageProcessorConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
   """One still image -> (patches (gh*gw, 3*T*P*P) float32, grid (1, gh, gw))."""
   rgb = to_rgb(image)
-  height, width = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+  height, width = cfg.resized(rgb.height, rgb.width)
   resized = np.asarray(rgb.resize((width, height), resample=cfg.resample))  # uint8 (H, W, 3)
   pixels = (resized.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
   pixels = (pixels - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
