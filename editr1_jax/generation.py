@@ -9,6 +9,11 @@ first EOS: its later tokens are `pad_token_id` (fed back, as transformers' `gene
 M-RoPE: the k-th generated token of a row sits at position max(prompt positions) + 1 + k on all three
 axes. That is transformers' cached forward: the text position (valid tokens + k) plus the row's
 rope_deltas (max + 1 - valid tokens) from the prefill's `get_rope_index`.
+
+Buckets (`chat_batch(..., buckets=q)`): every shape of the batch is rounded up to one of q sizes per octave
+(`bucket`), so that prompts of many lengths and image sizes share a few compiles: the prompts are left-padded further,
+blank patches appended to the packed images in groups of their own (their features are never scattered into the
+prompt), and the vision tower's windows and frames padded with such groups. A real token sees what it saw unpadded.
 """
 
 import functools
@@ -117,11 +122,12 @@ def _generate(graphdef, state, batch: qv.Batch, keys, *, max_new_tokens, eos_tok
 
 
 # --------------------------------------------------------------------------------------------------
-def chat_batch(chat: proc.ChatFormatter, prompts: Sequence[tuple], cfg: qv.Qwen25VLConfig,
-               pad_id: int = 0) -> qv.Batch:
+def chat_batch(chat: proc.ChatFormatter, prompts: Sequence[tuple], cfg: qv.Qwen25VLConfig, pad_id: int = 0,
+               buckets: int | None = None) -> qv.Batch:
   """One user turn per prompt, (images, text) or (images, text, text_first): its images in order, then its text
-  (or the text first), in the folder's chat template; the token rows left-padded to one length. Images are PIL
-  images or uint8 (H, W, 3) arrays."""
+  (or the text first), in the folder's chat template; the token rows left-padded to one length, the longest row's or,
+  with `buckets`, its bucket (and the images' shapes bucketed too: module docstring). Images are PIL images or uint8
+  (H, W, 3) arrays."""
   rows, pixels, grids = [], [], []
   for i, (images, text, *order) in enumerate(prompts):
     try:
@@ -131,8 +137,57 @@ def chat_batch(chat: proc.ChatFormatter, prompts: Sequence[tuple], cfg: qv.Qwen2
       raise proc.ProcessorError(f"prompt {i} ({text!r:.60}): {e}") from e
     pixels.append(pixel_values)
     grids.append(grid)
-  input_ids, mask, _ = proc.pad_left(rows, pad_id=pad_id)
-  return qv.prepare_batch(input_ids, mask, np.concatenate(pixels), np.concatenate(grids), cfg)
+  length = None if buckets is None else bucket(max(len(r) for r in rows), buckets)
+  input_ids, mask, _ = proc.pad_left(rows, length, pad_id=pad_id)
+  batch = qv.prepare_batch(input_ids, mask, np.concatenate(pixels), np.concatenate(grids), cfg)
+  return batch if buckets is None else _pad_images(batch, buckets, cfg.vision)
+
+
+def bucket(n: int, per_octave: int) -> int:
+  """n rounded up to a multiple of 2^floor(log2 n) / per_octave: per_octave sizes per octave, less than 1 / per_octave
+  of the size wasted."""
+  if per_octave < 1:
+    raise ValueError(f"buckets per octave must be at least 1, got {per_octave}")
+  step = max(1, (1 << (n.bit_length() - 1)) // per_octave)
+  return -(-n // step) * step
+
+
+def _pad_images(batch: qv.Batch, per_octave: int, vcfg: qv.VisionConfig) -> qv.Batch:
+  """The packed patches bucketed in merged units: blank units appended in window order, in windows (full-sized) and
+  frames (of the bucketed frame size) of their own; empty windows fill the window count."""
+  layout, unit = batch.vision, vcfg.merge_unit
+  n = batch.pixel_values.shape[0]
+  total = bucket(n // unit, per_octave) * unit
+  window = vcfg.window_units**2 * unit
+  frame = bucket(layout.frames.index.shape[1] // unit, per_octave) * unit
+  blank = total - n
+  extra = lambda size: max(1, -(-blank // size))  # groups of blank units, at least one: no bucket edge at blank 0
+  # At least twice the windows the units fill whole: images with sides of 2.5 windows or more (270 pixels for 112-pixel
+  # windows) hardly ever need more, so the count follows the units' bucket instead of adding a dimension of buckets.
+  count = max(bucket(len(layout.windows.index) + extra(window), per_octave), 2 * total // window)
+  windows = _pad_groups(layout.windows, n, total, window, count)
+  frames = _pad_groups(layout.frames, n, total, frame, len(layout.frames.index) + extra(frame))
+  units = np.arange(n // unit, total // unit, dtype=np.int32)
+  vision = layout.replace(window_index=np.concatenate([layout.window_index, units]),
+                          reverse_index=np.concatenate([layout.reverse_index, units]),
+                          rope_positions=np.concatenate([layout.rope_positions, np.zeros((blank, 2), np.int32)]),
+                          windows=windows, frames=frames)
+  pixel_values = np.concatenate([batch.pixel_values, np.zeros((blank, vcfg.patch_dim), batch.pixel_values.dtype)])
+  return batch.replace(pixel_values=pixel_values, vision=vision)
+
+
+def _pad_groups(groups: qv.Groups, n: int, total: int, size: int, count: int) -> qv.Groups:
+  """(G, S) groups of tokens [0, n) -> (count, size) groups of tokens [0, total): the tokens from n on in groups of
+  `size` after the real ones, then empty groups (no valid key: what they compute is never read back)."""
+  rows, width = groups.index.shape
+  index, valid = np.zeros((count, size), np.int32), np.zeros((count, size), bool)
+  index[:rows] = groups.index[:, :1]  # padding repeats a group's first token, as `groups_from_lengths`
+  index[:rows, :width], valid[:rows, :width] = groups.index, groups.valid
+  extra = np.arange(total - n)
+  at_row, at_col = rows + extra // size, extra % size
+  index[at_row, at_col], valid[at_row, at_col] = n + extra, True
+  inverse = np.concatenate([groups.inverse // width * size + groups.inverse % width, at_row * size + at_col])
+  return qv.Groups(index, valid, inverse.astype(np.int32))
 
 
 def stop_tokens(folder: str) -> tuple[tuple[int, ...], int]:

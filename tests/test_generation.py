@@ -91,14 +91,15 @@ def test_greedy_equals_transformers(ours, greedy):
 def test_splash_kernel_generates_the_same(folder, chat, greedy):
   """The prefill (causal, left-padded, a static offset) and every cached step (one query over the filled positions,
   a traced offset) through the splash kernel (interpret mode), on the 8-device mesh (the kernel under shard_map):
-  transformers' ids, logits within the same bound."""
+  transformers' ids, logits within the same bound; bucketed too (vision groups with no valid key among them)."""
   batch, eos, _, ref_ids, ref_logits = greedy
   mesh = shd.make_mesh((2, 2, 2))
   model = qv.load_qwen2_5_vl(folder, attention_impl="splash", mesh=mesh)
-  out = gen.generate(model, batch, max_new_tokens=N, eos_token_ids=[eos], return_logits=True, mesh=mesh)
-  np.testing.assert_array_equal(out.token_ids, ref_ids)
-  errors = [max_rel_err(out.logits[:, k], ref_logits[:, k]) for k in range(N)]
-  assert max(errors) <= STEP_BOUND, errors
+  for given in (batch, gen.chat_batch(chat, prompts(), model.cfg, buckets=2)):
+    out = gen.generate(model, given, max_new_tokens=N, eos_token_ids=[eos], return_logits=True, mesh=mesh)
+    np.testing.assert_array_equal(out.token_ids, ref_ids)
+    errors = [max_rel_err(out.logits[:, k], ref_logits[:, k]) for k in range(N)]
+    assert max(errors) <= STEP_BOUND, errors
 
 def test_sharded_equals_single_device(folder, chat, greedy):
   """Rows (a, b, b, a) over data x fsdp of a (2, 2, 2) mesh, parameters FSDP/tensor-sharded, under remat: the
@@ -114,6 +115,33 @@ def test_sharded_equals_single_device(folder, chat, greedy):
   np.testing.assert_array_equal(out.token_ids, np.asarray(single.token_ids)[order])
   np.testing.assert_array_equal(out.lengths, np.asarray(single.lengths)[order])
   assert max_rel_err(out.logits, np.asarray(single.logits)[order]) <= STEP_BOUND  # rounding only: 4.4e-7
+
+
+def test_bucket_rule():
+  """per_octave sizes per octave, less than 1 / per_octave wasted."""
+  ns = [1, 3, 4, 5, 9, 128, 129, 161, 3000, 4097]
+  assert [gen.bucket(n, 4) for n in ns] == [1, 3, 4, 5, 10, 128, 160, 192, 3072, 5120]
+  assert [gen.bucket(n, 1) for n in ns] == [1, 4, 4, 8, 16, 128, 256, 256, 4096, 8192]
+  assert all(n <= gen.bucket(n, q) < n * (1 + 1 / q) for n in range(1, 5000) for q in (1, 2, 4, 8))
+  with pytest.raises(ValueError, match="at least 1"):
+    gen.bucket(5, 0)
+
+
+@pytest.mark.parametrize("per_octave", [1, 2, 4])
+def test_bucketed_batch_generates_the_same(ours, chat, greedy, per_octave):
+  """Prompts left-padded to their bucket, blank patches appended, windows (partial ones widened) and frames padded
+  with groups of their own: the unpadded batch's tokens, its logits up to rounding."""
+  batch, eos, out, _, _ = greedy
+  padded = gen.chat_batch(chat, prompts(), ours.cfg, buckets=per_octave)
+  shapes = lambda b: (b.input_ids.shape[1], len(b.pixel_values), b.vision.windows.index.shape,
+                      b.vision.frames.index.shape)
+  assert shapes(batch) == (89, 144, (7, 48), (4, 60))  # windows of 12 units at most: widened to the full 16
+  assert shapes(padded) == {1: (128, 256, (16, 64), (6, 64)), 2: (96, 192, (8, 64), (5, 64)),
+                            4: (96, 160, (8, 64), (5, 64))}[per_octave]
+  got = gen.generate(ours, padded, max_new_tokens=N, eos_token_ids=[eos], return_logits=True)
+  np.testing.assert_array_equal(got.token_ids, out.token_ids)
+  np.testing.assert_array_equal(got.lengths, out.lengths)
+  assert max_rel_err(got.logits, out.logits) <= STEP_BOUND
 
 
 def test_sampling(ours, chat, greedy):
