@@ -34,8 +34,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_benchmark = ""
   c.eval_benchmark_dir = ""  # the release folder (a held-out subset)
   c.eval_benchmark_prompts = ""  # the benchmark's judge prompts (default: found in eval_benchmark_dir)
+  c.eval_benchmark_items = ""  # ImgEdit: its items file, either layout (default: found in eval_benchmark_dir)
   c.eval_judge_dir = ""  # the judge: a Qwen2.5-VL folder
   c.eval_judge_max_new_tokens = 512
+  # The judge's image pixel bounds (0: its folder's preprocessor_config.json; ImgEdit-Judge: 1016064 / 1354752).
+  c.eval_judge_min_pixels = 0
+  c.eval_judge_max_pixels = 0
   c.log_images_every = 1  # epochs; TensorBoard image grid of the first groups (0: never)
   c.max_nonfinite_updates = 3  # consecutive refused (non-finite) updates before the run stops
   c.max_invalid_reward_epochs = 3  # consecutive epochs without one valid reward before the run stops
@@ -52,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.family = "kontext"  # the base model's family (editr1_jax.families.FAMILIES)
   c.model.preset = ""  # "" reads pipeline_dir; "tiny" builds the family's small random models in code
   c.model.pipeline_dir = ""
+  # Qwen-Image-Edit only: the release, "2509" or "2511" (its transformer's zero_cond_t). "" takes pipeline_dir's own;
+  # the tiny preset and a plan without a folder then build 2509. A named release is checked against the folder.
+  c.model.release = ""
   c.model.dtype = "bfloat16"  # compute dtype of the transformer, VAE and text encoders
   c.model.param_dtype = "bfloat16"  # storage dtype of the frozen base weights
   c.model.adapter_dtype = "float32"  # adapters, EMA, old policy and optimizer state

@@ -60,7 +60,7 @@ class BenchmarkEval:
     self.config, self.run, self.mesh, self.rules = config, run, mesh, rules
     try:
       self.task = run.make_task(config.eval_benchmark, config.eval_benchmark_dir,
-                                config.eval_benchmark_prompts or None)
+                                config.eval_benchmark_prompts or None, config.eval_benchmark_items or None)
     except run.BenchError as e:
       raise ValueError(f"config.eval_benchmark_dir: {e}") from e
     self.folder = paths.join(workdir, "eval", config.eval_benchmark)
@@ -84,11 +84,16 @@ class BenchmarkEval:
     from editr1_jax.bench.judge import QwenJudge
     judge = QwenJudge(config.eval_judge_dir, max_new_tokens=config.eval_judge_max_new_tokens,
                       batch_size=config.reward.batch_size, dtype=config.reward.dtype, mesh=self.mesh, rules=self.rules,
-                      attention_impl=config.model.attention_impl)
+                      attention_impl=config.model.attention_impl, min_pixels=config.eval_judge_min_pixels or None,
+                      max_pixels=config.eval_judge_max_pixels or None)
     results = run.judge_items(self.task, judge, edits_dir, paths.join(out, run.RESULTS),
                               batch_size=config.reward.batch_size)
+    settings = {"judge": {**judge.settings, "folder": paths.absolute(config.eval_judge_dir)},
+                "editor": {"epoch": epoch, "weights": "ema", "steps": config.rollout.eval_steps,
+                           "guidance": config.rollout.eval_guidance, "sampler": config.rollout.eval_sampler,
+                           "seed": config.seed, "resolution": config.data.resolution}}
     del judge
-    report = run.write_summary(self.task, results.values(), out)
+    report = run.write_summary(self.task, results.values(), out, settings=settings)
     scores = {}
     for subset, summary in report["summaries"].items():
       prefix = f"eval/{config.eval_benchmark}/{subset}"

@@ -18,6 +18,7 @@ DTYPES = ("float32", "bfloat16")
 CHOICES = {
     "eval_accuracy": ("",) + tuple(evaluation.ACCURACIES),
     "model.preset": ("", "tiny"),
+    "model.release": ("", "2509", "2511"),
     "model.remat": flux.REMAT_POLICIES,
     "model.attention_impl": attention.IMPLEMENTATIONS,
     "model.dtype": DTYPES,
@@ -77,6 +78,7 @@ RANGES = {
     "seed": _ints(0), "num_epochs": _ints(1), "checkpoint_every": _ints(1), "keep_checkpoints": _ints(1),
     "eval_every": _ints(0), "eval_samples": _ints(-1), "log_images_every": _ints(0),
     "max_nonfinite_updates": _ints(1), "max_invalid_reward_epochs": _ints(1), "eval_judge_max_new_tokens": _ints(1),
+    "eval_judge_min_pixels": _ints(0), "eval_judge_max_pixels": _ints(0),
     "data.groups_per_epoch": _ints(1), "data.group_size": _ints(2), "data.resolution": _ints(16),
     "data.t5_max_length": _ints(1), "data.text_max_length": Range(1, 1024, integer=True),
     "data.prompt_cache_entries": _ints(1),
@@ -95,7 +97,8 @@ RANGES = {
 # batching of pure inference calls, where the data copy lives, the mesh the state is restored into). The
 # dataset's content is checked by its fingerprint, not by its path.
 RESUME_SAFE = ("num_epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "eval_benchmark",
-               "eval_benchmark_dir", "eval_benchmark_prompts", "eval_accuracy", "eval_judge_dir", "eval_judge_max_new_tokens",
+               "eval_benchmark_dir", "eval_benchmark_prompts", "eval_benchmark_items", "eval_accuracy", "eval_judge_dir",
+               "eval_judge_max_new_tokens", "eval_judge_min_pixels", "eval_judge_max_pixels",
                "eval_before_training", "log_images_every", "max_nonfinite_updates", "max_invalid_reward_epochs",
                "resume_accept", "rollout.eval_steps", "rollout.eval_guidance", "rollout.eval_sampler",
                "reward.batch_size", "data.tfds_dir", "data.prompt_cache_entries", "data.dataset_dir",
@@ -143,6 +146,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
     raise ConfigError("config.nft.timestep_fraction * config.rollout.num_steps must leave at least one training "
                       "timestep")
   family = families.family_class(config.model.family)
+  if config.model.release and config.model.release not in getattr(family, "releases", ()):
+    raise ConfigError(f"config.model.release = {config.model.release!r}: the {config.model.family} family has no "
+                      "releases to choose from (leave it '')")
   try:
     family.check_config(config)
     if not config.optim.full_finetune:
@@ -165,6 +171,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_pro
     _require_dir(config, "eval_judge_dir")
     if config.eval_benchmark_prompts:
       _check_path(config, "eval_benchmark_prompts", "any")
+    if config.eval_benchmark_items:
+      if config.eval_benchmark != "imgedit":
+        raise ConfigError("config.eval_benchmark_items: only ImgEdit takes an items file")
+      _check_path(config, "eval_benchmark_items", "file")
+    low, high = config.eval_judge_min_pixels, config.eval_judge_max_pixels
+    if low and high and low > high:
+      raise ConfigError(f"config.eval_judge_min_pixels = {low} exceeds config.eval_judge_max_pixels = {high}")
   rollouts = config.data.groups_per_epoch * config.data.group_size
   if rollouts % num_processes:
     raise ConfigError(f"config.data.groups_per_epoch * config.data.group_size = {rollouts} rollouts do not divide "

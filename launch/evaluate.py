@@ -4,10 +4,15 @@
       --judge=QWEN_DIR --out=OUT [--prompts=DIR_OR_FILE] [--compare=OTHER_OUT] [--edits=DIR]
 
 --data is the benchmark's release as distributed (GEdit-Bench: its Parquet or Arrow files; ImgEdit: the
-unpacked Benchmark/singleturn/ with singleturn.json); --prompts the benchmark's own judge prompts (default:
-looked for in --data). --edits judges edits made elsewhere (any editor: <item>.png as OUT/edits/ lays them
-out) instead of sampling. Writes OUT/edits/, OUT/results.jsonl, OUT/summary.json, OUT/summary.md and
-OUT/gallery/<category>.png; with --compare, both runs side by side. Run it again to continue a killed run.
+unpacked Benchmark/singleturn/ with its images, and singleturn.json or the GitHub repository's basic_edit.json);
+--items names ImgEdit's items file (either layout) when it is elsewhere; --prompts the benchmark's own judge
+prompts (default: looked for in --data, then beside --items). --edits judges edits made elsewhere (any editor:
+<item>.png as OUT/edits/ lays them out) instead of sampling. Writes OUT/edits/, OUT/results.jsonl,
+OUT/summary.json (with how the items were judged), OUT/summary.md, OUT/gallery/<category>.png and the judged
+items in the benchmark's own per-item format under OUT/upstream/ (GEdit-Bench: the CSVs its
+calculate_statistics.py reads, --save_path=OUT/upstream/gedit --backbone=qwen25vl; ImgEdit: result.json for its
+step1_get_avgscore.py). --compare puts another run beside this one: its OUT, or such upstream files from
+elsewhere (a published model's). Run it again to continue a killed run.
 Sampling settings default to the family's `benchmark_sampling`, the settings the benchmark reproductions use
 (Kontext: 28 Euler steps, guidance 3.5, its resolution rule). Every path flag takes a local path or a gs:// URL
 (OUT in a bucket: results.jsonl is rewritten whole after each judged batch).
@@ -21,7 +26,9 @@ from editr1_jax import paths
 
 flags.DEFINE_enum("benchmark", None, ["gedit", "imgedit"], "Which benchmark protocol.")
 flags.DEFINE_string("data", None, "The benchmark's release folder.")
-flags.DEFINE_string("prompts", None, "The benchmark's judge prompts (default: found in --data).")
+flags.DEFINE_string("prompts", None, "The benchmark's judge prompts (default: found in --data, or beside --items).")
+flags.DEFINE_string("items", None, "ImgEdit: the items file (singleturn.json or basic_edit.json; default: found in "
+                    "--data).")
 flags.DEFINE_string("model", None, "The editor's pipeline folder (diffusers layout); not needed with --edits.")
 flags.DEFINE_string("family", None, "The editor's model family (default: read from --model's model_index.json; "
                     "kontext with --edits).")
@@ -30,7 +37,14 @@ flags.DEFINE_float("lora_alpha", None, "LoRA alpha, only for a file without rank
 flags.DEFINE_string("edits", None, "Judge the edits in this folder instead of sampling (<item>.png).")
 flags.DEFINE_string("judge", None, "The judge: a Qwen2.5-VL folder (transformers layout).")
 flags.DEFINE_string("out", None, "Output folder (reused: what it holds is not computed again).")
-flags.DEFINE_string("compare", None, "Another evaluation's OUT, put side by side with this one.")
+flags.DEFINE_string("compare", None, "Another run put side by side with this one: an evaluation's OUT, or the "
+                    "benchmark's upstream per-item files (GEdit-Bench CSVs: a file or a folder; ImgEdit result.json).")
+flags.DEFINE_string("model_name", None, "The model's name in the upstream per-item files (GEdit-Bench: "
+                    "<model_name>_<task type>_gpt_score.csv; default: --model's or --edits' folder name).")
+flags.DEFINE_integer("judge_min_pixels", None, "The judge's image processor min_pixels (default: its folder's "
+                     "preprocessor_config.json; ImgEdit-Judge recommends 1016064).")
+flags.DEFINE_integer("judge_max_pixels", None, "The judge's image processor max_pixels (default: its folder's "
+                     "preprocessor_config.json; ImgEdit-Judge recommends 1354752).")
 flags.DEFINE_string("reward_model", None, "Also report our training reward (a Qwen2.5-VL folder's logit-expectation "
                     "score) beside the benchmark's judge.")
 flags.DEFINE_integer("steps", None, "Sampling steps (default: the family's `benchmark_sampling`).")
@@ -49,7 +63,7 @@ FLAGS = flags.FLAGS
 
 def _check_flags() -> None:
   """Every flag before anything is loaded; exits with one line naming the flag."""
-  for name in ("data", "prompts", "model", "lora", "edits", "judge", "out", "compare", "reward_model"):
+  for name in ("data", "prompts", "items", "model", "lora", "edits", "judge", "out", "compare", "reward_model"):
     if FLAGS[name].value is not None:
       try:  # an unsupported URL scheme, a bucket that is not there
         paths.check_bucket(FLAGS[name].value, f"--{name}")
@@ -65,8 +79,13 @@ def _check_flags() -> None:
   need_dir("data")
   need_dir("judge")
   need_dir("edits", required=False)
-  need_dir("compare", required=False)
   need_dir("reward_model", required=False)
+  if FLAGS.compare is not None and not paths.exists(FLAGS.compare):
+    sys.exit(f"error: --compare: {FLAGS.compare} not found")
+  if FLAGS.items is not None and not paths.isfile(FLAGS.items):
+    sys.exit(f"error: --items: {FLAGS.items} is not a file")
+  if FLAGS.items is not None and FLAGS.benchmark != "imgedit":
+    sys.exit("error: --items: only ImgEdit takes an items file (GEdit-Bench's items are its --data files)")
   if FLAGS.edits is None:
     need_dir("model")
   if FLAGS.lora is not None and not paths.isfile(FLAGS.lora):
@@ -86,11 +105,23 @@ def _check_flags() -> None:
   for name, value in families.family_class(FLAGS.family).benchmark_sampling.items():
     if FLAGS[name].value is None:
       FLAGS[name].value = value
-  for name, low in (("steps", 1), ("batch_size", 1), ("max_new_tokens", 1)):
-    if FLAGS[name].value < low:
+  for name, low in (("steps", 1), ("batch_size", 1), ("max_new_tokens", 1), ("judge_min_pixels", 1),
+                    ("judge_max_pixels", 1)):
+    if FLAGS[name].value is not None and FLAGS[name].value < low:
       sys.exit(f"error: --{name} must be at least {low}, got {FLAGS[name].value}")
   if FLAGS.guidance < 0:
     sys.exit(f"error: --guidance must be >= 0, got {FLAGS.guidance}")
+  if FLAGS.judge_min_pixels is not None or FLAGS.judge_max_pixels is not None:  # against the folder's where one is unset
+    from editr1_jax.reward import processor
+    try:
+      folder = processor.ImageProcessorConfig.from_folder(FLAGS.judge)
+    except (ValueError, OSError) as e:
+      sys.exit(f"error: --judge: {e}")
+    low = folder.min_pixels if FLAGS.judge_min_pixels is None else FLAGS.judge_min_pixels
+    high = folder.max_pixels if FLAGS.judge_max_pixels is None else FLAGS.judge_max_pixels
+    if low > high:
+      sys.exit(f"error: --judge_min_pixels / --judge_max_pixels: min {low} exceeds max {high} (given, or the judge "
+               "folder's preprocessor_config.json)")
 
 
 def main(argv):
@@ -107,7 +138,9 @@ def main(argv):
   from editr1_jax.bench import BenchError, run
   mesh = shd.make_mesh((-1, 1, 1))  # data-parallel over every device: a batch's rows split where they divide
   try:
-    task = run.make_task(FLAGS.benchmark, FLAGS.data, FLAGS.prompts)
+    task = run.make_task(FLAGS.benchmark, FLAGS.data, FLAGS.prompts, FLAGS.items)
+    if FLAGS.compare is not None:  # refused now, not after hours of sampling and judging
+      run.read_other(task, FLAGS.compare)
   except BenchError as e:
     sys.exit(f"error: {e}")
   edits_dir = paths.join(FLAGS.out, run.EDITS)
@@ -138,10 +171,15 @@ def main(argv):
     gc.collect()  # the editor leaves before the judge comes
   from editr1_jax.bench.judge import QwenJudge
   judge = QwenJudge(FLAGS.judge, max_new_tokens=FLAGS.max_new_tokens, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
-                    mesh=mesh)
+                    mesh=mesh, min_pixels=FLAGS.judge_min_pixels, max_pixels=FLAGS.judge_max_pixels)
   with tqdm(total=len(task.items), desc="judging", unit="item") as bar:
     results = run.judge_items(task, judge, edits_dir, paths.join(FLAGS.out, run.RESULTS),
                               batch_size=FLAGS.batch_size, progress=bar.update)
+  settings = {"judge": {**judge.settings, "folder": paths.absolute(FLAGS.judge)},
+         "editor": {"edits": paths.absolute(FLAGS.edits)} if FLAGS.edits is not None else
+         {"model": paths.absolute(FLAGS.model), "family": FLAGS.family, "lora": FLAGS.lora, "steps": FLAGS.steps,
+          "guidance": FLAGS.guidance, "sampler": FLAGS.sampler, "seed": FLAGS.seed, "auto_resize": FLAGS.auto_resize,
+          "dtype": FLAGS.dtype}}
   del judge
   gc.collect()
   reward = None
@@ -150,8 +188,11 @@ def main(argv):
     scorer = MllmJudge(FLAGS.reward_model, dtype=FLAGS.dtype, mesh=mesh, batch_size=FLAGS.batch_size)
     rows = run.reward_items(task, scorer, edits_dir, paths.join(FLAGS.out, run.REWARD), batch_size=FLAGS.batch_size)
     reward = run.reward_summary(rows.values())
-  run.write_summary(task, results.values(), FLAGS.out, FLAGS.compare, reward)
+  run.write_summary(task, results.values(), FLAGS.out, FLAGS.compare, reward, settings)
   run.write_gallery(task, results, FLAGS.out, FLAGS.compare)
+  from editr1_jax.bench import interop
+  interop.write(FLAGS.benchmark, results.values(), task.items, FLAGS.out,
+                model=FLAGS.model_name or interop.model_name(FLAGS.model, FLAGS.edits), edits_dir=edits_dir)
   print(paths.read_text(paths.join(FLAGS.out, "summary.md")))
 
 

@@ -6,13 +6,14 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from editr1_jax.bench import BenchError, aggregate, base, gedit, imgedit, mini, parsing
+from editr1_jax.bench import BenchError, aggregate, base, gedit, imgedit, mini, parsing, run
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,33 @@ def test_imgedit_reader_on_the_mini_benchmark(bench):
   assert imgedit.read(os.path.dirname(os.path.dirname(bench.imgedit))) == items
 
 
+def test_imgedit_reads_both_release_layouts(bench, tmp_path):
+  """The GitHub layout (`basic_edit.json` + `prompts.json`, images from the tarball) gives the tarball's items and
+  prompts, named on the command line or found in a folder; a folder with neither is refused, naming both names."""
+  items, prompts = imgedit.read(bench.imgedit), imgedit.load_prompts(bench.imgedit)
+  github_items = os.path.join(bench.imgedit_github, "basic_edit.json")
+  assert imgedit.read(bench.imgedit, github_items) == items  # "alter" read as "adjust"
+  github = imgedit.load_prompts(bench.imgedit_github)
+  assert github.source.endswith("prompts.json") and github.by_type == prompts.by_type
+  task = run.make_task("imgedit", bench.imgedit, items=github_items)  # prompts found beside the items file
+  assert task.items == items and task.prompts.by_type == prompts.by_type
+  # A folder holding the GitHub files and the images: found on their own.
+  alone = tmp_path / "github"
+  shutil.copytree(bench.imgedit, alone, ignore=shutil.ignore_patterns("*.json"))
+  for name in ("basic_edit.json", "prompts.json"):
+    shutil.copy(os.path.join(bench.imgedit_github, name), alone / name)
+  assert [i.instruction for i in imgedit.read(alone)] == [i.instruction for i in items]
+  assert run.make_task("imgedit", str(alone)).prompts.by_type == prompts.by_type
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(BenchError, match=r"no ImgEdit items file: looked for singleturn\.json or basic_edit\.json in "
+                                       r"\., singleturn/, Benchmark/singleturn/, Basic/, Benchmark/Basic/"):
+    imgedit.read(tmp_path / "empty")
+  with pytest.raises(BenchError, match=r"no ImgEdit judge prompts: looked for judge_prompt\.json or prompts\.json"):
+    imgedit.load_prompts(tmp_path / "empty")
+  with pytest.raises(BenchError, match="only ImgEdit takes one"):
+    run.make_task("gedit", bench.gedit, bench.gedit_prompts, items=github_items)
+
+
 def _imgedit_folder(tmp_path, entries: dict, image="animal/1.png"):
   root = tmp_path / "singleturn"
   (root / "animal").mkdir(parents=True, exist_ok=True)
@@ -119,7 +147,7 @@ def _imgedit_folder(tmp_path, entries: dict, image="animal/1.png"):
 
 
 def test_imgedit_reader_refuses_other_layouts(tmp_path):
-  with pytest.raises(BenchError, match=r"singleturn\.json: not found"):
+  with pytest.raises(BenchError, match=r"no ImgEdit items file"):
     imgedit.read(tmp_path)
   root = _imgedit_folder(tmp_path, {"7": {"id": "animal/1.png", "prompt": "Add a hat."}})
   with pytest.raises(BenchError, match=r"item '7': missing field\(s\) \['edit_type'\]"):
@@ -178,7 +206,7 @@ def test_mini_benchmark_written_into_a_bucket(gcs, tmp_path):
   assert [i.instruction for i in imgedit.read(url.imgedit)] == [i.instruction for i in imgedit.read(here.imgedit)]
   with pytest.raises(BenchError, match=r"gs://editr1-test/.*/none: GEdit-Bench folder not found"):
     gedit.read(gcs.url("none"))
-  with pytest.raises(BenchError, match=r"gs://editr1-test/.*/none/singleturn\.json: not found"):
+  with pytest.raises(BenchError, match=r"gs://editr1-test/.*/none: no ImgEdit items file"):
     imgedit.read(gcs.url("none"))
 
 
@@ -241,7 +269,7 @@ def test_imgedit_prompts_and_query(bench, tmp_path):
   path.write_text(json.dumps({**data, "style": "no placeholder"}))
   with pytest.raises(BenchError, match="prompt 'style' must be a string holding the placeholder <edit_prompt>"):
     imgedit.load_prompts(path)
-  with pytest.raises(BenchError, match=r"judge_prompt\.json: not found"):
+  with pytest.raises(BenchError, match=r"no ImgEdit judge prompts"):
     imgedit.load_prompts(tmp_path / "nowhere")
 
 
@@ -372,6 +400,17 @@ def test_gedit_summary_by_hand():
   # With the benchmark's 11 task types, nine have no item: no overall.
   full = gedit.summarize(_gedit_results())["en"]
   assert len(full.missing) == 9 and full.overall["O"] is None
+
+
+def test_gedit_reports_both_tables_per_language():
+  """What `launch/evaluate.py` and training report: per language every item, then the Intersection_exist items."""
+  tables = gedit.summaries(_gedit_results())
+  assert list(tables) == ["en", "en_intersection", "cn", "cn_intersection"]
+  for language in ("en", "cn"):
+    assert tables[language] == gedit.summarize(_gedit_results(), languages=[language])[language]
+    inter = gedit.summarize(_gedit_results(), languages=[language], intersection_only=True)[language]
+    assert tables[f"{language}_intersection"] == inter and inter.subset == f"{language}, intersection"
+  assert tables["en_intersection"].n == 2 < tables["en"].n
 
 
 def _imgedit_results():

@@ -50,7 +50,9 @@ CASES = {  # script: (its valid flags, [(flag, bad value, the error's start)])
                      "--out": "{missing}"},
                     [("--data", "{missing}", "error: --data: {missing} is not a folder"),
                      ("--out", "gs://no-such-bucket/out", f"error: --out gs://no-such-bucket/out: {NO_BUCKET}"),
-                     ("--judge", "s3://b/judge", f"error: --judge s3://b/judge: {S3}")]),
+                     ("--judge", "s3://b/judge", f"error: --judge s3://b/judge: {S3}"),
+                     ("--items", "{missing}.json", "error: --items: {missing}.json is not a file"),
+                     ("--compare", "{missing}", "error: --compare: {missing} not found")]),
 }
 
 

@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import re
 
 import pytest
 
@@ -12,9 +13,29 @@ def _load(name):
   return importlib.import_module(f"configs.{name}").get_config()
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_qwen_image_edit"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_qwen_image_edit", "tiny_qwen_image_edit_2511"])
 def test_tiny_config_validates(name):
   run_config.validate(_load(name), num_devices=8)
+
+
+def test_qwen_image_edit_2511_is_the_2509_run_on_2511(tmp_path):
+  """Every setting the 2509 run's but the release, which a 2509 folder refuses (read from its transformer's
+  config.json before any weight) and a Kontext run has none of."""
+  c, old = _load("qwen_image_edit_2511"), _load("qwen_image_edit")
+  assert c.model.release == "2511" and old.model.release == ""
+  c.model.release = ""
+  assert c.to_dict() == old.to_dict()
+  tiny = _load("tiny_qwen_image_edit_2511")
+  tiny.model.preset, tiny.model.pipeline_dir = "", str(tmp_path)
+  (tmp_path / "transformer").mkdir()
+  (tmp_path / "transformer" / "config.json").write_text('{"_class_name": "QwenImageTransformer2DModel"}')
+  with pytest.raises(run_config.ConfigError, match=r"config.model.release = '2511', but config.model.pipeline_dir "
+                                                   r"holds Qwen-Image-Edit-2509"):
+    run_config.validate(tiny, num_devices=8)
+  kontext = _load("tiny")
+  kontext.model.release = "2511"
+  with pytest.raises(run_config.ConfigError, match=r"config.model.release = '2511': the kontext family has no "):
+    run_config.validate(kontext, num_devices=8)
 
 
 def test_qwen_image_edit_config_is_the_public_run():
@@ -190,3 +211,14 @@ def test_paths_may_be_bucket_urls(gcs):
       run_config.validate(bad, num_devices=8)
     assert str(e.value).startswith(f"config.{field} = {value!r}: {message}"), str(e.value)
     assert "\n" not in str(e.value) and len(str(e.value)) < 200
+  c.eval_benchmark, c.eval_benchmark_items = "imgedit", template  # ImgEdit's items file: any file is checked
+  run_config.validate(c, num_devices=8)
+  for field, value, message in [
+      ("eval_benchmark_items", gcs.url("basic_edit.json"), "config.eval_benchmark_items = "),
+      ("eval_judge_min_pixels", 20000, "config.eval_judge_min_pixels = 20000 exceeds config.eval_judge_max_pixels"),
+      ("eval_benchmark", "gedit", "config.eval_benchmark_items: only ImgEdit takes an items file"),
+  ]:
+    bad = c.copy_and_resolve_references()
+    bad[field], bad.eval_judge_max_pixels = value, 10000
+    with pytest.raises(run_config.ConfigError, match="^" + re.escape(message)):
+      run_config.validate(bad, num_devices=8)

@@ -242,33 +242,51 @@ def test_launch_edit_refuses_bad_arguments_before_loading(tmp_path, replace, err
 
 @pytest.mark.parametrize("benchmark,items,subset", [("imgedit", 9, "all"), ("gedit", 22, "en")])
 def test_launch_evaluate_samples_judges_and_resumes(folder, qwen_reference, tmp_path, benchmark, items, subset):
-  """launch/evaluate.py end to end on a mini-benchmark (one item per category; GEdit in two languages) with the
-  tiny editor and a tiny judge (its random answers are unparseable: counted, never scored); a second run reuses
-  every edit and judgment."""
+  """launch/evaluate.py end to end on a mini-benchmark (one item per category; GEdit in two languages, ImgEdit in its
+  GitHub layout: --items names basic_edit.json, its prompts.json found beside it) with the tiny editor and a tiny
+  judge (its random answers are unparseable: counted, never scored); a second run reuses every edit and judgment and
+  compares with the first run's upstream per-item files."""
   import subprocess
   import sys
 
-  from editr1_jax.bench import mini
-  mini.write(str(tmp_path / "mini"), per_category=1)
+  from editr1_jax.bench import interop, mini
+  bench = mini.write(str(tmp_path / "mini"), per_category=1)
   out = tmp_path / "out"
-  command = [sys.executable, "launch/evaluate.py", f"--benchmark={benchmark}", f"--data={tmp_path / 'mini' / benchmark}",
-             f"--prompts={tmp_path / 'mini' / (benchmark + '_prompts' if benchmark == 'gedit' else 'imgedit')}",
+  where = ([f"--data={bench.gedit}", f"--prompts={bench.gedit_prompts}"] if benchmark == "gedit" else
+           [f"--data={bench.imgedit}", f"--items={os.path.join(bench.imgedit_github, 'basic_edit.json')}"])
+  command = [sys.executable, "launch/evaluate.py", f"--benchmark={benchmark}", *where,
              f"--model={folder[0]}", f"--judge={qwen_reference[1]}", f"--out={out}", "--steps=2", "--batch_size=3",
-             "--max_new_tokens=4", "--dtype=float32", "--noauto_resize", f"--reward_model={qwen_reference[1]}"]
+             "--max_new_tokens=4", "--dtype=float32", "--noauto_resize", f"--reward_model={qwen_reference[1]}",
+             "--judge_max_pixels=6272"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   first = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
   results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
   edits = [os.path.join(d, f) for d, _, fs in os.walk(out / "edits") for f in fs]
   assert len(results) == len(edits) == items
-  summary = json.loads((out / "summary.json").read_text())["summaries"][subset]
+  report = json.loads((out / "summary.json").read_text())
+  summary = report["summaries"][subset]
   assert summary["n_unparseable"] == sum(not r["parsed"] for r in results if r["language"] == subset or
                                          subset == "all")
-  reward = json.loads((out / "summary.json").read_text())["reward"]  # our logit score beside the judge's
+  if benchmark == "gedit":  # both of GEdit-Bench's tables per language, in the file and on the console
+    assert list(report["summaries"]) == ["en", "en_intersection", "cn", "cn_intersection"]
+    assert "(en, intersection)" in first.stdout and "(cn, intersection)" in first.stdout
+    upstream = [str(out / "upstream" / "gedit" / "qwen25vl" / "eval_results_new" / f"{os.path.basename(folder[0])}_"
+                    f"{t}_gpt_score.csv") for t in ("color_alter", "tone_transfer")]
+  else:
+    upstream = [interop.imgedit_file(str(out))]
+    assert len(json.loads(open(upstream[0]).read())) == items  # every answer, the unparseable ones too
+  assert all(os.path.isfile(p) for p in upstream)
+  judged = report["settings"]["judge"]  # how it was judged
+  assert judged["folder"] == str(qwen_reference[1]) and judged["max_pixels"] == 6272
+  assert judged["max_new_tokens"] == 4 and report["settings"]["editor"]["steps"] == 2
+  reward = report["reward"]  # our logit score beside the judge's
   assert sum(c["n"] for c in reward["categories"].values()) == items and 0 <= reward["overall"] <= 1
   stamps = {p: os.stat(p).st_mtime_ns for p in edits}
-  second = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+  compare = interop.gedit_folder(str(out)) if benchmark == "gedit" else upstream[0]
+  second = subprocess.run(command + [f"--compare={compare}"], cwd=root, capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]
   assert {p: os.stat(p).st_mtime_ns for p in edits} == stamps
   assert (out / "results.jsonl").read_text().count("\n") == items
-  assert json.loads((out / "summary.json").read_text())["summaries"][subset] == summary
+  again = json.loads((out / "summary.json").read_text())
+  assert again["summaries"][subset] == summary and again["compare"]["other"] == compare

@@ -375,6 +375,17 @@ def summarize(results: Iterable[ItemResult | Mapping], *, languages: Sequence[st
   return out
 
 
+def summaries(results: Iterable[ItemResult | Mapping], languages: Sequence[str] | None = None
+              ) -> dict[str, aggregate.Summary]:
+  """Both of GEdit-Bench's tables per language, as its `calculate_statistics.py` computes them: every item ("en"),
+  then the Intersection_exist items ("en_intersection"). `languages`: as `summarize`."""
+  results = as_results(results)
+  full = summarize(results, languages=languages)
+  inter = summarize(results, languages=list(full), intersection_only=True)
+  return {key: table for language in full
+          for key, table in ((language, full[language]), (f"{language}_{INTERSECTION}", inter[language]))}
+
+
 def release_info(folder: str | os.PathLike) -> dict:
   """Counts per language and task type (a check that a copy is complete: the release has 606 items per
   language)."""

@@ -1,12 +1,15 @@
 """ImgEdit-Bench, Basic (single-turn) suite: the release reader, the judge prompts read from the user's copy, the
 judge query per item, an item's result and the summary.
 
-The release (Hugging Face dataset sysuyy/ImgEdit, `Benchmark.tar` -> `Benchmark/singleturn/`):
-- `singleturn.json`: {key: {"id": image path relative to the folder, "prompt": instruction, "edit_type": type}};
-- `judge_prompt.json`: {edit type: judge prompt}, each with the placeholder "<edit_prompt>";
-- the images in sub-folders (animal/, architecture/, clothes/, compose/, daily object/, for_add/, human/,
-  style/, transport/).
-Edits are expected as `<key>.png`.
+The suite ships in two layouts, read alike:
+- the Hugging Face dataset (sysuyy/ImgEdit, `Benchmark.tar` -> `Benchmark/singleturn/`): `singleturn.json`, the
+  items, and `judge_prompt.json`, the judge prompts, beside the images;
+- the GitHub repository (PKU-YuanGroup/ImgEdit, `Benchmark/Basic/`): `basic_edit.json`, the items, and the judge
+  prompts as `prompts.json` (its scripts' `--prompts_json`); the images come from the tarball (`--origin_img_root`).
+Items: {key: {"id": image path relative to the image folder, "prompt": instruction, "edit_type": type}}; prompts:
+{edit type: judge prompt}, each with the placeholder "<edit_prompt>"; the images in sub-folders (animal/,
+architecture/, clothes/, compose/, daily object/, for_add/, human/, style/, transport/). `read` and `load_prompts`
+take the files by name or find them in a folder. Edits are expected as `<key>.png`.
 
 Protocol (ImgEdit `Benchmark/Basic/basic_bench.py`, `step1_get_avgscore.py`, `step2_typescore.py`): the prompt of the
 item's edit type with "<edit_prompt>" replaced by the instruction, then [original, edited] (text first); the answer
@@ -36,9 +39,14 @@ LABELS = {"compose": "hybrid (compose)"}
 ALIASES = {"alter": "adjust"}  # the name of "adjust" in an early basic_edit.json of the ImgEdit repository
 METRICS = ("score",)
 SCORE_RANGE = (1.0, 5.0)
-ITEMS_FILE = "singleturn.json"
+ITEMS_FILE = "singleturn.json"  # the Hugging Face tarball's names
 PROMPTS_FILE = "judge_prompt.json"
-FOLDER_PLACES = (".", "singleturn", "Benchmark/singleturn")
+GITHUB_ITEMS_FILE = "basic_edit.json"  # the GitHub repository's names
+GITHUB_PROMPTS_FILE = "prompts.json"
+ITEMS_FILES = (ITEMS_FILE, GITHUB_ITEMS_FILE)
+PROMPTS_FILES = (PROMPTS_FILE, GITHUB_PROMPTS_FILE)
+FOLDER_PLACES = (".", "singleturn", "Benchmark/singleturn", "Basic", "Benchmark/Basic")
+IMAGE_PLACES = (".", "singleturn", "Benchmark/singleturn")  # where the images may sit below --data
 PLACEHOLDER = "<edit_prompt>"
 REQUIRED_FIELDS = ("id", "prompt", "edit_type")
 # The criterion names of each type's answer format in the release's judge_prompt.json (names only: they are how
@@ -73,15 +81,18 @@ class Item:
     return f"{self.key}.png"
 
 
-def find_folder(folder: str | os.PathLike, name: str = ITEMS_FILE) -> str:
-  """The release's `singleturn` folder: `folder` itself, or its `singleturn/` or `Benchmark/singleturn/`."""
+def find_file(folder: str | os.PathLike, names: Sequence[str], what: str) -> str:
+  """The first of `names` in `folder` or one of its FOLDER_PLACES (place by place); the error names every name and
+  place looked at."""
   folder = os.fspath(folder)
   for place in FOLDER_PLACES:
-    root = paths.normpath(paths.join(folder, place))
-    if paths.isfile(paths.join(root, name)):
-      return root
-  raise BenchError(f"{paths.join(folder, name)}: not found (expected the ImgEdit release's Benchmark/singleturn "
-                   f"folder: {ITEMS_FILE}, {PROMPTS_FILE} and the image folders)")
+    for name in names:
+      path = paths.normpath(paths.join(folder, place, name))
+      if paths.isfile(path):
+        return path
+  raise BenchError(f"{folder}: no ImgEdit {what}: looked for {' or '.join(names)} in "
+                   f"{', '.join(p if p == '.' else p + '/' for p in FOLDER_PLACES)} (name the file itself to use "
+                   "another)")
 
 
 def _load_json(path: str):
@@ -93,16 +104,25 @@ def _load_json(path: str):
     raise BenchError(f"{path}: not UTF-8: {e}") from e
 
 
-def read(folder: str | os.PathLike, items_file: str = ITEMS_FILE) -> list[Item]:
+def read(folder: str | os.PathLike, items: str | os.PathLike | None = None) -> list[Item]:
   """The Basic suite's items, in the file's order, validated: each entry has "id", "prompt" and a known
-  "edit_type", and its image exists inside the folder (an error names the file, the key and the field)."""
-  root = find_folder(folder, items_file)
-  path = paths.join(root, items_file)
+  "edit_type", and its image exists inside the image folder (an error names the file, the key and the field).
+
+  `items`: the items file (either layout); default: found in `folder` (`find_file`). Images are looked for where
+  the first item's image is: `folder`, its singleturn/ or Benchmark/singleturn/, or the items file's folder."""
+  folder = os.fspath(folder)
+  path = os.fspath(items) if items is not None else find_file(folder, ITEMS_FILES, "items file")
+  if not paths.isfile(path):
+    raise BenchError(f"{path}: items file not found")
   data = _load_json(path)
-  isfile = file_check(root)
   if not isinstance(data, dict) or not data:
     raise BenchError(f"{path}: expected a non-empty JSON object of items keyed by id")
-  items = []
+  first = next(iter(data.values()))
+  roots = [paths.normpath(paths.join(folder, p)) for p in IMAGE_PLACES] + [paths.dirname(path)]
+  root = next((r for r in roots if isinstance(first, dict) and isinstance(first.get("id"), str)
+               and paths.isfile(paths.join(r, first["id"]))), paths.dirname(path) if items is None else folder)
+  isfile = file_check(root)
+  out = []
   for key, entry in data.items():
     where = f"{path}: item {key!r}"
     if not isinstance(entry, dict):
@@ -121,8 +141,8 @@ def read(folder: str | os.PathLike, items_file: str = ITEMS_FILE) -> list[Item]:
       raise BenchError(f"{where}: image {entry['id']!r} leaves the benchmark folder")
     if not isfile(image_path):
       raise BenchError(f"{where}: image {image_path} not found")
-    items.append(Item(str(key), entry["id"], image_path, entry["prompt"], edit_type))
-  return items
+    out.append(Item(str(key), entry["id"], image_path, entry["prompt"], edit_type))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,14 +156,16 @@ class Prompts:
 
 
 def load_prompts(path: str | os.PathLike) -> Prompts:
-  """`judge_prompt.json` (the file, or a folder as `find_folder` takes): an object with a prompt for each of the
-  nine edit types, each holding "<edit_prompt>"; an error names the file and the missing or bad key."""
+  """The judge prompts (`judge_prompt.json` or `prompts.json`; the file, or a folder `find_file` searches): an
+  object with a prompt for each of the nine edit types, each holding "<edit_prompt>"; an error names the file and
+  the missing or bad key."""
   path = os.fspath(path)
   if not paths.isfile(path):
-    path = paths.join(find_folder(path, PROMPTS_FILE), PROMPTS_FILE)
+    path = find_file(path, PROMPTS_FILES, "judge prompts")
   data = _load_json(path)
   if not isinstance(data, dict):
     raise BenchError(f"{path}: expected a JSON object {{edit type: prompt}}")
+  data = {ALIASES.get(k, k): v for k, v in data.items()}
   missing = [t for t in EDIT_TYPES if t not in data]
   if missing:
     raise BenchError(f"{path}: no prompt for edit type(s) {missing}")

@@ -7,7 +7,9 @@
 - `gedit_prompts/`: VIEScore-style prompts of our own words, as the generated module `viescore/vie_prompts.py`
   (`gedit_prompts="module"`) or as VIEScore's raw text files `prompts_raw/...` (`gedit_prompts="raw"`);
 - `imgedit/Benchmark/singleturn/`: ImgEdit Basic items (`singleturn.json`), images in sub-folders, and a
-  `judge_prompt.json` of our own words.
+  `judge_prompt.json` of our own words; the same items and prompts in the GitHub repository's layout in
+  `imgedit/Benchmark/Basic/` (`basic_edit.json`, with the repository's early type name "alter" for "adjust", and
+  `prompts.json`).
 `folder` may be a gs:// URL. The prompts only share the releases' structure (variable / file names, placeholders,
 answer formats and criterion names); none of their text. Images are small shapes drawn with PIL from `seed`.
 
@@ -60,6 +62,11 @@ class MiniBenchmark:
   imgedit: str  # the ImgEdit singleturn folder (imgedit.read, imgedit.load_prompts)
   n_gedit: int
   n_imgedit: int
+
+  @property
+  def imgedit_github(self) -> str:
+    """The GitHub layout's folder (`basic_edit.json`, `prompts.json`; the images stay in `imgedit`)."""
+    return paths.join(paths.dirname(self.imgedit), "Basic")
 
 
 def _png(image: Image.Image) -> bytes:
@@ -182,9 +189,13 @@ def _write_imgedit(root: str, rng: np.random.Generator, per_category: int) -> in
       items[str(key)] = {"id": rel, "prompt": template.format(c=COLOURS[(t + j) % len(COLOURS)][0]),
                          "edit_type": edit_type}
       key += 1
+  prompts = json.dumps({t: imgedit_prompt(t) for t in imgedit.EDIT_TYPES}, indent=2, ensure_ascii=False)
   paths.write_text(paths.join(root, imgedit.ITEMS_FILE), json.dumps(items, indent=4, ensure_ascii=False))
-  paths.write_text(paths.join(root, imgedit.PROMPTS_FILE),
-                   json.dumps({t: imgedit_prompt(t) for t in imgedit.EDIT_TYPES}, indent=2, ensure_ascii=False))
+  paths.write_text(paths.join(root, imgedit.PROMPTS_FILE), prompts)
+  github = paths.join(paths.dirname(root), "Basic")
+  renamed = {k: {**v, "edit_type": "alter" if v["edit_type"] == "adjust" else v["edit_type"]} for k, v in items.items()}
+  paths.write_text(paths.join(github, imgedit.GITHUB_ITEMS_FILE), json.dumps(renamed, indent=4, ensure_ascii=False))
+  paths.write_text(paths.join(github, imgedit.GITHUB_PROMPTS_FILE), prompts)
   return len(items)
 
 

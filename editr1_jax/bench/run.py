@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from editr1_jax import images, paths
-from editr1_jax.bench import aggregate, gedit, imgedit
+from editr1_jax.bench import aggregate, gedit, imgedit, interop
 from editr1_jax.bench.base import BenchError, ItemResult, JudgeQuery, as_result, file_check, write_results
 
 _LOG = logging.getLogger(__name__)
@@ -42,7 +42,10 @@ class GEditTask:
 
   name = "gedit"
 
-  def __init__(self, data: str, prompts: str | None = None, languages: Sequence[str] | None = None):
+  def __init__(self, data: str, prompts: str | None = None, items: str | None = None,
+               languages: Sequence[str] | None = None):
+    if items is not None:
+      raise BenchError(f"items file {items}: GEdit-Bench's items are its data files (--data); only ImgEdit takes one")
     self.release = gedit.read(data)
     self.prompts = gedit.load_prompts(prompts or data)
     self.items = [i for i in self.release.items if languages is None or i.language in languages]
@@ -59,8 +62,9 @@ class GEditTask:
   def result(self, item, answers):
     return gedit.judge_item(item, answers["SC"], answers["PQ"])
 
-  def summaries(self, results):
-    return gedit.summarize(results)
+  def summaries(self, results):  # the tables of the items' languages, judged or not (runs compare key by key)
+    found = {i.language for i in self.items}
+    return gedit.summaries(results, [l for l in gedit.LANGUAGES if l in found] + sorted(found - set(gedit.LANGUAGES)))
 
   @staticmethod
   def judged_edit(edited: Image.Image, source: Image.Image) -> Image.Image:
@@ -72,9 +76,14 @@ class ImgEditTask:
 
   name = "imgedit"
 
-  def __init__(self, data: str, prompts: str | None = None):
-    self.items = imgedit.read(data)
-    self.prompts = imgedit.load_prompts(prompts or imgedit.find_folder(data, imgedit.PROMPTS_FILE))
+  def __init__(self, data: str, prompts: str | None = None, items: str | None = None):
+    self.items = imgedit.read(data, items)
+    if prompts is None and items is not None:  # the GitHub layout: prompts.json beside basic_edit.json, or in --data
+      try:
+        prompts = imgedit.find_file(data, imgedit.PROMPTS_FILES, "judge prompts")
+      except BenchError:
+        prompts = paths.dirname(items)
+    self.prompts = imgedit.load_prompts(prompts or data)
 
   def edit_source(self, item):
     return images.load_rgb(item.image_path)
@@ -98,10 +107,10 @@ class ImgEditTask:
 TASKS = {"gedit": GEditTask, "imgedit": ImgEditTask}
 
 
-def make_task(benchmark: str, data: str, prompts: str | None = None) -> Task:
+def make_task(benchmark: str, data: str, prompts: str | None = None, items: str | None = None) -> Task:
   if benchmark not in TASKS:
     raise BenchError(f"benchmark {benchmark!r}: expected one of {sorted(TASKS)}")
-  return TASKS[benchmark](data, prompts)
+  return TASKS[benchmark](data, prompts, items)
 
 
 # ---------------------------------------------------------------------------------------------------------- edits
@@ -198,15 +207,28 @@ def judge_items(task: Task, judge: Judge, edits_dir: str, results_path: str, *, 
 
 
 # -------------------------------------------------------------------------------------------------------- reports
+def read_other(task: Task, path: str) -> dict[str, ItemResult]:
+  """Another run's judged items, by id: our OUT folder (its results.jsonl, never rewritten), or the benchmark's
+  upstream per-item files (`interop`: GEdit's CSVs, a file or a folder; ImgEdit's result.json, or its folder)."""
+  ours = paths.join(path, RESULTS)
+  if not paths.isfile(path) and paths.isfile(ours):
+    return read_done(ours)
+  read = interop.read_gedit(path) if task.name == "gedit" else interop.read_imgedit(path, task.items)
+  return {r.id: r for r in read}
+
+
 def write_summary(task: Task, results: Iterable[ItemResult], out: str, compare_out: str | None = None,
-                  reward: dict | None = None) -> dict:
-  """OUT/summary.json and OUT/summary.md (with another run's results: both and the deltas; with `reward`, our
-  reward's `reward_summary` beside the judge's scores)."""
+                  reward: dict | None = None, settings: dict | None = None) -> dict:
+  """OUT/summary.json and OUT/summary.md (with another run's results, `read_other`: both and the deltas; with
+  `reward`, our reward's `reward_summary` beside the judge's scores; `settings`: how the edits were made and
+  judged)."""
   summaries = task.summaries(list(results))
   report = {"benchmark": task.name, "summaries": {k: s.to_dict() for k, s in summaries.items()}}
+  if settings is not None:
+    report["settings"] = settings
   md = [f"# {task.name}", "", aggregate.to_markdown(summaries)]
   if compare_out:
-    other = task.summaries(list(read_done(paths.join(compare_out, RESULTS)).values()))
+    other = task.summaries(list(read_other(task, compare_out).values()))
     comparison = aggregate.compare(other, summaries)
     report["compare"] = {"other": paths.absolute(compare_out), **{k: c.to_dict() for k, c in comparison.items()}}
     md += ["", f"## against {compare_out}", "", aggregate.comparison_markdown(comparison, names=("other", "this"))]
@@ -234,8 +256,9 @@ def _score_line(result: ItemResult | None) -> str:
 
 def write_gallery(task: Task, results: dict, out: str, compare_out: str | None = None, *, per_category: int = 8,
                   side: int = 192) -> list[str]:
-  """OUT/gallery/<category>.png: rows of source | this run's edit | the other run's edit, each with its scores."""
-  other = read_done(paths.join(compare_out, RESULTS)) if compare_out else {}
+  """OUT/gallery/<category>.png: rows of source | this run's edit | the other run's edit (where it has its edits
+  folder as OUT has; else blank), each with its scores."""
+  other = read_other(task, compare_out) if compare_out else {}
   runs = [(paths.join(out, EDITS), results)] + ([(paths.join(compare_out, EDITS), other)] if compare_out else [])
   present = [file_check(edits) for edits, _ in runs]
   by_category: dict = {}
