@@ -15,6 +15,7 @@ stays in that model's test file.
 """
 
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -283,9 +284,9 @@ QWEN = ModelCase(
 
 # --------------------------------------------------------------------------------------------------
 # Qwen-Image transformer (Qwen-Image-Edit-2509)
-def _qwen_image_reference():
+def _qwen_image_reference(**release):
   from diffusers import QwenImageTransformer2DModel
-  return QwenImageTransformer2DModel()  # diffusers' defaults are the released config
+  return QwenImageTransformer2DModel(**release)  # diffusers' defaults are 2509's released config
 
 
 def _qwen_image_parity(shapes, t):
@@ -303,9 +304,11 @@ QWEN_IMAGE = ModelCase(
     unexpected="transformer_blocks.1.attn.bogus.weight", unexpected_like=None,
     misshaped="transformer_blocks.1.img_mod.1.weight", misshaped_axis=-1,
     misshaped_shapes="checkpoint (192, 31), model expects (192, 32)",
-    full_size=(FullSize(qi.edit_2509, _qwen_image_reference, _state_dict_shapes, n_params=20_430_401_088,
-                        n_tensors=1933,
-                        config=lambda ref: qi.QwenImageConfig.from_diffusers_config(dict(ref.config))),),
+    # 2511 is 2509 with zero_cond_t: the same parameter count, tensor names and shapes
+    full_size=tuple(FullSize(preset, functools.partial(_qwen_image_reference, **release), _state_dict_shapes,
+                             n_params=20_430_401_088, n_tensors=1933,
+                             config=lambda ref: qi.QwenImageConfig.from_diffusers_config(dict(ref.config)))
+                    for preset, release in ((qi.edit_2509, {}), (qi.edit_2511, {"zero_cond_t": True}))),
     # the bounds of both timestep regimes and why they differ: qwen_image_fixtures
     parity=(Parity("one_reference", QWEN_IMAGE_BOUND, _qwen_image_parity(ONE_REFERENCE, QI_EXACT)),
             Parity("two_references", QWEN_IMAGE_BOUND, _qwen_image_parity(TWO_REFERENCES, QI_EXACT)),

@@ -82,7 +82,7 @@ def test_bad_inputs_are_refused_by_name(qwen_image_ours):
       qwen_image_ours(**(inputs | change))
 
 
-@pytest.mark.parametrize("field", ["guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"])
+@pytest.mark.parametrize("field", ["guidance_embeds", "use_additional_t_cond", "use_layer3d_rope"])
 def test_unported_config_features_are_refused(field):
   with pytest.raises(ValueError, match=f"^{field}: true is not supported"):
     qi.QwenImageConfig.from_diffusers_config({**TINY, field: True})

@@ -211,6 +211,32 @@ def test_two_condition_images_equal_pipeline(qwen_edit_pipeline, editor, plain):
   assert max_rel_err(x0, plain["x0"]) > 10 * ROLLOUT_BOUND  # the second image matters, far beyond the bound
 
 
+def test_a_2511_folder_edits_as_the_pipeline_does(qwen_edit_pipeline, plain, tmp_path):  # noqa: F811
+  """Qwen-Image-Edit-2511's folder is 2509's with `zero_cond_t: true` in transformer/config.json: the Editor reads
+  it from the folder (family and release) and its rollout with two condition images equals diffusers' pipeline."""
+  import json
+  import shutil
+  folder = str(tmp_path / "qwen_image_edit_2511")
+  shutil.copytree(qwen_edit_pipeline[0], folder)
+  config_path = os.path.join(folder, "transformer", "config.json")
+  config = json.load(open(config_path))
+  json.dump({**config, "zero_cond_t": True}, open(config_path, "w"))
+  assert families.family_of_folder(folder) == "qwen_image_edit"
+  editor_2511 = pipeline.Editor.from_folder(folder, family="qwen_image_edit", max_sequence_length=MAX_LENGTH)
+  assert editor_2511.family.transformer.cfg.zero_cond_t
+  ref_x0, _, calls = run_reference(reference_pipeline(folder), images(two=True))
+  cond = condition_of(editor_2511.family, images(two=True))
+  graphdef, state = nnx.split(editor_2511.family.transformer)
+  sampler = rollouts.Sampler(editor_2511.family, lambda s: nnx.merge(graphdef, s))
+  x0, _, _ = rollouts.generate(sampler, state, cond, streams.row_keys(0, "edit", 0, 1), grid=GRID, num_steps=STEPS,
+                               solver="euler", chunk=1, noise=noise())
+  err = max_rel_err(x0, ref_x0)
+  print(f"2511, two images: x0 max_rel_err {err:.2e} (bound {ROLLOUT_BOUND:.1e})")
+  assert err <= ROLLOUT_BOUND
+  ref_2509, _, _ = run_reference(qwen_edit_pipeline[1], images(two=True))
+  assert max_rel_err(ref_x0, ref_2509) > 10 * ROLLOUT_BOUND  # the same weights as 2509: zero_cond_t matters
+
+
 def test_true_cfg_equals_pipeline(qwen_edit_pipeline, editor, plain):  # noqa: F811
   ref_x0, ref_images, calls = run_reference(qwen_edit_pipeline[1], images(), cfg=CFG)
   check_condition(condition_of(editor.family, images(), guidance=CFG), calls, plain["sigmas"], [SOURCE])

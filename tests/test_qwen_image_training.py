@@ -1,5 +1,7 @@
-"""The training program on the tiny Qwen-Image-Edit family (configs/tiny_qwen_image_edit.py): a run, an exact resume
-from its checkpoint, the export; the family's condition with several images, its config checks."""
+"""The training program on the tiny Qwen-Image-Edit family, 2509 (configs/tiny_qwen_image_edit.py) and 2511
+(configs/tiny_qwen_image_edit_2511.py, zero_cond_t): a run, an exact resume from its checkpoint, the export (diffusers
+loads the merged 2511 transformer as 2511 and computes our policy); the family's condition with several images, its
+config checks."""
 
 import shutil
 
@@ -15,20 +17,21 @@ from editr1_jax.layers import LoraSpec
 from editr1_jax.models import qwen_image
 
 
-def tiny_config(**overrides):
-  return train_tiny_config("tiny_qwen_image_edit", **overrides)
+def tiny_config(name="tiny_qwen_image_edit", **overrides):
+  return train_tiny_config(name, **overrides)
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny_qwen_image_edit", "tiny_qwen_image_edit_2511"])
+def straight(request, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("qwen_straight"))
-  trainer = train_loop.Trainer(tiny_config(), workdir)
+  trainer = train_loop.Trainer(tiny_config(request.param), workdir)
   trainer.run()
   return trainer, workdir
 
 
 def test_run_trains_the_adapter(straight):
   trainer, _ = straight
+  assert trainer.family.transformer.cfg.zero_cond_t == (trainer.config.model.release == "2511")
   assert trainer.epoch == 4 and int(trainer.state.step) == 4
   assert trainer.checkpoints.all_epochs() == [2, 4]
   assert any(np.abs(np.asarray(p)).max() > 0 for p in lora_b_leaves(trainer.state.params))  # B moved from zero
@@ -38,7 +41,7 @@ def test_resume_is_bit_identical(straight, tmp_path):
   workdir = tmp_path / "resumed"
   shutil.copytree(straight[1], workdir)
   shutil.rmtree(workdir / "checkpoints" / "4")
-  resumed = train_loop.Trainer(tiny_config(), str(workdir))
+  resumed = train_loop.Trainer(straight[0].config, str(workdir))
   assert resumed.epoch == 2
   resumed.run()
   for a, b in zip(_leaves(resumed.state), _leaves(straight[0].state)):
@@ -66,6 +69,14 @@ def test_export_loads_back_and_the_merged_folder_computes_the_policy(straight, t
                 timestep=np.array([0.3, 0.9], np.float32), img_shapes=img_shapes)
   trained = trainer.policy.model(trainer.state.ema_params, trainer.frozen)
   np.testing.assert_allclose(np.asarray(merged(**inputs)), np.asarray(trained(**inputs)), rtol=1e-5, atol=1e-5)
+  # diffusers reads the release from the merged folder and computes the same policy
+  import torch
+  from diffusers import QwenImageTransformer2DModel
+  reference = QwenImageTransformer2DModel.from_pretrained(str(tmp_path / "transformer")).eval()
+  assert reference.config.zero_cond_t == cfg.zero_cond_t == (trainer.config.model.release == "2511")
+  with torch.no_grad():
+    theirs = reference(**{k: v if k == "img_shapes" else torch.from_numpy(v) for k, v in inputs.items()}).sample
+  np.testing.assert_allclose(theirs.numpy(), np.asarray(trained(**inputs)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

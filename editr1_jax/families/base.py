@@ -4,13 +4,13 @@ checkpoints, export) is written once against it.
 
 A condition is a flax struct of arrays whose `logical_axes()` names each field's axes; fields whose
 first axis is "batch" are per-row, the others (position ids) are shared by every row. The row
-helpers below use that, so the NFT step can gather, tile and shard any family's condition.
+helpers of `sharding` (`host_rows`, `tile_rows`, `put_tree`) use that, so the NFT step can gather,
+tile and shard any family's condition.
 """
 
 from typing import Callable, ClassVar, Protocol, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -60,7 +60,7 @@ class Family(Protocol):
   @staticmethod
   def abstract_text_step(config, modules: dict, rows: int, mesh, rules):
     """(jitted prompt encoding, its abstract arguments) on `rows` prompts, for `launch/plan.py`; `modules`:
-    `abstract_encoders`' networks as abstract (graphdef, state) by name."""
+    `abstract_encoders`' networks as abstract (graphdef, state) by name. A `ValueError` says why it cannot be made."""
 
   @staticmethod
   def check_config(config) -> None:
@@ -159,15 +159,16 @@ def runtime(config) -> dict:
               attention_impl=config.model.attention_impl, scan_blocks=config.model.scan_blocks)
 
 
-def family_from_config(cls, config, mesh, rules, *, max_sequence_length: int):
-  """A family class's `from_config`: `config.model.preset` "tiny" (`cls.tiny`, built in code) or "" (`cls.from_folder`
-  on `config.model.pipeline_dir`), with the config's LoRA, dtypes, encoding chunk and prompt cache."""
+def family_from_config(cls, config, mesh, rules, *, max_sequence_length: int, **tiny_kw):
+  """A family class's `from_config`: `config.model.preset` "tiny" (`cls.tiny`, built in code, with `tiny_kw`) or ""
+  (`cls.from_folder` on `config.model.pipeline_dir`), with the config's LoRA, dtypes, encoding chunk and prompt
+  cache."""
   rules = shd.DEFAULT_RULES if rules is None else rules
   kw = dict(lora=lora_spec(config), max_sequence_length=max_sequence_length, mesh=mesh, rules=rules,
             chunk=config.rollout.batch_size * shd.batch_width(mesh),
             prompt_cache_entries=config.data.prompt_cache_entries, **runtime(config))
   if config.model.preset == "tiny":
-    return cls.tiny(config.seed, **kw)
+    return cls.tiny(config.seed, **kw, **tiny_kw)
   return cls.from_folder(config.model.pipeline_dir, lora_weights=config.model.init_lora or None, seed=config.seed,
                          **kw)
 
@@ -181,25 +182,3 @@ def policy_from_config(config, mesh, rules, tiny_builder, loader):
   return loader(config.model.pipeline_dir, lora=lora_spec(config), lora_weights=config.model.init_lora or None,
                 seed=config.seed, **kw)
 
-
-# --------------------------------------------------------------------------------------------------
-def _per_row(axes) -> bool:
-  return bool(axes) and axes[0] == "batch"
-
-
-def _map_rows(fn, cond, axes):
-  """fn on the per-row leaves of `cond`, shared leaves unchanged."""
-  leaves, treedef = jax.tree.flatten(cond)
-  leaf_axes = treedef.flatten_up_to(axes)
-  return treedef.unflatten([fn(x) if _per_row(a) else x for x, a in zip(leaves, leaf_axes)])
-
-
-def tile_rows(cond, axes, n: int):
-  """The condition's rows repeated n times (the shared fields as they are)."""
-  return _map_rows(lambda x: jnp.concatenate([x] * n, axis=0), cond, axes)
-
-
-def host_rows(cond, axes, indices):
-  """The rows `indices` of a host condition, as host arrays."""
-  indices = np.asarray(indices)
-  return _map_rows(lambda x: np.asarray(x)[indices], cond, axes)

@@ -1,4 +1,4 @@
-"""Qwen-Image-Edit-2509 as a model family: the Qwen-Image transformer over [text | target | condition images],
+"""Qwen-Image-Edit (2509, 2511) as a model family: the Qwen-Image transformer over [text | target | condition images],
 the Qwen-Image VAE (per-channel normalised 16-channel latents packed 2x2), Qwen2.5-VL-7B hidden states of the
 pipeline's template around the instruction and the condition images as text conditioning, the folder's schedule
 (dynamic shift with a terminal stretch).
@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from editr1_jax import chunks, latents, metrics, sampling
+from editr1_jax import chunks, latents, metrics, paths, sampling
 from editr1_jax import qwen_image_conditioning as qic
 from editr1_jax import sharding as shd
+from editr1_jax import weights as wio
 from editr1_jax.families.base import family_from_config, lora_spec, policy_from_config, register, \
   scheduler_shift
 from editr1_jax.families.base import runtime as family_runtime
@@ -77,7 +78,7 @@ def velocity(model, z: jax.Array, sigma: jax.Array, cond: QwenImageCondition,
 
   def run(prompt: Prompt, hidden, sigma, adapters):
     return model(hidden_states=hidden, encoder_hidden_states=prompt.embeds, encoder_hidden_states_mask=prompt.mask,
-                 timestep=sigma, positions=positions, adapters=adapters)[:, :n]
+                 timestep=sigma, positions=positions, target_tokens=n, adapters=adapters)[:, :n]
 
   if cond.negative is None:
     return run(cond.prompt, hidden, sigma, adapters)
@@ -94,24 +95,45 @@ def _image_rows(sources) -> list[np.ndarray]:
     sources = [sources]
   sources = [np.asarray(s, np.float32) for s in sources]
   if not 1 <= len(sources) <= qic.MAX_IMAGES:
-    raise ValueError(f"{len(sources)} condition images per row; Qwen-Image-Edit-2509 takes 1 to {qic.MAX_IMAGES}")
+    raise ValueError(f"{len(sources)} condition images per row; Qwen-Image-Edit takes 1 to {qic.MAX_IMAGES}")
   if any(s.ndim != 4 or s.shape[-1] != 3 or len(s) != len(sources[0]) for s in sources):
     raise ValueError(f"condition images must be (n, H, W, 3) arrays with the same n, got "
                      f"{[tuple(s.shape) for s in sources]}")
   return sources
 
 
+# The releases of the line by their transformer's zero_cond_t (diffusers loads both with QwenImageEditPlusPipeline).
+RELEASES = {"2509": False, "2511": True}
+
+
+def folder_release(config) -> str | None:
+  """The release of `config.model.pipeline_dir` from its transformer's config.json; None without one (or with the
+  tiny preset, which reads no folder)."""
+  folder = paths.join(config.model.pipeline_dir, "transformer")
+  if config.model.preset or not config.model.pipeline_dir or not paths.isfile(paths.join(folder, "config.json")):
+    return None
+  return "2511" if wio.read_config(folder).get("zero_cond_t", False) else "2509"
+
+
+def zero_cond_t(config) -> bool:
+  """Whether the run's transformer is 2511's: the folder's release where there is one, else
+  `config.model.release` (2509 by default)."""
+  return RELEASES[folder_release(config) or config.model.release or "2509"]
+
+
 @register("qwen_image_edit")
 class QwenImageEdit:
-  """A Qwen-Image-Edit(-2509) pipeline's transformer, VAE and Qwen2.5-VL encoder, and what the method needs."""
+  """A Qwen-Image-Edit pipeline's transformer, VAE and Qwen2.5-VL encoder, and what the method needs. The release
+  is the folder's (2511: its transformer's zero_cond_t); both load with diffusers' QwenImageEditPlusPipeline."""
 
   name = "qwen_image_edit"
   pipeline_classes = ("QwenImageEditPlusPipeline", "QwenImageEditPipeline")  # model_index.json `_class_name`s
+  releases = tuple(RELEASES)  # config.model.release
   check_lora_targets = staticmethod(qwen_image.check_lora_targets)
   velocity = staticmethod(velocity)
   weight_table, lora_weight_table = qwen_image.QWEN_IMAGE_WEIGHTS, qwen_image.QWEN_IMAGE_LORA_WEIGHTS
   lora_prefixes = qwen_image.LORA_PREFIXES
-  # The model card's sampling: 40 Euler steps, true CFG 4 with the negative prompt " ".
+  # The model cards' sampling, 2509's and 2511's alike: 40 Euler steps, true CFG 4 with the negative prompt " ".
   benchmark_sampling = {"steps": 40, "guidance": 4.0, "sampler": "euler"}
 
   def __init__(self, transformer: qwen_image.QwenImageTransformer, vae: qwen_image_vae.QwenImageVAE,
@@ -157,27 +179,32 @@ class QwenImageEdit:
   @classmethod
   def tiny(cls, seed: int = 0, *, lora: LoraSpec | None = None, max_sequence_length: int = 64, mesh=None,
            rules=shd.DEFAULT_RULES, dtype: str = "float32", param_dtype: str | None = None, remat: str = "none",
-           attention_impl: str = "auto", scan_blocks: bool = True, **kw) -> "QwenImageEdit":
-    """Small random models drawn from `seed`, sized to the shipped tiny Qwen tokenizer; Qwen-Image's schedule."""
+           attention_impl: str = "auto", scan_blocks: bool = True, zero_cond_t: bool = False,
+           **kw) -> "QwenImageEdit":
+    """Small random models drawn from `seed`, sized to the shipped tiny Qwen tokenizer; Qwen-Image's schedule.
+    `zero_cond_t`: the 2511 release's transformer."""
     from editr1_jax import tiny
     transformer = tiny.tiny_qwen_image_transformer(seed, lora, mesh=mesh, rules=rules, dtype=dtype,
                                                    param_dtype=param_dtype, remat=remat, attention_impl=attention_impl,
-                                                   scan_blocks=scan_blocks)
+                                                   scan_blocks=scan_blocks, zero_cond_t=zero_cond_t)
     return cls(transformer, tiny.tiny_qwen_image_vae(seed, mesh=mesh, rules=rules, attention_impl=attention_impl),
                tiny.tiny_qwen_text_encoder(seed, max_sequence_length, mesh=mesh, rules=rules,
                                            attention_impl=attention_impl), mesh=mesh, rules=rules, **kw)
 
   @classmethod
   def from_config(cls, config, mesh=None, rules=None) -> "QwenImageEdit":
-    """`config.model.preset` "tiny" (built in code) or "" (read from `config.model.pipeline_dir`)."""
-    return family_from_config(cls, config, mesh, rules, max_sequence_length=config.data.text_max_length)
+    """`config.model.preset` "tiny" (built in code, of `config.model.release`) or "" (read from
+    `config.model.pipeline_dir`: the folder's release)."""
+    return family_from_config(cls, config, mesh, rules, max_sequence_length=config.data.text_max_length,
+                              zero_cond_t=zero_cond_t(config))
 
   @staticmethod
   def transformer_from_config(config, mesh=None, rules=shd.DEFAULT_RULES):
     """The policy network alone (what an export needs), with the config's LoRA unless fully fine-tuned."""
     from editr1_jax import tiny
-    return policy_from_config(config, mesh, rules, tiny.tiny_qwen_image_transformer,
-                              qwen_image.load_qwen_image_transformer)
+    tiny_builder = functools.partial(tiny.tiny_qwen_image_transformer,
+                                     zero_cond_t=zero_cond_t(config))
+    return policy_from_config(config, mesh, rules, tiny_builder, qwen_image.load_qwen_image_transformer)
 
   @classmethod
   def abstract_parts(cls, config, layers: tuple[int, ...] | None = None):
@@ -186,10 +213,11 @@ class QwenImageEdit:
     sizes or Qwen-Image-Edit-2509's; `layers` (blocks,) overrides the depth. One condition image per row at the
     training resolution, the text at `config.data.text_max_length`."""
     runtime = dict(family_runtime(config), lora=lora_spec(config))
+    runtime["zero_cond_t"] = zero_cond_t(config)
     if config.model.preset == "tiny":
       from editr1_jax import tiny
       cfg, vae, compute = tiny.tiny_qwen_image_config(**runtime), qwen_image_vae.tiny(), "float32"
-    else:
+    else:  # 2509's sizes, which are 2511's too (zero_cond_t is in `runtime`)
       cfg, vae, compute = qwen_image.edit_2509(**runtime), qwen_image_vae.qwen_image(), config.model.dtype
     if layers is not None:
       cfg = cfg.replace(num_layers=layers[0])
@@ -230,27 +258,33 @@ class QwenImageEdit:
     """(jitted prompt encoding, its abstract arguments) for planning: `rows` prompts of the dropped system turn plus
     `config.data.text_max_length` tokens, each with one condition image at the training resolution as Qwen2.5-VL
     sees it (~384 x 384; the processor's default pixel bounds); `modules`: `abstract_encoders`' (graphdef, state)."""
-    from editr1_jax import plan
     graphdef, state = modules["Qwen2.5-VL"]
     cfg = nnx.merge(graphdef, state).cfg
     if config.model.preset == "tiny":
       from editr1_jax import tiny
       image_cfg = proc.ImageProcessorConfig.from_folder(os.path.join(tiny.ASSETS, "judge"))
     else:
-      image_cfg = proc.ImageProcessorConfig(*plan.DEFAULT_JUDGE_PIXELS)
-    size = plan.vl_image_pixels(image_cfg, *qic.vl_image_size(config.data.resolution, config.data.resolution))
+      image_cfg = proc.ImageProcessorConfig(*proc.DEFAULT_PIXELS)
+    size = image_cfg.resized(*qic.vl_image_size(config.data.resolution, config.data.resolution))
     length = qic.TEMPLATE_DROP + config.data.text_max_length
-    batch = plan.vl_batch(cfg, image_cfg, rows, size, 1, qic.TEMPLATE_DROP + 16, length, mesh, rules, left_pad=False)
+    batch = qwen2_5_vl.abstract_batch(cfg, image_cfg, rows, size, 1, qic.TEMPLATE_DROP + 16, length, mesh, rules,
+                                      left_pad=False)
     step = jax.jit(functools.partial(qic.encode_step, graphdef, qic.TEMPLATE_DROP, mesh, rules))
     return step, (state, batch, shd.abstract_rows((rows, config.data.text_max_length), "int32", mesh, rules))
 
   # the family interface ---------------------------------------------------------------------------
   @staticmethod
   def check_config(config) -> None:
-    """The NFT loss trains the conditional velocity, so training rollouts sample without true CFG."""
+    """The NFT loss trains the conditional velocity, so training rollouts sample without true CFG; a named
+    `config.model.release` must be the pipeline folder's."""
     if config.rollout.guidance != 1:
       raise ValueError(f"config.rollout.guidance = {config.rollout.guidance}: Qwen-Image-Edit's guidance is true CFG, "
                        f"which training rollouts do not use (set 1.0; rollout.eval_guidance may use CFG)")
+    if config.model.release:
+      found = folder_release(config)
+      if found is not None and found != config.model.release:
+        raise ValueError(f"config.model.release = {config.model.release!r}, but config.model.pipeline_dir holds "
+                         f"Qwen-Image-Edit-{found} (its transformer/config.json's zero_cond_t)")
 
   @staticmethod
   def condition_axes(cond: QwenImageCondition | None = None) -> QwenImageCondition:

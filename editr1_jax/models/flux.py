@@ -158,9 +158,14 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def _per_token(a: jax.Array) -> jax.Array:
+  """A modulation array over the tokens: one row's (B, D) broadcast to every token, or already (B, L, D)."""
+  return a[:, None] if a.ndim == 2 else a
+
+
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-  """LayerNorm(x) * (1 + scale) + shift, in float32."""
-  y = layer_norm(x) * (1.0 + scale.astype(jnp.float32)[:, None]) + shift.astype(jnp.float32)[:, None]
+  """LayerNorm(x) * (1 + scale) + shift, in float32; shift and scale per row (B, D) or per token (B, L, D)."""
+  y = layer_norm(x) * (1.0 + _per_token(scale.astype(jnp.float32))) + _per_token(shift.astype(jnp.float32))
   return y.astype(dtype)
 
 
@@ -296,16 +301,19 @@ class DoubleStreamBlock(nnx.Module):
                          rope, self.dtype, adapters)
 
 
-def double_stream(attn: Attention, image, text, x, context, temb, rope, dtype, adapters=None, kv_valid=None):
+def double_stream(attn: Attention, image, text, x, context, temb, rope, dtype, adapters=None, kv_valid=None,
+                  image_mods=None):
   """One double-stream (MMDiT) block: `image` and `text` are each stream's (6-way modulation, feed-forward);
-  joint attention, then gated residuals. Shared by FLUX and Qwen-Image, whose blocks differ only in names."""
+  joint attention, then gated residuals. Shared by FLUX and Qwen-Image, whose blocks differ only in names.
+  `image_mods`: the image stream's six modulation arrays when they are not its modulation of `temb` (Qwen-Image's
+  zero_cond_t: per token, (B, L, D))."""
   (mod, ff), (c_mod, c_ff) = image, text
-  shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mod(temb, adapters)
+  shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mod(temb, adapters) if image_mods is None else image_mods
   c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mod(temb, adapters)
   out, c_out = attn(_modulate(x, shift, scale, dtype), rope, _modulate(context, c_shift, c_scale, dtype), adapters,
                     kv_valid)
-  x = x + gate[:, None] * out
-  x = x + gate_mlp[:, None] * ff(_modulate(x, shift_mlp, scale_mlp, dtype), adapters)
+  x = x + _per_token(gate) * out
+  x = x + _per_token(gate_mlp) * ff(_modulate(x, shift_mlp, scale_mlp, dtype), adapters)
   context = context + c_gate[:, None] * c_out
   context = context + c_gate_mlp[:, None] * c_ff(_modulate(context, c_shift_mlp, c_scale_mlp, dtype), adapters)
   return shd.constrain(context, ("batch", "seq", "act_embed")), shd.constrain(x, ("batch", "seq", "act_embed"))

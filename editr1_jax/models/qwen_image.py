@@ -11,6 +11,11 @@ softmax run in float32 whatever the compute dtype.
 Positions: `img_shapes` (diffusers' per-row list of (frame, height, width) triples, every row the same) is host
 data; a jitted step passes `positions=rope_positions(img_shapes, text_length)` instead, two float32 arrays that
 travel as a pytree like any other condition.
+
+`zero_cond_t` (Qwen-Image-Edit-2511): the condition images' tokens are modulated as if at t = 0. Every block's
+image-stream shift / scale / gate come from the embedding of t for the target's tokens and from the embedding of
+t = 0 for every condition image's tokens (diffusers doubles the timestep batch to [t, 0] and selects per token by
+its `modulate_index`); the text stream and the output norm keep t.
 """
 
 import dataclasses
@@ -30,8 +35,8 @@ from editr1_jax.models import flux
 
 DEFAULT_LORA_TARGETS = flux.DEFAULT_LORA_TARGETS  # the same eight attention projections
 REMAT_POLICIES = flux.REMAT_POLICIES  # "flux" keeps q/k/v and the attention output (flux.Attention names them)
-# Features of diffusers' model we do not port: each must stay false.
-_UNPORTED = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
+# Features of diffusers' model we do not port: each must stay false (the last two are Qwen-Image-Layered's).
+_UNPORTED = ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +85,18 @@ class QwenImageConfig(wio.DiffusersConfig):
 
   _CLASS_NAME = "QwenImageTransformer2DModel"
   _DIFFUSERS_KEYS = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
-                     "num_attention_heads", "joint_attention_dim", "axes_dims_rope") + _UNPORTED
+                     "num_attention_heads", "joint_attention_dim", "axes_dims_rope", "zero_cond_t") + _UNPORTED
 
 
 def edit_2509(**runtime) -> QwenImageConfig:
   """Qwen-Image-Edit-2509's transformer (the hub config.json = diffusers' defaults): 20,430,401,088 parameters."""
   return QwenImageConfig(**runtime)
+
+
+def edit_2511(**runtime) -> QwenImageConfig:
+  """Qwen-Image-Edit-2511's transformer: 2509's architecture and tensors (20,430,401,088 parameters, the same names
+  and shapes) with zero_cond_t."""
+  return QwenImageConfig(zero_cond_t=True, **runtime)
 
 
 def tiny(**runtime) -> QwenImageConfig:
@@ -197,9 +208,16 @@ class QwenImageTransformerBlock(nnx.Module):
     self.img_mlp = flux.FeedForward(f, f"{name}.img_mlp")
     self.txt_mlp = flux.FeedForward(f, f"{name}.txt_mlp")
 
-  def __call__(self, x, context, temb, rope, adapters=None, kv_valid=None):
+  def __call__(self, x, context, temb, rope, adapters=None, kv_valid=None, zero_cond=None):
+    """`zero_cond`: (the embedding of t = 0, (B or 1, L_img) bool marking condition-image tokens) with zero_cond_t:
+    those tokens take the image modulation of t = 0, the target's that of `temb`."""
+    image_mods = None
+    if zero_cond is not None:
+      temb_zero, is_cond = zero_cond
+      image_mods = [jnp.where(is_cond[..., None], zero[:, None], now[:, None])
+                    for now, zero in zip(self.img_mod(temb, adapters), self.img_mod(temb_zero, adapters))]
     return flux.double_stream(self.attn, (self.img_mod, self.img_mlp), (self.txt_mod, self.txt_mlp), x, context,
-                              temb, rope, self.dtype, adapters, kv_valid)
+                              temb, rope, self.dtype, adapters, kv_valid, image_mods)
 
 
 class QwenImageTransformer(nnx.Module):
@@ -222,13 +240,15 @@ class QwenImageTransformer(nnx.Module):
       check_lora_targets(cfg.lora.targets, "lora.targets", layers=adapter_layers(self))
 
   def __call__(self, *, hidden_states, encoder_hidden_states, timestep, encoder_hidden_states_mask=None,
-               img_shapes=None, positions=None, adapters: AdapterRows | None = None) -> jax.Array:
+               img_shapes=None, positions=None, target_tokens: int | None = None,
+               adapters: AdapterRows | None = None) -> jax.Array:
     """Mirrors diffusers' forward; returns (B, L_img, patch^2 * out_channels) for all image tokens given.
 
     Exactly one of `img_shapes` (diffusers' per-row (frame, height, width) lists, all rows equal) or
     `positions` (`rope_positions`' (image, text) arrays, (L, 3) shared or (B, L, 3) per row) places the tokens.
     `timestep` is the pipeline's t in [0, 1] (scalar or (B,)); `encoder_hidden_states_mask` (B, L_txt) is
-    nonzero for real text tokens (None: all are).
+    nonzero for real text tokens (None: all are). `target_tokens`: how many leading image tokens are the target's
+    (with zero_cond_t, the rest are condition images'); read from `img_shapes` when given, needed with `positions`.
     """
     cfg = self.cfg
     mask = encoder_hidden_states_mask
@@ -240,7 +260,14 @@ class QwenImageTransformer(nnx.Module):
       positions = rope_positions(img_shapes, n_txt, batch=batch)
       if len(positions[0]) != n_img:
         raise ValueError(f"img_shapes: the images hold {len(positions[0])} tokens, hidden_states has {n_img}")
+      target = int(np.prod(image_shapes(img_shapes, batch)[0]))
+      if target_tokens not in (None, target):
+        raise ValueError(f"target_tokens {target_tokens}: img_shapes' first image holds {target} tokens")
+      target_tokens = target
     _check_positions(positions, batch, n_img, n_txt)
+    if cfg.zero_cond_t and not (isinstance(target_tokens, int) and 0 < target_tokens <= n_img):
+      raise ValueError(f"zero_cond_t: target_tokens must be the target image's token count (1..{n_img}), got "
+                       f"{target_tokens!r}")
 
     t = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (batch,))
     temb = self.time_text_embed(t, adapters)
@@ -254,7 +281,11 @@ class QwenImageTransformer(nnx.Module):
     if mask is not None:  # keys: the text tokens the mask keeps, every image token
       mask = jnp.concatenate([jnp.asarray(mask) != 0, jnp.ones((batch, n_img), bool)], axis=1)
 
-    context, x = flux.run_blocks(self.transformer_blocks, cfg.remat, x, context, temb, rope, adapters, mask)
+    zero_cond = None
+    if cfg.zero_cond_t:
+      zero_cond = (self.time_text_embed(jnp.zeros_like(t), adapters), (jnp.arange(n_img) >= target_tokens)[None])
+    context, x = flux.run_blocks(self.transformer_blocks, cfg.remat, x, context, temb, rope, adapters, mask,
+                                 zero_cond)
     scale, shift = self.norm_out(temb, adapters)
     return self.proj_out(flux._modulate(x, shift, scale, jnp.dtype(cfg.dtype)), adapters)
 
