@@ -74,14 +74,13 @@ def qwen_image_ours(qwen_image_reference):
   return qi.load_qwen_image_transformer(qwen_image_reference[1])
 
 
-@pytest.fixture(scope="session")
-def qwen_image_lora_reference(qwen_image_reference, tmp_path_factory):
-  """(peft model, LoRA file): the same base with a rank-4 adapter on the eight targets (B perturbed so it is not a
-  no-op), saved by QwenImageEditPlusPipeline.save_lora_weights."""
+def write_lora_reference(base_folder: str, out_folder: str):
+  """(peft model, LoRA file): the base in `base_folder` with a rank-4 adapter on the eight targets (B perturbed so
+  it is not a no-op), saved by QwenImageEditPlusPipeline.save_lora_weights under `out_folder`."""
   from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
   from peft import LoraConfig
   from peft.utils import get_peft_model_state_dict
-  model = QwenImageTransformer2DModel.from_pretrained(qwen_image_reference[1]).eval()
+  model = QwenImageTransformer2DModel.from_pretrained(base_folder).eval()
   model.add_adapter(LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, init_lora_weights="gaussian",
                                target_modules=list(LORA.targets)))
   g = torch.Generator().manual_seed(1)
@@ -89,6 +88,11 @@ def qwen_image_lora_reference(qwen_image_reference, tmp_path_factory):
     for name, p in model.named_parameters():
       if "lora_" in name:
         p.add_(0.2 * torch.randn(p.shape, generator=g))
-  folder = str(tmp_path_factory.mktemp("qwen_image_lora"))
-  QwenImageEditPlusPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model))
-  return model, os.path.join(folder, "pytorch_lora_weights.safetensors")
+  QwenImageEditPlusPipeline.save_lora_weights(out_folder, transformer_lora_layers=get_peft_model_state_dict(model))
+  return model, os.path.join(out_folder, "pytorch_lora_weights.safetensors")
+
+
+@pytest.fixture(scope="session")
+def qwen_image_lora_reference(qwen_image_reference, tmp_path_factory):
+  """`write_lora_reference` on the tiny base."""
+  return write_lora_reference(qwen_image_reference[1], str(tmp_path_factory.mktemp("qwen_image_lora")))

@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 from helpers import max_rel_err, perturb_
 from qwen_image_fixtures import (EXACT, LORA, ONE_REFERENCE, QWEN_IMAGE_BOUND, QWEN_IMAGE_REAL_BOUND, REAL, TINY,
-                                 TWO_REFERENCES, make_inputs, torch_forward)
+                                 TWO_REFERENCES, make_inputs, torch_forward, write_lora_reference)
 
 from editr1_jax.models import qwen_image as qi
 
@@ -32,21 +32,8 @@ def reference_2511(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_2511(reference_2511, tmp_path_factory):
-  """(peft model, LoRA file) on the 2511 base, B perturbed so the adapter is not a no-op."""
-  from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
-  from peft import LoraConfig
-  from peft.utils import get_peft_model_state_dict
-  model = QwenImageTransformer2DModel.from_pretrained(reference_2511[1]).eval()
-  model.add_adapter(LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, init_lora_weights="gaussian",
-                               target_modules=list(LORA.targets)))
-  g = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "lora_" in name:
-        p.add_(0.2 * torch.randn(p.shape, generator=g))
-  folder = str(tmp_path_factory.mktemp("qwen_image_2511_lora"))
-  QwenImageEditPlusPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model))
-  return model, os.path.join(folder, "pytorch_lora_weights.safetensors")
+  """(peft model, LoRA file) on the 2511 base."""
+  return write_lora_reference(reference_2511[1], str(tmp_path_factory.mktemp("qwen_image_2511_lora")))
 
 
 def test_the_folder_says_zero_cond_t(reference_2511):

@@ -131,6 +131,16 @@ def read_results(path: str | os.PathLike) -> list[ItemResult]:
   return as_results(results)
 
 
+def read_json(path: str):
+  """A JSON file's value; an error names the file and the line."""
+  try:
+    return json.loads(paths.read_text(path))
+  except json.JSONDecodeError as e:
+    raise BenchError(f"{path}: malformed JSON: {e.msg} (line {e.lineno})") from e
+  except UnicodeDecodeError as e:
+    raise BenchError(f"{path}: not UTF-8: {e}") from e
+
+
 def file_check(folder: str) -> Callable[[str], bool]:
   """`isfile` for many paths below `folder`: in a bucket one listing of the folder (not a request per file); on
   this machine the file system's own answer."""

@@ -24,14 +24,13 @@ compose (the paper's "hybrid"), action. The prompts are never shipped here: `loa
 """
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
 from editr1_jax import paths
 from editr1_jax.bench import aggregate, parsing
-from editr1_jax.bench.base import BenchError, ItemResult, JudgeQuery, as_results, file_check
+from editr1_jax.bench.base import BenchError, ItemResult, JudgeQuery, as_results, file_check, read_json
 
 BENCHMARK = "ImgEdit"
 EDIT_TYPES = ("add", "adjust", "extract", "replace", "remove", "background", "style", "compose", "action")
@@ -95,15 +94,6 @@ def find_file(folder: str | os.PathLike, names: Sequence[str], what: str) -> str
                    "another)")
 
 
-def _load_json(path: str):
-  try:
-    return json.loads(paths.read_text(path))
-  except json.JSONDecodeError as e:
-    raise BenchError(f"{path}: malformed JSON: {e.msg} (line {e.lineno})") from e
-  except UnicodeDecodeError as e:
-    raise BenchError(f"{path}: not UTF-8: {e}") from e
-
-
 def read(folder: str | os.PathLike, items: str | os.PathLike | None = None) -> list[Item]:
   """The Basic suite's items, in the file's order, validated: each entry has "id", "prompt" and a known
   "edit_type", and its image exists inside the image folder (an error names the file, the key and the field).
@@ -114,7 +104,7 @@ def read(folder: str | os.PathLike, items: str | os.PathLike | None = None) -> l
   path = os.fspath(items) if items is not None else find_file(folder, ITEMS_FILES, "items file")
   if not paths.isfile(path):
     raise BenchError(f"{path}: items file not found")
-  data = _load_json(path)
+  data = read_json(path)
   if not isinstance(data, dict) or not data:
     raise BenchError(f"{path}: expected a non-empty JSON object of items keyed by id")
   first = next(iter(data.values()))
@@ -162,7 +152,7 @@ def load_prompts(path: str | os.PathLike) -> Prompts:
   path = os.fspath(path)
   if not paths.isfile(path):
     path = find_file(path, PROMPTS_FILES, "judge prompts")
-  data = _load_json(path)
+  data = read_json(path)
   if not isinstance(data, dict):
     raise BenchError(f"{path}: expected a JSON object {{edit type: prompt}}")
   data = {ALIASES.get(k, k): v for k, v in data.items()}

@@ -20,7 +20,7 @@ import os
 
 from editr1_jax import paths
 from editr1_jax.bench import gedit, imgedit
-from editr1_jax.bench.base import BenchError, ItemResult, as_results
+from editr1_jax.bench.base import BenchError, ItemResult, as_results, read_json
 
 GEDIT_COLUMNS = ("source_image", "edited_image", "instruction", "sementics_score", "quality_score",
                  "intersection_exist", "instruction_language")
@@ -129,10 +129,7 @@ def read_imgedit(path: str, items) -> list[ItemResult]:
     path = paths.join(path, IMGEDIT_RESULT)
   if not paths.isfile(path):
     raise BenchError(f"{path}: ImgEdit results file not found")
-  try:
-    answers = json.loads(paths.read_text(path))
-  except json.JSONDecodeError as e:
-    raise BenchError(f"{path}: malformed JSON: {e.msg} (line {e.lineno})") from None
+  answers = read_json(path)
   if not isinstance(answers, dict):
     raise BenchError(f"{path}: expected a JSON object {{key: answer}}")
   by_key = {item.key: item for item in items}
