@@ -269,13 +269,15 @@ def test_a_judge_without_valid_scores_stops_the_run_after_saving(tmp_path):
 
 
 def test_evaluation_with_a_benchmark_protocol(tmp_path, qwen_reference):
-  """config.eval_benchmark: the EMA policy's edits of a held-out ImgEdit set judged by generation; the benchmark's
-  overall (here NaN: the tiny judge's answers are unparseable, and counted) is an eval metric."""
+  """config.eval_benchmark: the EMA policy's edits of a held-out ImgEdit set (its items named in the GitHub layout)
+  judged by generation at the configured pixel bounds; the benchmark's overall (here NaN: the tiny judge's answers are
+  unparseable, and counted) is an eval metric, and summary.json says how the items were judged."""
   from editr1_jax.bench import imgedit, mini
-  mini.write(str(tmp_path / "mini"), per_category=1)
-  trainer = train_loop.Trainer(tiny_config(**{"eval_benchmark": "imgedit", "eval_benchmark_dir": str(tmp_path / "mini" / "imgedit"),
-                                              "eval_judge_dir": qwen_reference[1], "eval_judge_max_new_tokens": 4,
-                                              "reward.batch_size": 3}), str(tmp_path / "run"))
+  bench = mini.write(str(tmp_path / "mini"), per_category=1)
+  trainer = train_loop.Trainer(tiny_config(**{
+      "eval_benchmark": "imgedit", "eval_benchmark_dir": str(tmp_path / "mini" / "imgedit"),
+      "eval_benchmark_items": os.path.join(bench.imgedit_github, "basic_edit.json"), "eval_judge_dir": qwen_reference[1],
+      "eval_judge_max_new_tokens": 4, "eval_judge_max_pixels": 6272, "reward.batch_size": 3}), str(tmp_path / "run"))
   scores = trainer.evaluate()
   # 4 new tokens cannot hold the three "<criterion>: <1..5>" lines: every one of the 9 items (one per edit type)
   # is unparseable, so no item is scored and the overall is NaN
@@ -283,8 +285,11 @@ def test_evaluation_with_a_benchmark_protocol(tmp_path, qwen_reference):
   assert {"eval/reward_mean", "eval/imgedit/all/score"} <= set(scores)
   done = tmp_path / "run" / "eval" / "imgedit" / "00000"
   assert (done / "summary.json").is_file() and len((done / "results.jsonl").read_text().splitlines()) == 9
-  summary = json.loads((done / "summary.json").read_text())["summaries"]["all"]
+  report = json.loads((done / "summary.json").read_text())
+  summary = report["summaries"]["all"]
   assert summary["n"] == summary["n_unparseable"] == 9
+  judged = report["settings"]["judge"]
+  assert (judged["max_pixels"], judged["max_new_tokens"], report["settings"]["editor"]["epoch"]) == (6272, 4, 0)
   assert {c: (v["n"], v["n_unparseable"]) for c, v in summary["categories"].items()} == {
       c: (1, 1) for c in imgedit.EDIT_TYPES}
 
