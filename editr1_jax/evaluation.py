@@ -61,9 +61,22 @@ class BenchmarkEval:
     try:
       self.task = run.make_task(config.eval_benchmark, config.eval_benchmark_dir,
                                 config.eval_benchmark_prompts or None, config.eval_benchmark_items or None)
-    except run.BenchError as e:
-      raise ValueError(f"config.eval_benchmark_dir: {e}") from e
+    except run.BenchError as e:  # the message names the file (the dir's, eval_benchmark_items' or _prompts')
+      raise ValueError(f"config.eval_benchmark ({config.eval_benchmark}): {e}") from e
+    self._check_judge_pixels()
     self.folder = paths.join(workdir, "eval", config.eval_benchmark)
+
+  def _check_judge_pixels(self) -> None:
+    """The judge's pixel bounds, one set here and one the folder's, checked now rather than at the first evaluation."""
+    from editr1_jax.reward import processor
+    config = self.config
+    if not (config.eval_judge_min_pixels or config.eval_judge_max_pixels):
+      return
+    folder = processor.ImageProcessorConfig.from_folder(config.eval_judge_dir)
+    low, high = config.eval_judge_min_pixels or folder.min_pixels, config.eval_judge_max_pixels or folder.max_pixels
+    if low > high:
+      raise ValueError(f"config.eval_judge_min_pixels / eval_judge_max_pixels: min {low} exceeds max {high} (set, or "
+                       f"{config.eval_judge_dir}'s preprocessor_config.json)")
 
   def __call__(self, family, sampler, states, epoch: int, *, chunk: int, desc: str | None = None) -> dict:
     config, run = self.config, self.run

@@ -166,7 +166,7 @@ def _pad_images(batch: qv.Batch, per_octave: int, vcfg: qv.VisionConfig) -> qv.B
   # windows) hardly ever need more, so the count follows the units' bucket instead of adding a dimension of buckets.
   count = max(bucket(len(layout.windows.index) + extra(window), per_octave), 2 * total // window)
   windows = _pad_groups(layout.windows, n, total, window, count)
-  frames = _pad_groups(layout.frames, n, total, frame, len(layout.frames.index) + extra(frame))
+  frames = _pad_groups(layout.frames, n, total, frame, bucket(len(layout.frames.index) + extra(frame), per_octave))
   units = np.arange(n // unit, total // unit, dtype=np.int32)
   vision = layout.replace(window_index=np.concatenate([layout.window_index, units]),
                           reverse_index=np.concatenate([layout.reverse_index, units]),

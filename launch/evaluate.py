@@ -10,9 +10,10 @@ prompts (default: looked for in --data, then beside --items). --edits judges edi
 <item>.png as OUT/edits/ lays them out) instead of sampling. Writes OUT/edits/, OUT/results.jsonl,
 OUT/summary.json (with how the items were judged), OUT/summary.md, OUT/gallery/<category>.png and the judged
 items in the benchmark's own per-item format under OUT/upstream/ (GEdit-Bench: the CSVs its
-calculate_statistics.py reads, --save_path=OUT/upstream/gedit --backbone=qwen25vl; ImgEdit: result.json for its
-step1_get_avgscore.py). --compare puts another run beside this one: its OUT, or such upstream files from
-elsewhere (a published model's). Run it again to continue a killed run.
+calculate_statistics.py reads, under OUT/upstream/gedit/<model_name>/qwen25vl/eval_results_new/; ImgEdit:
+result.json for its step1_get_avgscore.py). --compare puts another run beside this one: its OUT, or such upstream
+files from elsewhere (a published model's: a CSV folder of one model, or <folder>/<model> to pick one). Run it
+again to continue a killed run.
 Sampling settings default to the family's `benchmark_sampling`, the settings the benchmark reproductions use
 (Kontext: 28 Euler steps, guidance 3.5, its resolution rule). Every path flag takes a local path or a gs:// URL
 (OUT in a bucket: results.jsonl is rewritten whole after each judged batch).
@@ -80,8 +81,8 @@ def _check_flags() -> None:
   need_dir("judge")
   need_dir("edits", required=False)
   need_dir("reward_model", required=False)
-  if FLAGS.compare is not None and not paths.exists(FLAGS.compare):
-    sys.exit(f"error: --compare: {FLAGS.compare} not found")
+  if FLAGS.compare is not None and not (paths.exists(FLAGS.compare) or paths.isdir(paths.dirname(FLAGS.compare))):
+    sys.exit(f"error: --compare: {FLAGS.compare} not found")  # <folder>/<model> names one model's GEdit CSVs
   if FLAGS.items is not None and not paths.isfile(FLAGS.items):
     sys.exit(f"error: --items: {FLAGS.items} is not a file")
   if FLAGS.items is not None and FLAGS.benchmark != "imgedit":

@@ -134,3 +134,21 @@ def test_runner_writes_into_a_bucket_and_resumes(bench, gcs):
   assert paths.read_text(paths.join(out, "summary.md")).startswith("# imgedit")
   assert gallery and all(p.startswith(out + "/gallery/") and paths.isfile(p) for p in gallery)
   assert len(paths.walk_files(edits)) == len(task.items)
+
+
+def test_training_evaluation_checks_the_judge_pixels_before_any_work(bench, tmp_path):
+  """One bound set in the config against the judge folder's other one: refused when the evaluation is built (before
+  training), naming both fields; a benchmark file error names the benchmark and the file."""
+  from configs import tiny as tiny_config
+  from editr1_jax import evaluation, tiny
+  c = tiny_config.get_config()
+  c.eval_benchmark, c.eval_benchmark_dir = "imgedit", str(bench / "imgedit")
+  c.eval_judge_dir = os.path.join(tiny.ASSETS, "judge")
+  evaluation.BenchmarkEval(c, str(tmp_path))
+  c.eval_judge_min_pixels = 10 ** 9
+  with pytest.raises(ValueError, match=r"^config.eval_judge_min_pixels / eval_judge_max_pixels: min 1000000000 "
+                                       r"exceeds max \d+ \(set, or .*judge's preprocessor_config.json\)"):
+    evaluation.BenchmarkEval(c, str(tmp_path))
+  c.eval_judge_min_pixels, c.eval_benchmark_items = 0, str(tmp_path / "missing.json")
+  with pytest.raises(ValueError, match=r"^config.eval_benchmark \(imgedit\): .*missing.json: items file not found"):
+    evaluation.BenchmarkEval(c, str(tmp_path))

@@ -60,17 +60,37 @@ def test_gedit_csvs_aggregate_as_upstream_and_read_back_exactly(bench, tmp_path)
   ours = gedit.summaries(results)
   for language in ("en", "cn"):
     for intersection in (False, True):
-      overall, per_type = _upstream_gedit(interop.gedit_folder(out), language, intersection)
+      overall, per_type = _upstream_gedit(interop.gedit_folder(out, "m"), language, intersection)
       table = ours[f"{language}_intersection" if intersection else language]
       assert [table.overall[m] for m in ("SC", "PQ", "O")] == pytest.approx(overall, rel=REL)
       for task_type, means in per_type.items():
         assert [table.categories[task_type].means[m] for m in ("SC", "PQ", "O")] == pytest.approx(means, rel=REL)
   # Back in: every parsed item, with its SC and PQ; the unreadable ones have no row (upstream drops them too).
-  back = interop.read_gedit(interop.gedit_folder(out))
+  back = interop.read_gedit(interop.gedit_folder(out, "m"))
   parsed = [r for r in results if r.parsed]
   assert len(back) == len(parsed) < len(results)
   assert gedit.summaries(back) == gedit.summaries(parsed)  # exact: the same numbers, summed with fsum
   assert {r.id: r.subsets for r in back} == {r.id: r.subsets for r in parsed}
+
+
+def test_gedit_csvs_of_one_model_are_read(bench, tmp_path):
+  """Upstream's folder also holds `<model>_combined_gpt_score.csv` (never read) and, in some versions, every model's
+  CSVs: several models are an error naming them, `<folder>/<model>` picks one."""
+  items, results = _gedit_results(bench)
+  out = str(tmp_path / "out")
+  files = interop.write_gedit(results, items, out, "m", str(tmp_path / "edits"))
+  folder = os.path.dirname(files[0])
+  combined = os.path.join(folder, "m_combined_gpt_score.csv")
+  with open(combined, "w", encoding="utf-8") as f:
+    f.write("".join(open(p, encoding="utf-8").read() for p in files))
+  parsed = gedit.summaries([r for r in results if r.parsed])
+  assert gedit.summaries(interop.read_gedit(folder)) == parsed
+  for p in files[:2]:  # another model's files beside them
+    os.link(p, os.path.join(folder, os.path.basename(p).replace("m_", "other_model_", 1)))
+  with pytest.raises(BenchError, match=r"CSVs of 2 models \(m, other_model\): name one as .*/m$"):
+    interop.read_gedit(folder)
+  assert gedit.summaries(interop.read_gedit(os.path.join(folder, "m"))) == parsed
+  assert len(interop.gedit_csv_files(os.path.join(folder, "other_model"))) == 2
 
 
 def test_gedit_csv_errors_name_the_row(tmp_path):
@@ -143,7 +163,7 @@ def test_compare_reads_upstream_files(bench, tmp_path, name):
   from editr1_jax.bench.base import write_results
   write_results(os.path.join(out, run.RESULTS), results)
   files = interop.write(name, results, items, out, model="m", edits_dir=os.path.join(out, run.EDITS))
-  exported = interop.gedit_folder(out) if name == "gedit" else files[0]
+  exported = interop.gedit_folder(out, "m") if name == "gedit" else files[0]
   against_files = run.write_summary(task, results, str(tmp_path / "a"), exported)["compare"]
   against_run = run.write_summary(task, results, str(tmp_path / "b"), out)["compare"]
   assert {k: v for k, v in against_files.items() if k != "other"} == \

@@ -271,8 +271,9 @@ def test_launch_evaluate_samples_judges_and_resumes(folder, qwen_reference, tmp_
   if benchmark == "gedit":  # both of GEdit-Bench's tables per language, in the file and on the console
     assert list(report["summaries"]) == ["en", "en_intersection", "cn", "cn_intersection"]
     assert "(en, intersection)" in first.stdout and "(cn, intersection)" in first.stdout
-    upstream = [str(out / "upstream" / "gedit" / "qwen25vl" / "eval_results_new" / f"{os.path.basename(folder[0])}_"
-                    f"{t}_gpt_score.csv") for t in ("color_alter", "tone_transfer")]
+    model = os.path.basename(folder[0])
+    upstream = [os.path.join(interop.gedit_folder(str(out), model), "qwen25vl", "eval_results_new",
+                             f"{model}_{t}_gpt_score.csv") for t in ("color_alter", "tone_transfer")]
   else:
     upstream = [interop.imgedit_file(str(out))]
     assert len(json.loads(open(upstream[0]).read())) == items  # every answer, the unparseable ones too
@@ -283,7 +284,7 @@ def test_launch_evaluate_samples_judges_and_resumes(folder, qwen_reference, tmp_
   reward = report["reward"]  # our logit score beside the judge's
   assert sum(c["n"] for c in reward["categories"].values()) == items and 0 <= reward["overall"] <= 1
   stamps = {p: os.stat(p).st_mtime_ns for p in edits}
-  compare = interop.gedit_folder(str(out)) if benchmark == "gedit" else upstream[0]
+  compare = os.path.dirname(upstream[0]) if benchmark == "gedit" else upstream[0]
   second = subprocess.run(command + [f"--compare={compare}"], cwd=root, capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]
   assert {p: os.stat(p).st_mtime_ns for p in edits} == stamps

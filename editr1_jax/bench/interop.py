@@ -2,8 +2,9 @@
 scoring scripts, and a published model's per-item results read in to compare with ours.
 
 - GEdit-Bench (Step1X-Edit's `test_gedit_score.py` writes them, `calculate_statistics.py` reads them): one CSV per
-  model and task type, `<save_path>/<backbone>/eval_results_new/<model>_<task type>_gpt_score.csv`, both languages
-  in one file, the columns `source_image, edited_image, instruction, sementics_score` (sic), `quality_score,
+  model and task type, `.../<backbone>/eval_results_new/<model>_<task type>_gpt_score.csv` (under `<save_path>` in
+  the scripts with a fixed model name, under `<save_path>/<model>` in those taking `--model_name`), both languages
+  in one file (beside them upstream's `<model>_combined_gpt_score.csv`, which is not read), the columns `source_image, edited_image, instruction, sementics_score` (sic), `quality_score,
   intersection_exist, instruction_language`; the two scores are VIEScore's SC and PQ (each the min of its answer's
   two numbers). An unparseable item has no scores: like upstream (which drops an item its judge call failed on) it
   gets no row; our own summary counts it.
@@ -30,17 +31,18 @@ IMGEDIT_RESULT = "result.json"
 UPSTREAM = "upstream"  # OUT/upstream/: what `write` puts there
 
 
-def gedit_folder(out: str) -> str:
-  """Upstream's `--save_path` for our results in OUT: `OUT/upstream/gedit`."""
-  return paths.join(out, UPSTREAM, "gedit")
+def gedit_folder(out: str, model: str) -> str:
+  """Where our CSVs go in OUT: `OUT/upstream/gedit/<model>`, upstream's `--save_path` for its scripts with a fixed
+  model name (`OUT/upstream/gedit` with `--model_name=<model>` for the others)."""
+  return paths.join(out, UPSTREAM, "gedit", model)
 
 
 def write_gedit(results, items, out: str, model: str, edits_dir: str) -> list[str]:
-  """One CSV per task type under `gedit_folder(out)/qwen25vl/eval_results_new/`, every task type of the benchmark
-  (a header only where none was judged); `edited_image` is our edit, `source_image` the `<key>_SRCIMG.png` beside it
-  that GEdit's own layout names (the judge's source picture is not copied there). Returns the files written."""
+  """One CSV per task type under `gedit_folder(out, model)/qwen25vl/eval_results_new/`, every task type of the
+  benchmark (a header only where none was judged); `edited_image` is our edit, `source_image` the `<key>_SRCIMG.png`
+  beside it that GEdit's own layout names (the judge's source picture is not copied there). Returns the files."""
   by_id = {r.id: r for r in as_results(results)}
-  folder = paths.join(gedit_folder(out), GEDIT_BACKBONE, "eval_results_new")
+  folder = paths.join(gedit_folder(out, model), GEDIT_BACKBONE, "eval_results_new")
   written = []
   for task_type in gedit.TASK_TYPES:
     buffer = io.StringIO()
@@ -62,10 +64,30 @@ def write_gedit(results, items, out: str, model: str, edits_dir: str) -> list[st
   return written
 
 
-def _csv_files(path: str) -> list[str]:
+def _csv_model(name: str) -> str | None:
+  """`<model>` of a per-task-type file name `<model>_<task type>_gpt_score.csv`; None for any other name."""
+  stem = name[:-len(GEDIT_SUFFIX)] if name.endswith(GEDIT_SUFFIX) else ""
+  task_type = next((t for t in gedit.TASK_TYPES if stem.endswith("_" + t)), None)
+  return stem[:-len(task_type) - 1] if task_type else None
+
+
+def gedit_csv_files(path: str) -> list[str]:
+  """One model's per-task-type CSVs: a file; every such file below a folder (one model's only: several are an error
+  naming them); or `<folder>/<model>`, that model's files in the folder."""
   if paths.isfile(path):
     return [path]
-  return paths.glob(path, GEDIT_SUFFIX) if paths.isdir(path) else []
+  if paths.isdir(path):
+    files = [p for p in paths.glob(path, GEDIT_SUFFIX) if _csv_model(paths.basename(p)) is not None]
+    models = sorted({_csv_model(paths.basename(p)) for p in files})
+    if len(models) > 1:
+      raise BenchError(f"{path}: GEdit-Bench result CSVs of {len(models)} models ({', '.join(models)}): name one as "
+                       f"{paths.join(path, models[0])}")
+    return files
+  folder, model = paths.dirname(path), paths.basename(path)
+  if not paths.isdir(folder):
+    return []
+  return [p for p in paths.glob(folder, GEDIT_SUFFIX)
+          if paths.normpath(paths.dirname(p)) == paths.normpath(folder) and _csv_model(paths.basename(p)) == model]
 
 
 def _truth(value: str, where: str) -> bool:
@@ -78,12 +100,12 @@ def _truth(value: str, where: str) -> bool:
 
 
 def read_gedit(path: str) -> list[ItemResult]:
-  """Items from upstream CSVs (a file, or every `*_gpt_score.csv` below a folder): the id from the edited image's
-  path (`<task type>/<language>/<key>.png`, as GEdit lays edits out), SC and PQ from the row; an error names the
-  file, the row and the column."""
-  files = _csv_files(path)
+  """Items from one model's upstream CSVs (`gedit_csv_files`): the id from the edited image's path (`<task
+  type>/<language>/<key>.png`, as GEdit lays edits out), SC and PQ from the row; an error names the file, the row
+  and the column."""
+  files = gedit_csv_files(path)
   if not files:
-    raise BenchError(f"{path}: no GEdit-Bench result CSV (*{GEDIT_SUFFIX})")
+    raise BenchError(f"{path}: no GEdit-Bench result CSV (<model>_<task type>{GEDIT_SUFFIX})")
   out = []
   for file in files:
     reader = csv.DictReader(io.StringIO(paths.read_text(file)))

@@ -107,18 +107,27 @@ RELEASES = {"2509": False, "2511": True}
 
 
 def folder_release(config) -> str | None:
-  """The release of `config.model.pipeline_dir` from its transformer's config.json; None without one (or with the
-  tiny preset, which reads no folder)."""
+  """The release of `config.model.pipeline_dir` from its transformer's config.json; None without one, with a
+  folder that cannot be read (the config check names the field then) or with the tiny preset (it reads no folder)."""
   folder = paths.join(config.model.pipeline_dir, "transformer")
-  if config.model.preset or not config.model.pipeline_dir or not paths.isfile(paths.join(folder, "config.json")):
+  try:
+    if config.model.preset or not config.model.pipeline_dir or not paths.isfile(paths.join(folder, "config.json")):
+      return None
+  except paths.PathError:
     return None
   return "2511" if wio.read_config(folder).get("zero_cond_t", False) else "2509"
 
 
 def zero_cond_t(config) -> bool:
   """Whether the run's transformer is 2511's: the folder's release where there is one, else
-  `config.model.release` (2509 by default)."""
-  return RELEASES[folder_release(config) or config.model.release or "2509"]
+  `config.model.release` (2509 by default). A named release the folder contradicts is an error."""
+  named, found = config.model.release, folder_release(config)
+  if named not in ("",) + tuple(RELEASES):
+    raise ValueError(f"config.model.release = {named!r}: expected '' or one of {list(RELEASES)}")
+  if named and found is not None and found != named:
+    raise ValueError(f"config.model.release = {named!r}, but config.model.pipeline_dir holds Qwen-Image-Edit-{found} "
+                     "(its transformer/config.json's zero_cond_t)")
+  return RELEASES[found or named or "2509"]
 
 
 @register("qwen_image_edit")
@@ -280,11 +289,7 @@ class QwenImageEdit:
     if config.rollout.guidance != 1:
       raise ValueError(f"config.rollout.guidance = {config.rollout.guidance}: Qwen-Image-Edit's guidance is true CFG, "
                        f"which training rollouts do not use (set 1.0; rollout.eval_guidance may use CFG)")
-    if config.model.release:
-      found = folder_release(config)
-      if found is not None and found != config.model.release:
-        raise ValueError(f"config.model.release = {config.model.release!r}, but config.model.pipeline_dir holds "
-                         f"Qwen-Image-Edit-{found} (its transformer/config.json's zero_cond_t)")
+    zero_cond_t(config)
 
   @staticmethod
   def condition_axes(cond: QwenImageCondition | None = None) -> QwenImageCondition:
