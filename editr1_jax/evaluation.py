@@ -73,10 +73,11 @@ class BenchmarkEval:
     if not (config.eval_judge_min_pixels or config.eval_judge_max_pixels):
       return
     folder = processor.ImageProcessorConfig.from_folder(config.eval_judge_dir)
-    low, high = config.eval_judge_min_pixels or folder.min_pixels, config.eval_judge_max_pixels or folder.max_pixels
-    if low > high:
-      raise ValueError(f"config.eval_judge_min_pixels / eval_judge_max_pixels: min {low} exceeds max {high} (set, or "
-                       f"{config.eval_judge_dir}'s preprocessor_config.json)")
+    try:
+      folder.with_pixels(config.eval_judge_min_pixels or None, config.eval_judge_max_pixels or None)
+    except processor.ProcessorError as e:
+      raise ValueError(f"config.eval_judge_min_pixels / eval_judge_max_pixels: {e} (set, or {config.eval_judge_dir}'s "
+                       "preprocessor_config.json)") from None
 
   def __call__(self, family, sampler, states, epoch: int, *, chunk: int, desc: str | None = None) -> dict:
     config, run = self.config, self.run

@@ -97,8 +97,8 @@ RANGES = {
 # batching of pure inference calls, where the data copy lives, the mesh the state is restored into). The
 # dataset's content is checked by its fingerprint, not by its path.
 RESUME_SAFE = ("num_epochs", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "eval_benchmark",
-               "eval_benchmark_dir", "eval_benchmark_prompts", "eval_benchmark_items", "eval_accuracy", "eval_judge_dir",
-               "eval_judge_max_new_tokens", "eval_judge_min_pixels", "eval_judge_max_pixels",
+               "eval_benchmark_dir", "eval_benchmark_prompts", "eval_benchmark_items", "eval_accuracy",
+               "eval_judge_dir", "eval_judge_max_new_tokens", "eval_judge_min_pixels", "eval_judge_max_pixels",
                "eval_before_training", "log_images_every", "max_nonfinite_updates", "max_invalid_reward_epochs",
                "resume_accept", "rollout.eval_steps", "rollout.eval_guidance", "rollout.eval_sampler",
                "reward.batch_size", "data.tfds_dir", "data.prompt_cache_entries", "data.dataset_dir",

@@ -112,17 +112,17 @@ def _check_flags() -> None:
       sys.exit(f"error: --{name} must be at least {low}, got {FLAGS[name].value}")
   if FLAGS.guidance < 0:
     sys.exit(f"error: --guidance must be >= 0, got {FLAGS.guidance}")
-  if FLAGS.judge_min_pixels is not None or FLAGS.judge_max_pixels is not None:  # against the folder's where one is unset
+  if FLAGS.judge_min_pixels is not None or FLAGS.judge_max_pixels is not None:  # checked with the folder's bounds
     from editr1_jax.reward import processor
     try:
       folder = processor.ImageProcessorConfig.from_folder(FLAGS.judge)
     except (ValueError, OSError) as e:
       sys.exit(f"error: --judge: {e}")
-    low = folder.min_pixels if FLAGS.judge_min_pixels is None else FLAGS.judge_min_pixels
-    high = folder.max_pixels if FLAGS.judge_max_pixels is None else FLAGS.judge_max_pixels
-    if low > high:
-      sys.exit(f"error: --judge_min_pixels / --judge_max_pixels: min {low} exceeds max {high} (given, or the judge "
-               "folder's preprocessor_config.json)")
+    try:
+      folder.with_pixels(FLAGS.judge_min_pixels, FLAGS.judge_max_pixels)
+    except processor.ProcessorError as e:
+      sys.exit(f"error: --judge_min_pixels / --judge_max_pixels: {e} (given, or the judge folder's "
+               "preprocessor_config.json)")
 
 
 def main(argv):

@@ -30,7 +30,8 @@ def _gedit_results(bench, seed=0):
   results = []
   for n, item in enumerate(items):
     sc, pq = rng.integers(0, 11, 2), rng.integers(0, 11, 2)
-    sc_text = "no idea" if n % 3 == 0 and not item.intersection else json.dumps({"score": sc.tolist(), "reasoning": "r"})
+    readable = json.dumps({"score": sc.tolist(), "reasoning": "r"})
+    sc_text = "no idea" if n % 3 == 0 and not item.intersection else readable
     results.append(gedit.judge_item(item, sc_text, json.dumps({"score": pq.tolist(), "reasoning": "r"})))
   return items, results
 
@@ -99,6 +100,9 @@ def test_gedit_csv_errors_name_the_row(tmp_path):
   path.write_text(header + "\nsrc,x/color_alter/en/k.png,do,7,eight,True,en\n")
   with pytest.raises(BenchError, match=r"m_color_alter_gpt_score\.csv:2: sementics_score / quality_score"):
     interop.read_gedit(str(tmp_path))
+  path.write_text(header + "\nsrc,x/color_alter/en/k.png,do,7,8,,en\n")  # an empty flag is not False
+  with pytest.raises(BenchError, match=r":2: intersection_exist '' is not a boolean"):
+    interop.read_gedit(str(path))
   path.write_text(header + "\nsrc,k.png,do,7,8,True,en\n")
   with pytest.raises(BenchError, match=r":2: edited_image 'k\.png' is not <task type>/<language>/<key>\.png"):
     interop.read_gedit(str(path))

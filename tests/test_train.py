@@ -276,7 +276,8 @@ def test_evaluation_with_a_benchmark_protocol(tmp_path, qwen_reference):
   bench = mini.write(str(tmp_path / "mini"), per_category=1)
   trainer = train_loop.Trainer(tiny_config(**{
       "eval_benchmark": "imgedit", "eval_benchmark_dir": str(tmp_path / "mini" / "imgedit"),
-      "eval_benchmark_items": os.path.join(bench.imgedit_github, "basic_edit.json"), "eval_judge_dir": qwen_reference[1],
+      "eval_benchmark_items": os.path.join(bench.imgedit_github, "basic_edit.json"),
+      "eval_judge_dir": qwen_reference[1],
       "eval_judge_max_new_tokens": 4, "eval_judge_max_pixels": 6272, "reward.batch_size": 3}), str(tmp_path / "run"))
   scores = trainer.evaluate()
   # 4 new tokens cannot hold the three "<criterion>: <1..5>" lines: every one of the 9 items (one per edit type)

@@ -4,8 +4,9 @@ scoring scripts, and a published model's per-item results read in to compare wit
 - GEdit-Bench (Step1X-Edit's `test_gedit_score.py` writes them, `calculate_statistics.py` reads them): one CSV per
   model and task type, `.../<backbone>/eval_results_new/<model>_<task type>_gpt_score.csv` (under `<save_path>` in
   the scripts with a fixed model name, under `<save_path>/<model>` in those taking `--model_name`), both languages
-  in one file (beside them upstream's `<model>_combined_gpt_score.csv`, which is not read), the columns `source_image, edited_image, instruction, sementics_score` (sic), `quality_score,
-  intersection_exist, instruction_language`; the two scores are VIEScore's SC and PQ (each the min of its answer's
+  in one file (beside them upstream's `<model>_combined_gpt_score.csv`, which is not read), the columns
+  `source_image, edited_image, instruction, sementics_score` (sic), `quality_score, intersection_exist,
+  instruction_language`; the two scores are VIEScore's SC and PQ (each the min of its answer's
   two numbers). An unparseable item has no scores: like upstream (which drops an item its judge call failed on) it
   gets no row; our own summary counts it.
 - ImgEdit (its `basic_bench.py` writes, `step1_get_avgscore.py` reads): `result.json`, {key: the judge's answer}.
@@ -17,7 +18,6 @@ judge's answers are (an answer our parser cannot read is counted unparseable, ne
 import csv
 import io
 import json
-import os
 
 from editr1_jax import paths
 from editr1_jax.bench import gedit, imgedit
@@ -42,22 +42,24 @@ def write_gedit(results, items, out: str, model: str, edits_dir: str) -> list[st
   benchmark (a header only where none was judged); `edited_image` is our edit, `source_image` the `<key>_SRCIMG.png`
   beside it that GEdit's own layout names (the judge's source picture is not copied there). Returns the files."""
   by_id = {r.id: r for r in as_results(results)}
+  rows = {task_type: [] for task_type in gedit.TASK_TYPES}
+  for item in items:
+    result = by_id.get(item.id)
+    if result is None or not result.parsed:
+      continue
+    metrics = gedit.item_metrics(result)
+    edited = paths.join(edits_dir, item.edited_name)
+    rows[item.task_type].append({"source_image": edited[:-len(".png")] + "_SRCIMG.png", "edited_image": edited,
+                                 "instruction": item.instruction, "sementics_score": repr(metrics["SC"]),
+                                 "quality_score": repr(metrics["PQ"]), "intersection_exist": bool(item.intersection),
+                                 "instruction_language": item.language})
   folder = paths.join(gedit_folder(out, model), GEDIT_BACKBONE, "eval_results_new")
   written = []
-  for task_type in gedit.TASK_TYPES:
+  for task_type, task_rows in rows.items():
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=GEDIT_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for item in items:
-      result = by_id.get(item.id)
-      if item.task_type != task_type or result is None or not result.parsed:
-        continue
-      metrics = gedit.item_metrics(result)
-      edited = paths.join(edits_dir, item.edited_name)
-      writer.writerow({"source_image": edited[:-len(".png")] + "_SRCIMG.png", "edited_image": edited,
-                       "instruction": item.instruction, "sementics_score": repr(metrics["SC"]),
-                       "quality_score": repr(metrics["PQ"]), "intersection_exist": bool(item.intersection),
-                       "instruction_language": item.language})
+    writer.writerows(task_rows)
     path = paths.join(folder, f"{model}_{task_type}{GEDIT_SUFFIX}")
     paths.write_text(path, buffer.getvalue())
     written.append(path)
@@ -94,7 +96,7 @@ def _truth(value: str, where: str) -> bool:
   text = value.strip().lower()
   if text in ("true", "1"):
     return True
-  if text in ("false", "0", ""):
+  if text in ("false", "0"):
     return False
   raise BenchError(f"{where}: intersection_exist {value!r} is not a boolean")
 
@@ -175,4 +177,4 @@ def write(benchmark: str, results, items, out: str, *, model: str, edits_dir: st
 
 def model_name(model: str | None, edits: str | None) -> str:
   """The `<model>` of upstream's file names: the editor's folder name (or the edits folder's)."""
-  return os.path.basename((model or edits or "").rstrip("/")) or "model"
+  return paths.basename((model or edits or "").rstrip("/")) or "model"

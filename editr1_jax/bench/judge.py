@@ -1,7 +1,6 @@
 """An open MLLM judge for the benchmarks: any Qwen2.5-VL folder (transformers layout) answering each benchmark
 query by greedy generation (`editr1_jax.generation`), sharded over the mesh like the reward's prefill."""
 
-import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -31,14 +30,12 @@ class QwenJudge:
     for name, value in given.items():
       if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    image_cfg = processor.ImageProcessorConfig.from_folder(folder)
-    bounds = {"min_pixels": image_cfg.min_pixels if min_pixels is None else min_pixels,
-              "max_pixels": image_cfg.max_pixels if max_pixels is None else max_pixels}
-    if bounds["min_pixels"] > bounds["max_pixels"]:
-      name = "min_pixels" if min_pixels is not None else "max_pixels"
-      raise ValueError(f"{name}: min_pixels {bounds['min_pixels']} exceeds max_pixels {bounds['max_pixels']} (given "
-                       f"or the folder's)")
-    self.chat = processor.ChatFormatter(folder, dataclasses.replace(image_cfg, **bounds))
+    try:
+      image_cfg = processor.ImageProcessorConfig.from_folder(folder).with_pixels(min_pixels, max_pixels)
+    except processor.ProcessorError as e:
+      raise ValueError(f"{'min_pixels' if min_pixels is not None else 'max_pixels'}: {e} (given or the folder's)")
+    bounds = {"min_pixels": image_cfg.min_pixels, "max_pixels": image_cfg.max_pixels}
+    self.chat = processor.ChatFormatter(folder, image_cfg)
     self.eos, self.pad = generation.stop_tokens(folder)
     self.model = qwen2_5_vl.load_qwen2_5_vl(folder, dtype=dtype, mesh=mesh, rules=rules, attention_impl=attention_impl)
     self.max_new_tokens, self.batch_size, self.mesh, self.rules = max_new_tokens, batch_size, mesh, rules

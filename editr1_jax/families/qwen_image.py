@@ -211,8 +211,7 @@ class QwenImageEdit:
   def transformer_from_config(config, mesh=None, rules=shd.DEFAULT_RULES):
     """The policy network alone (what an export needs), with the config's LoRA unless fully fine-tuned."""
     from editr1_jax import tiny
-    tiny_builder = functools.partial(tiny.tiny_qwen_image_transformer,
-                                     zero_cond_t=zero_cond_t(config))
+    tiny_builder = functools.partial(tiny.tiny_qwen_image_transformer, zero_cond_t=zero_cond_t(config))
     return policy_from_config(config, mesh, rules, tiny_builder, qwen_image.load_qwen_image_transformer)
 
   @classmethod

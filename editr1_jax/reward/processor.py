@@ -67,6 +67,15 @@ class ImageProcessorConfig:
     """The (height, width) in pixels this processor resizes a `height` x `width` image to (`smart_resize`)."""
     return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
+  def with_pixels(self, min_pixels: int | None = None, max_pixels: int | None = None) -> "ImageProcessorConfig":
+    """These pixel bounds in place of its own where given (a judge's recommended ones); min above max is an error
+    (the caller names where the bounds came from)."""
+    low = self.min_pixels if min_pixels is None else min_pixels
+    high = self.max_pixels if max_pixels is None else max_pixels
+    if low > high:
+      raise ProcessorError(f"min {low} exceeds max {high}")
+    return dataclasses.replace(self, min_pixels=low, max_pixels=high)
+
   @classmethod
   def from_folder(cls, folder: str, name: str = "preprocessor_config.json") -> "ImageProcessorConfig":
     path = paths.join(folder, name)
