@@ -8,6 +8,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from helpers import max_rel_err
+from qwen_image_fixtures import QWEN_IMAGE_REAL_BOUND
 from test_train import _leaves, lora_b_leaves
 from test_train import tiny_config as train_tiny_config
 
@@ -76,7 +78,9 @@ def test_export_loads_back_and_the_merged_folder_computes_the_policy(straight, t
   assert reference.config.zero_cond_t == cfg.zero_cond_t == (trainer.config.model.release == "2511")
   with torch.no_grad():
     theirs = reference(**{k: v if k == "img_shapes" else torch.from_numpy(v) for k, v in inputs.items()}).sample
-  np.testing.assert_allclose(theirs.numpy(), np.asarray(trained(**inputs)), rtol=1e-5, atol=1e-5)
+  # float32 rounding of both sides at the real timesteps 0.3 / 0.9: qwen_image_fixtures' derived bound (1.3e-4,
+  # the sinusoids' last-ulp differences included); measured 2.2e-6 (2509) and 1.9e-6 (2511) of the output's max
+  assert max_rel_err(trained(**inputs), theirs.numpy()) <= QWEN_IMAGE_REAL_BOUND
 
 
 @pytest.fixture(scope="module")
